@@ -1,0 +1,1 @@
+"""Policy networks (installed as rl_adapt.policies)."""

@@ -1,0 +1,76 @@
+"""``rl-adapt`` command line: one subcommand per module in :mod:`rl_adapt.commands`.
+
+Each command module defines ``register(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``.
+Modules are imported lazily so that ``rl-adapt info`` does not pay for torch. Every
+:class:`~rl_adapt.errors.RLAdaptError` becomes one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from rl_adapt.errors import RLAdaptError
+
+COMMANDS = {
+    "synth": "Generate synthetic apical 2CH/4CH echo domains (source and shifted target vendors).",
+    "info": "List the cases of a dataset (CAMUS 2023/2019, nnU-Net raw, or an image folder).",
+    "pretrain": "Train a source nnU-Net v2 model (nnU-Net results-folder layout).",
+    "predict": "Segment images with an nnU-Net v2 results folder.",
+    "adapt": "Adapt a source model to unlabelled target images with RL (RL4Seg).",
+    "evaluate": "Score models on a labelled set: metrics, anatomy, clinical indices, report.html.",
+    "baseline": "Test-time adaptation baselines (TENT, entropy minimisation, pseudo-labels).",
+    "demo": "The whole pipeline offline on synthetic data, with a report.",
+}
+
+
+def _module(name: str):
+    return importlib.import_module(f"rl_adapt.commands.{name.replace('-', '_')}")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only the chosen subcommand's module is imported."""
+    parser = argparse.ArgumentParser(
+        prog="rl-adapt",
+        description="Adapt an nnU-Net echocardiography segmentation model to a new centre with RL, and prove the gain.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in (argv or []) if a in COMMANDS), None)
+    for name, help_text in COMMANDS.items():
+        if name == chosen:
+            try:
+                _module(name).register(sub)
+            except ModuleNotFoundError:
+                sub.add_parser(name, help=help_text + " (not available in this build)")
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rl-adapt`` script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.command:
+        parser.print_help()
+        return 1
+    try:
+        return int(_module(args.command).run(args) or 0)
+    except RLAdaptError as exc:
+        print(f"rl-adapt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FileExistsError as exc:
+        print(f"rl-adapt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rl-adapt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the rl-adapt CLI (one module each: register(subparsers), run(args))."""

@@ -1,0 +1,70 @@
+"""Typed YAML configs: defaults, file values, --set overrides, and strict errors."""
+from dataclasses import dataclass, field
+
+import pytest
+
+from rl_adapt.config import load_config, save_config
+from rl_adapt.errors import ConfigError
+
+
+@dataclass
+class _Inner:
+    lr: float = 1e-4
+    """learning rate"""
+    epochs: int = 2
+    """epochs"""
+
+
+@dataclass
+class _Outer:
+    seed: int = 0
+    """seed"""
+    name: str = "x"
+    """name"""
+    sizes: tuple[int, ...] = (1, 2)
+    """sizes"""
+    inner: _Inner = field(default_factory=_Inner)
+    """nested"""
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("seed: 3\ninner:\n  lr: 0.5\n")
+    cfg = load_config(_Outer, p, ["inner.epochs=7", "sizes=[4, 5, 6]"])
+    assert cfg.seed == 3 and cfg.inner.lr == 0.5 and cfg.inner.epochs == 7
+    assert cfg.sizes == (4, 5, 6) and cfg.name == "x"
+    out = tmp_path / "used.yaml"
+    save_config(cfg, out)
+    assert load_config(_Outer, out) == cfg
+
+
+def test_int_promotes_to_float():
+    assert load_config(_Outer, None, ["inner.lr=1"]).inner.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("sede: 3\n", "unknown key"),
+        ("inner:\n  learning_rate: 3\n", "unknown key"),
+        ("seed: three\n", "expected an integer"),
+        ("inner: 5\n", "expected a mapping"),
+        ("- a\n- b\n", "top level must be a mapping"),
+        ("seed: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_files_name_the_problem(tmp_path, text, match):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(_Outer, p)
+    assert "bad.yaml" in str(info.value)
+
+
+def test_bad_overrides():
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(_Outer, None, ["inner.nope=1"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(_Outer, None, ["seed"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(_Outer, "/nonexistent/c.yaml")
