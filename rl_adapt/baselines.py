@@ -1,0 +1,296 @@
+"""Test-time adaptation baselines on unlabelled target images: TENT, entropy minimisation, pseudo-labels.
+
+All three start from a source nnU-Net model, work on the target images as network patches
+(:meth:`NnUNetModel.to_patch`: nnU-Net preprocessing, then centre pad/crop to the patch size), share one
+set of budget knobs (:class:`BaselineConfig`) and write a new nnU-Net results folder that
+``rl-adapt evaluate`` scores like any model:
+
+* ``tent`` (Wang et al., ICLR 2021): minimise the mean per-pixel Shannon entropy of the softmax, updating
+  only the affine weights and biases of the normalisation layers. nnU-Net uses InstanceNorm with affine
+  parameters and no running statistics, so there are no statistics to re-estimate: the affine parameters
+  are the whole adaptation.
+* ``entropy``: the same loss, every parameter trainable (prone to collapse; reported as a control).
+* ``pseudo-label``: self-training. Each round freezes a copy of the current network, labels every target
+  pixel with its argmax where the softmax probability is at least ``confidence``, then trains ``steps``
+  steps of cross-entropy on those pixels only (unconfident pixels are ignored).
+
+Same config and seed give the same weights (batches are drawn from a seeded ``torch.Generator``).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rl_adapt.errors import InputError, TrainingDiverged
+
+log = logging.getLogger(__name__)
+
+METHODS: tuple[str, ...] = ("tent", "entropy", "pseudo-label")
+"""Baseline names accepted by :class:`BaselineConfig.method` and ``rl-adapt baseline --method``."""
+
+IGNORE = -1
+"""Pseudo-label value of pixels below the confidence threshold (ignored by the loss)."""
+
+
+@dataclass
+class BaselineConfig:
+    """Budget and optimiser of a test-time adaptation baseline (the same knobs for every method)."""
+
+    method: Literal["tent", "entropy", "pseudo-label"] = "tent"
+    """Which baseline: tent (norm affine only), entropy (whole network), pseudo-label (self-training)."""
+    rounds: int = 1
+    """Rounds; pseudo-label re-labels the target set with the current network at the start of each round.
+    tent/entropy simply run rounds * steps steps."""
+    steps: int = 100
+    """Optimiser steps per round."""
+    batch_size: int = 8
+    """Target patches per step."""
+    lr: float = 1e-4
+    """Learning rate."""
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """Optimiser: Adam (betas 0.9/0.999) or SGD with Nesterov momentum."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by Adam)."""
+    weight_decay: float = 0.0
+    """L2 weight decay."""
+    grad_clip: float = 12.0
+    """Gradient norm clipping (0: off)."""
+    confidence: float = 0.9
+    """pseudo-label: minimum softmax probability of the argmax class for a pixel to be trained on."""
+    max_images: int = 0
+    """Use at most this many target images, chosen with the seed (0: all)."""
+    seed: int = 0
+    """Seed of batch sampling, image subsetting and torch."""
+    device: str = "cpu"
+    """Torch device ("cpu", "cuda")."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.rounds < 1 or self.steps < 0 or self.batch_size < 1:
+            raise ValueError("rounds >= 1, steps >= 0 and batch_size >= 1 are required")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.confidence <= 1.0:
+            raise ValueError(f"confidence must lie in [0, 1], got {self.confidence}")
+        if self.max_images < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("max_images, grad_clip and weight_decay must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------- pieces
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.instancenorm._InstanceNorm, nn.modules.batchnorm._BatchNorm,
+                                          nn.GroupNorm, nn.LayerNorm)
+"""Normalisation layers whose affine parameters TENT adapts."""
+
+
+def norm_parameters(network: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every normalisation layer's affine weight and bias, in module order."""
+    out = []
+    for mname, module in network.named_modules():
+        if isinstance(module, NORM_TYPES):
+            for pname, p in module.named_parameters(recurse=False):
+                out.append((f"{mname}.{pname}" if mname else pname, p))
+    return out
+
+
+def trainable_parameters(network: nn.Module, method: str) -> list[nn.Parameter]:
+    """Set ``requires_grad`` for ``method`` and return the parameters to optimise.
+
+    tent: only normalisation affine parameters (every other parameter frozen); entropy / pseudo-label: all.
+    :raises InputError: tent on a network without affine normalisation layers.
+    """
+    if method == "tent":
+        params = [p for _, p in norm_parameters(network)]
+        if not params:
+            raise InputError(None, "TENT needs normalisation layers with affine parameters; this network has none")
+        keep = {id(p) for p in params}
+        for p in network.parameters():
+            p.requires_grad_(id(p) in keep)
+        return params
+    for p in network.parameters():
+        p.requires_grad_(True)
+    return list(network.parameters())
+
+
+def logits_of(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Full-resolution logits ``(B, K, H, W)`` (first output when the network returns deep-supervision lists)."""
+    out = network(x)
+    if isinstance(out, (list, tuple)):
+        out = out[0]
+    return out
+
+
+def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel Shannon entropy (nats) of ``softmax(logits)``; logits ``(B, K, H, W)`` -> scalar."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    return -(logp.exp() * logp).sum(dim=1).mean()
+
+
+@torch.no_grad()
+def pseudo_labels(network: nn.Module, patches: torch.Tensor, confidence: float, batch_size: int = 8
+                  ) -> torch.Tensor:
+    """Argmax labels of ``network`` on ``patches`` ``(N, 1, H, W)``; :data:`IGNORE` where max prob < confidence.
+
+    :returns: ``(N, H, W)`` int64 on the device of ``patches``.
+    """
+    was_training = network.training
+    network.eval()
+    out = []
+    for i in range(0, patches.shape[0], batch_size):
+        prob = torch.softmax(logits_of(network, patches[i:i + batch_size]).float(), dim=1)
+        conf, lab = prob.max(dim=1)
+        lab[conf < confidence] = IGNORE
+        out.append(lab)
+    network.train(was_training)
+    return torch.cat(out) if out else torch.empty((0,) + tuple(patches.shape[2:]), dtype=torch.long)
+
+
+def pseudo_label_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over pixels whose target is not :data:`IGNORE`; 0 (with grad) when there are none."""
+    if not bool((targets != IGNORE).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
+
+
+def _optimizer(params: Sequence[nn.Parameter], cfg: BaselineConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator):
+    """Endless stream of index batches: seeded permutations, each image once per pass."""
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            yield perm[i:i + batch_size]
+
+
+def adapt_network(network: nn.Module, patches: torch.Tensor | np.ndarray, cfg: BaselineConfig,
+                  progress: bool = True) -> list[dict]:
+    """Adapt ``network`` in place on target ``patches`` with the method of ``cfg``.
+
+    :param network: segmentation network returning logits ``(B, K, H, W)``.
+    :param patches: ``(N, 1, H, W)`` float32 preprocessed target patches.
+    :returns: history, one dict per step: ``{"round", "step", "loss", "confident"}`` (``confident`` =
+        fraction of pseudo-labelled pixels in the round; NaN for tent/entropy).
+    :raises TrainingDiverged: a loss became NaN/Inf.
+    """
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    x_all = torch.as_tensor(np.asarray(patches, dtype=np.float32) if not torch.is_tensor(patches) else patches)
+    x_all = x_all.float().to(device)
+    if x_all.ndim != 4 or x_all.shape[0] == 0:
+        raise InputError(None, f"expected target patches (N, C, H, W) with N > 0, got {tuple(x_all.shape)}")
+    network.to(device)
+    params = trainable_parameters(network, cfg.method)
+    opt = _optimizer(params, cfg)
+    history: list[dict] = []
+    bar = tqdm(total=cfg.rounds * cfg.steps, desc=f"baseline {cfg.method}", disable=None if progress else True)
+    for rnd in range(cfg.rounds):
+        targets, confident = None, float("nan")
+        if cfg.method == "pseudo-label":
+            targets = pseudo_labels(network, x_all, cfg.confidence, cfg.batch_size)
+            confident = float((targets != IGNORE).float().mean())
+            log.info("round %d: %.1f%% of target pixels pseudo-labelled", rnd, 100 * confident)
+        network.train()
+        stream = _batches(x_all.shape[0], cfg.batch_size, gen)
+        for step in range(cfg.steps):
+            idx = next(stream).to(device)
+            logits = logits_of(network, x_all[idx])
+            loss = entropy_loss(logits) if targets is None else pseudo_label_loss(logits, targets[idx])
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"baseline {cfg.method}: loss became {loss.item()} at round {rnd} step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            history.append({"round": rnd, "step": step, "loss": float(loss.item()), "confident": confident})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    for p in network.parameters():
+        p.requires_grad_(True)
+    network.eval()
+    return history
+
+
+# --------------------------------------------------------------------------------------------- end to end
+def target_patches(model, cases, max_images: int = 0, seed: int = 0) -> np.ndarray:
+    """Stack ``model.to_patch`` of each case: ``(N, 1, P0, P1)`` float32 (a seeded subset if ``max_images``)."""
+    cases = list(cases)
+    if max_images and len(cases) > max_images:
+        keep = np.sort(np.random.default_rng(seed).choice(len(cases), size=max_images, replace=False))
+        cases = [cases[i] for i in keep]
+    return np.stack([np.asarray(model.to_patch(c.image, c.spacing), dtype=np.float32) for c in cases])
+
+
+def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path, cfg: BaselineConfig,
+                 progress: bool = True) -> Path:
+    """Adapt the source model in ``model_dir`` to the unlabelled images in ``target``; write a new model folder.
+
+    ``out_dir`` becomes an nnU-Net results folder (via ``export_model_folder``) plus ``baseline_config.yaml``
+    and ``baseline_history.json``. It is built in a temporary sibling and renamed at the end; the source
+    folder is only read.
+
+    :raises InputError: unloadable model, empty/unreadable target, ``out_dir`` already exists.
+    """
+    from rl_adapt.config import save_config
+    from rl_adapt.data.readers import read_dataset
+    from rl_adapt.io_utils import atomic_dir, write_json_atomic
+    from rl_adapt.policies.nnunet import export_model_folder
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise InputError(out_dir, "already exists; choose a new output folder (models are never overwritten)")
+    if Path(model_dir).resolve() == out_dir.resolve():
+        raise InputError(out_dir, "the output folder must differ from the source model folder")
+    model = load_model(model_dir, cfg.device)
+    cases = read_dataset(target, with_labels=False, progress=progress)
+    if not cases:
+        raise InputError(target, "no target images found")
+    patches = target_patches(model, cases, cfg.max_images, cfg.seed)
+    log.info("%s on %d target patches of %s", cfg.method, patches.shape[0], tuple(patches.shape[2:]))
+    network = copy.deepcopy(model.network)
+    history = adapt_network(network, patches, cfg, progress=progress)
+    network.cpu()
+    with atomic_dir(out_dir) as tmp:
+        export_model_folder(network, model, tmp)
+        save_config(cfg, Path(tmp) / "baseline_config.yaml")
+        write_json_atomic(Path(tmp) / "baseline_history.json",
+                          {"method": cfg.method, "source": str(model_dir), "target": str(target),
+                           "n_images": int(patches.shape[0]),
+                           "history": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                        for k, v in h.items()} for h in history]})
+    log.info("baseline model written to %s", out_dir)
+    return out_dir
+
+
+def load_model(model_dir: str | Path, device: str = "cpu"):
+    """Load an nnU-Net results folder as an ``NnUNetModel``; any failure becomes one :class:`InputError`."""
+    from rl_adapt.errors import RLAdaptError
+    from rl_adapt.policies.nnunet import load_model_folder
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise InputError(path, "model folder not found")
+    try:
+        return load_model_folder(path, device=device)
+    except RLAdaptError:
+        raise
+    except Exception as exc:  # nnunetv2/torch raise many types on a broken folder
+        raise InputError(path, f"not a loadable nnU-Net v2 results folder ({type(exc).__name__}: {exc})") from exc
