@@ -1,0 +1,443 @@
+"""Pixel-wise PPO for segmentation policies, on stable-baselines3's on-policy frame.
+
+Episodes last one step (image -> label map -> reward map). Per pixel i of image n:
+
+* shaped return   ``R = r - beta * (log pi_old(a) - log pi_ref(a))``  (pi_ref: frozen source policy)
+* advantage       ``A = R - V``                                       (V: per-pixel value head)
+* ratio           ``rho = exp(log pi(a) - log pi_old(a))``
+* loss = ``-mean(min(rho*A, clip(rho, 1-eps, 1+eps)*A)) - c_ent * mean(H) + c_v * mean((V - R)^2)``
+
+all means over pixels and images. Ratios, clipping and advantages are per pixel: the joint-ratio form
+(product of H*W ratios) clips almost every sample and barely learns.
+
+SB3 supplies the learn loop, callbacks, logger (stdout/TensorBoard/CSV) and save/load; this module
+replaces the data path: images, actions, log-probs, reward maps and values stay torch tensors on the
+training device (:class:`~rl_adapt.envs.vector_env.TorchSegmentationVecEnv`,
+:class:`~rl_adapt.rollout_buffer.PixelRolloutBuffer`).
+
+Typical use::
+
+    model = PixelPPO.from_network(network, images, reward_fn, config=PPOConfig(...))
+    model.learn(total_timesteps=n_images)        # n_images = images to roll out (rounded up to rollouts)
+    adapted = model.policy.network               # the same nn.Module, trained in place
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Image
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from torch import nn
+
+from rl_adapt.envs.segmentation_env import RewardFn
+from rl_adapt.envs.vector_env import TorchSegmentationVecEnv
+from rl_adapt.errors import TrainingDiverged
+from rl_adapt.policies.actor_critic import PixelActorCriticPolicy
+from rl_adapt.rollout_buffer import PixelRolloutBuffer
+
+log = logging.getLogger(__name__)
+
+ValidityFn = Callable[[np.ndarray], float]
+
+#: RGB colours of labels 0..3 (background, LV, MYO, LA) for TensorBoard overlays; more labels cycle.
+_PALETTE = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 110, 240], [240, 200, 40], [200, 80, 220]],
+                    dtype=np.float32) / 255.0
+
+
+@dataclass
+class PPOConfig:
+    """Hyperparameters of pixel-wise PPO (one-step episodes, per-pixel ratios and advantages)."""
+
+    learning_rate: float = 1e-4
+    """Adam learning rate of actor and value head (constant)."""
+    n_envs: int = 8
+    """Images per environment step (the vector env's batch B)."""
+    n_steps: int = 4
+    """Environment steps per rollout; a rollout holds n_envs * n_steps images."""
+    n_epochs: int = 5
+    """PPO epochs (passes over the rollout) per rollout: RL4Seg's K = 5."""
+    batch_size: int = 8
+    """Images per minibatch in the PPO epochs."""
+    clip_range: float = 0.2
+    """PPO clip epsilon on the per-pixel ratio."""
+    beta_kl: float = 0.05
+    """Weight of the KL-to-reference penalty in the shaped reward, r - beta*(log pi_old - log pi_ref)."""
+    beta_kl_final: float | None = None
+    """beta at the last adaptation iteration (linear schedule from beta_kl; RL4Seg 0.05 -> 0.0125); None: constant."""
+    ent_coef: float = 0.15
+    """Weight of the mean per-pixel entropy bonus (nats)."""
+    ent_coef_final: float | None = None
+    """Entropy weight at the last adaptation iteration (linear from ent_coef; RL4Seg 0.15 -> 0.0375); None: constant."""
+    vf_coef: float = 0.5
+    """Weight of the per-pixel value MSE."""
+    max_grad_norm: float = 0.5
+    """Global gradient-norm clip."""
+    target_kl: float | None = None
+    """Stop the epochs of a rollout early when the approximate KL to the rollout policy exceeds 1.5x this; None: never."""
+    normalize_advantage: bool = False
+    """Standardise advantages per minibatch (zero mean, unit variance over pixels)."""
+    value_head: Literal["shared", "separate"] = "shared"
+    """Critic: "shared" 1x1 conv on the actor's last decoder features, or "separate" small U-Net."""
+    bf16: bool = True
+    """bf16 autocast for the networks on CUDA (no effect on CPU)."""
+    seed: int = 0
+    """Seed of parameters initialised here, image order, action sampling and minibatch order."""
+    log_images_every: int = 0
+    """Log an image/sample/reward overlay to TensorBoard every this many rollouts; 0: never."""
+    validity_max_masks: int = 32
+    """At most this many sampled masks per rollout are passed to validity_fn (it runs on CPU numpy)."""
+
+    def coefficients(self, iteration: int, n_iterations: int) -> tuple[float, float]:
+        """(beta_kl, ent_coef) for adaptation iteration ``iteration`` of ``n_iterations`` (0-based, linear)."""
+        t = 0.0 if n_iterations <= 1 else min(max(iteration, 0), n_iterations - 1) / (n_iterations - 1)
+        beta = self.beta_kl if self.beta_kl_final is None else self.beta_kl + t * (self.beta_kl_final - self.beta_kl)
+        ent = self.ent_coef if self.ent_coef_final is None else self.ent_coef + t * (self.ent_coef_final - self.ent_coef)
+        return float(beta), float(ent)
+
+
+def _num_classes_of(network: nn.Module, image: torch.Tensor) -> int:
+    """K from the network's segmentation head, or from one forward pass on ``image`` (1, C, H, W)."""
+    seg_layers = getattr(getattr(network, "decoder", None), "seg_layers", None)
+    if seg_layers is not None and len(seg_layers) > 0:
+        return int(seg_layers[-1].out_channels)
+    was_training = network.training
+    network.eval()
+    with torch.no_grad():
+        k = int(network(image).shape[1])
+    network.train(was_training)
+    return k
+
+
+class PixelPPO(OnPolicyAlgorithm):
+    """Pixel-wise PPO with a KL-to-reference shaped reward (RL4Seg) on a torch-resident data path.
+
+    :param policy: policy class (default :class:`PixelActorCriticPolicy`).
+    :param env: the batched training environment (:class:`TorchSegmentationVecEnv`), or None (e.g. when
+        loading for prediction; attach one later with :meth:`set_env`).
+    :param config: hyperparameters; ``n_envs`` must equal ``env.num_envs``.
+    :param policy_kwargs: arguments of the policy: ``network`` or ``network_fn``, optional
+        ``reference_network``, ``critic_features`` ... (``value_head`` and ``use_bf16`` come from config).
+    :param validity_fn: optional ``masks (B, H, W) uint8 numpy -> fraction valid``, logged per rollout.
+    :param tensorboard_log: TensorBoard log folder (None: no TensorBoard).
+    :param verbose: SB3 verbosity (1: print the logger table per rollout).
+    :param device: "auto", "cpu", "cuda", ...
+    """
+
+    policy: PixelActorCriticPolicy
+    rollout_buffer: PixelRolloutBuffer  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        policy: type[PixelActorCriticPolicy] = PixelActorCriticPolicy,
+        env: TorchSegmentationVecEnv | None = None,
+        config: PPOConfig | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        validity_fn: ValidityFn | None = None,
+        tensorboard_log: str | None = None,
+        verbose: int = 0,
+        device: torch.device | str = "auto",
+        _init_setup_model: bool = True,
+    ):
+        cfg = config if config is not None else PPOConfig()
+        policy_kwargs = dict(policy_kwargs or {})
+        policy_kwargs.setdefault("value_head", cfg.value_head)
+        policy_kwargs.setdefault("use_bf16", cfg.bf16)
+        super().__init__(
+            policy=policy,
+            env=None,
+            learning_rate=cfg.learning_rate,
+            n_steps=cfg.n_steps,
+            gamma=1.0,
+            gae_lambda=1.0,
+            ent_coef=cfg.ent_coef,
+            vf_coef=cfg.vf_coef,
+            max_grad_norm=cfg.max_grad_norm,
+            use_sde=False,
+            sde_sample_freq=-1,
+            tensorboard_log=tensorboard_log,
+            monitor_wrapper=False,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=cfg.seed,
+            device=device,
+            _init_setup_model=False,
+            supported_action_spaces=(spaces.MultiDiscrete,),
+        )
+        self.config = cfg
+        self.beta_kl = cfg.beta_kl
+        self.validity_fn = validity_fn
+        self.history: list[dict[str, float]] = []
+        self._rollouts = 0
+        self._rollout_stats: dict[str, float] = {}
+        if env is not None:
+            self._attach_env(env)
+        if _init_setup_model:
+            self._setup_model()
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_network(
+        cls,
+        network: nn.Module | None,
+        images: torch.Tensor,
+        reward_fn: RewardFn,
+        config: PPOConfig | None = None,
+        *,
+        network_fn: Callable[[], nn.Module] | None = None,
+        reference_network: nn.Module | None = None,
+        num_classes: int | None = None,
+        validity_fn: ValidityFn | None = None,
+        tensorboard_log: str | None = None,
+        verbose: int = 0,
+        device: torch.device | str = "auto",
+        policy_kwargs: dict[str, Any] | None = None,
+    ) -> "PixelPPO":
+        """Build env + policy + algorithm around a segmentation network.
+
+        :param network: (B,1,H,W) -> logits (B,K,H,W); trained in place (or None with ``network_fn``).
+        :param images: target images (N, 1, H, W) float32, preprocessed; H, W fixed (the patch size).
+        :param reward_fn: ``(images (B,1,H,W), actions (B,H,W) int64) -> (B,H,W) in [0, 1]``.
+        :param config: hyperparameters (``n_envs`` images per env step).
+        :param network_fn: picklable builder used instead of ``network`` (then saves hold no module pickle).
+        :param reference_network: frozen KL reference; default: a copy of ``network`` as given (the source).
+        :param num_classes: K; inferred from the network when None.
+        """
+        cfg = config if config is not None else PPOConfig()
+        images = torch.as_tensor(images)
+        from stable_baselines3.common.utils import get_device
+
+        dev = get_device(device)
+        if network is None and network_fn is None:
+            raise ValueError("give network or network_fn")
+        if num_classes is None:
+            probe = network if network is not None else network_fn()  # type: ignore[misc]
+            num_classes = _num_classes_of(probe, images[:1].float())
+        env = TorchSegmentationVecEnv(images, num_classes, reward_fn, num_envs=cfg.n_envs, device=dev, seed=cfg.seed)
+        kwargs = dict(policy_kwargs or {})
+        if network is not None:
+            kwargs["network"] = network
+        else:
+            kwargs["network_fn"] = network_fn
+        if reference_network is not None:
+            kwargs["reference_network"] = reference_network
+        return cls(PixelActorCriticPolicy, env, cfg, policy_kwargs=kwargs, validity_fn=validity_fn,
+                   tensorboard_log=tensorboard_log, verbose=verbose, device=dev)
+
+    def _attach_env(self, env: TorchSegmentationVecEnv) -> None:
+        if not isinstance(env, TorchSegmentationVecEnv):
+            raise TypeError(f"PixelPPO trains on a TorchSegmentationVecEnv, got {type(env).__name__}")
+        if env.num_envs != self.config.n_envs:
+            raise ValueError(f"env serves {env.num_envs} images per step, config.n_envs is {self.config.n_envs}")
+        obs_space, act_space = env.single_observation_space, env.single_action_space
+        if getattr(self, "observation_space", None) is not None:
+            if obs_space.shape != self.observation_space.shape or not np.array_equal(act_space.nvec, self.action_space.nvec):
+                raise ValueError(f"env spaces {obs_space.shape}/{act_space.nvec[:1]}x{act_space.nvec.size} do not "
+                                 f"match the model's {self.observation_space.shape}")
+        self.observation_space = obs_space
+        self.action_space = act_space
+        self.n_envs = env.num_envs
+        self.env = env  # type: ignore[assignment]
+        self._last_obs = None
+
+    def set_env(self, env: TorchSegmentationVecEnv, force_reset: bool = True) -> None:  # type: ignore[override]
+        """Attach a (new) training environment with the same image size and classes."""
+        self._attach_env(env)
+
+    @classmethod
+    def load(cls, path: Any, env: TorchSegmentationVecEnv | None = None, device: torch.device | str = "auto",
+             validity_fn: ValidityFn | None = None, **kwargs: Any) -> "PixelPPO":  # type: ignore[override]
+        """Load a model saved by :meth:`save`; attach ``env`` to continue training."""
+        model = super().load(path, env=None, device=device, **kwargs)
+        model.validity_fn = validity_fn
+        if env is not None:
+            model.set_env(env)
+        return model
+
+    def _excluded_save_params(self) -> list[str]:
+        return super()._excluded_save_params() + ["validity_fn", "_last_obs", "_last_episode_starts",
+                                                  "_sample_gen", "_batch_gen", "_rollout_stats"]
+
+    def _setup_model(self) -> None:
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        if self.observation_space is None:
+            raise ValueError("PixelPPO needs an environment (or a loaded model) to know the image size")
+        self.policy = self.policy_class(  # type: ignore[assignment]
+            self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
+        ).to(self.device)
+        c, h, w = self.observation_space.shape
+        self.rollout_buffer = PixelRolloutBuffer(self.n_steps * self.n_envs, (c, h, w), self.policy.num_classes,
+                                                 self.device)
+        seed = 0 if self.seed is None else int(self.seed)
+        self._sample_gen = torch.Generator(device=self.device)
+        self._sample_gen.manual_seed(seed + 1)
+        self._batch_gen = torch.Generator(device="cpu")
+        self._batch_gen.manual_seed(seed + 2)
+
+    def set_adaptation_iteration(self, iteration: int, n_iterations: int) -> None:
+        """Apply the config's beta/entropy schedules for adaptation iteration ``iteration`` (0-based)."""
+        self.beta_kl, self.ent_coef = self.config.coefficients(iteration, n_iterations)
+
+    # ------------------------------------------------------------------ the loop
+    def learn(self, total_timesteps: int, callback: Any = None, log_interval: int = 1, tb_log_name: str = "PixelPPO",
+              reset_num_timesteps: bool = True, progress_bar: bool = False) -> "PixelPPO":
+        """Roll out and train until ``total_timesteps`` images have been rolled out (whole rollouts).
+
+        SB3's loop, except that logs are dumped after each update (so the last update is logged too).
+        """
+        iteration = 0
+        total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name,
+                                                      progress_bar)
+        callback.on_training_start(locals(), globals())
+        assert self.env is not None
+        while self.num_timesteps < total_timesteps:
+            if not self.collect_rollouts(self.env, callback, self.rollout_buffer, n_rollout_steps=self.n_steps):
+                break
+            iteration += 1
+            self._update_current_progress_remaining(self.num_timesteps, total_timesteps)
+            self.train()
+            if log_interval is not None and iteration % log_interval == 0:
+                self.dump_logs(iteration)
+        callback.on_training_end()
+        return self
+
+    def collect_rollouts(self, env: TorchSegmentationVecEnv, callback: BaseCallback,  # type: ignore[override]
+                         rollout_buffer: PixelRolloutBuffer, n_rollout_steps: int) -> bool:
+        """Fill the buffer with ``n_rollout_steps`` batches: sample per pixel, score, keep everything on device."""
+        policy = self.policy
+        policy.set_training_mode(False)
+        rollout_buffer.reset()
+        callback.on_rollout_start()
+        obs = self._last_obs
+        if isinstance(obs, tuple):  # gymnasium reset() -> (obs, info)
+            obs = obs[0]
+        if obs is None:
+            obs, _ = env.reset()
+        for _ in range(n_rollout_steps):
+            with torch.no_grad():
+                actions, values, log_prob, _ = policy.act(obs, generator=self._sample_gen)
+                ref_log_prob = policy.reference_log_prob(obs, actions)
+            new_obs, rewards, dones, _, infos = env.step(actions)
+            self.num_timesteps += env.num_envs
+            callback.update_locals(locals())
+            if not callback.on_step():
+                self._last_obs = new_obs
+                return False
+            rollout_buffer.add(obs, actions, infos["reward_map"], values, log_prob, ref_log_prob)
+            obs = new_obs
+        self._last_obs = obs
+        rollout_buffer.compute_returns_and_advantages(self.beta_kl)
+        self._rollouts += 1
+        self._record_rollout_stats(rollout_buffer)
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
+
+    def _record_rollout_stats(self, buf: PixelRolloutBuffer) -> None:
+        n = buf.pos
+        stats = torch.stack([
+            buf.rewards[:n].mean(),
+            (buf.log_prob[:n] - buf.ref_log_prob[:n]).mean(),
+            buf.returns[:n].mean(),
+            buf.values[:n].mean(),
+        ]).tolist()
+        reward, kl_ref, ret, value = stats
+        if not all(math.isfinite(v) for v in (reward, ret, value)):
+            raise TrainingDiverged(f"non-finite rollout statistics (reward {reward}, return {ret}, value {value}); "
+                                   "parameters left unchanged")
+        y = buf.returns[:n].flatten()
+        var_y = torch.var(y)
+        ev = float("nan") if var_y.item() == 0 else float(1 - torch.var(y - buf.values[:n].flatten()) / var_y)
+        self._rollout_stats = {"reward_mean": reward, "kl_ref": kl_ref, "shaped_return_mean": ret,
+                               "value_mean": value, "explained_variance": ev}
+        for key, val in self._rollout_stats.items():
+            self.logger.record(f"rollout/{key}", val)
+        if self.validity_fn is not None:
+            masks = buf.actions[: min(n, self.config.validity_max_masks)].cpu().numpy().astype(np.uint8)
+            self._rollout_stats["validity"] = float(self.validity_fn(masks))
+            self.logger.record("rollout/validity", self._rollout_stats["validity"])
+        every = self.config.log_images_every
+        if every > 0 and self._rollouts % every == 0:
+            self.logger.record("images/rollout", Image(self._overlay(buf), "HWC"),
+                               exclude=("stdout", "log", "json", "csv"))
+
+    def _overlay(self, buf: PixelRolloutBuffer) -> np.ndarray:
+        """(H, 3W, 3) float image: first image | sampled labels over it | reward map (gray)."""
+        img = buf.obs[0, 0].float().cpu().numpy()
+        img = (img - img.min()) / max(float(img.max() - img.min()), 1e-6)
+        gray = np.repeat(img[..., None], 3, axis=2)
+        labels = buf.actions[0].cpu().numpy().astype(np.int64)
+        colour = _PALETTE[labels % len(_PALETTE)]
+        over = np.where(labels[..., None] > 0, 0.5 * gray + 0.5 * colour, gray)
+        rew = np.repeat(np.clip(buf.rewards[0].cpu().numpy(), 0, 1)[..., None], 3, axis=2)
+        return np.concatenate([gray, over, rew], axis=1).astype(np.float32)
+
+    def train(self) -> None:
+        """K epochs of minibatch updates on the stored rollout with per-pixel clipped ratios."""
+        cfg = self.config
+        policy = self.policy
+        policy.set_training_mode(True)
+        self._update_learning_rate(policy.optimizer)
+        clip = cfg.clip_range
+        buf = self.rollout_buffer
+        params = [p for g in policy.optimizer.param_groups for p in g["params"]]
+        sums = torch.zeros(6, device=self.device)  # pg, value, entropy, approx_kl, clip_frac, count
+        continue_training = True
+        for epoch in range(cfg.n_epochs):
+            epoch_kl = torch.zeros(2, device=self.device)
+            for mb in buf.minibatches(cfg.batch_size, self._batch_gen):
+                values, log_prob, dist = policy.evaluate(mb.obs, mb.actions)
+                adv = mb.advantages
+                if cfg.normalize_advantage and adv.numel() > 1:
+                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                log_ratio = log_prob - mb.old_log_prob
+                ratio = torch.exp(log_ratio)
+                pg_loss = -torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
+                entropy = dist.entropy().mean()
+                value_loss = F.mse_loss(values, mb.returns)
+                loss = pg_loss - self.ent_coef * entropy + self.vf_coef * value_loss
+                policy.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                if not bool(torch.isfinite(loss.detach() + grad_norm)):  # one sync per minibatch
+                    policy.optimizer.zero_grad(set_to_none=True)
+                    raise TrainingDiverged(
+                        f"non-finite PPO loss (policy {pg_loss.item()}, value {value_loss.item()}, "
+                        f"entropy {entropy.item()}, grad norm {grad_norm.item()}) at epoch {epoch}; "
+                        "parameters left unchanged by this step")
+                policy.optimizer.step()
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - log_ratio).mean()
+                    clip_frac = ((ratio - 1).abs() > clip).float().mean()
+                    sums += torch.stack([pg_loss.detach(), value_loss.detach(), entropy.detach(), approx_kl,
+                                         clip_frac, torch.ones((), device=self.device)])
+                    epoch_kl += torch.stack([approx_kl, torch.ones((), device=self.device)])
+            self._n_updates += 1
+            if cfg.target_kl is not None:
+                kl = float(epoch_kl[0] / epoch_kl[1])
+                if kl > 1.5 * cfg.target_kl:
+                    log.info("early stop at epoch %d: approx KL %.4f > 1.5 x target %.4f", epoch, kl, cfg.target_kl)
+                    continue_training = False
+            if not continue_training:
+                break
+        pg, vl, ent, akl, cf, cnt = (sums / sums[5].clamp(min=1)).tolist()
+        stats = dict(self._rollout_stats, policy_loss=pg, value_loss=vl, entropy=ent, approx_kl=akl,
+                     clip_fraction=cf, beta_kl=float(self.beta_kl), ent_coef=float(self.ent_coef),
+                     learning_rate=float(self.lr_schedule(self._current_progress_remaining)),
+                     images=float(self.num_timesteps))
+        self.history.append(stats)
+        for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "beta_kl", "ent_coef",
+                    "learning_rate"):
+            self.logger.record(f"train/{key}", stats[key])
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        if self.verbose >= 1:
+            log.info("update %d: reward %.4f kl_ref %.4f entropy %.4f clip %.3f", self._n_updates,
+                     stats["reward_mean"], stats["kl_ref"], ent, cf)
