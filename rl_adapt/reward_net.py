@@ -1,0 +1,600 @@
+"""Reward network: a small U-Net that scores, per pixel, whether a segmentation's label is right.
+
+Input: the image (1 channel) and the one-hot segmentation (K channels); output: one logit per pixel,
+``sigmoid(logit / T)`` = probability that the pixel's label equals the corrected mask's label (T is a
+temperature fitted on held-out images). Trained with binary cross-entropy on ``segmentation == corrected``
+over policy samples, argmax predictions and deliberately wrong masks (:func:`build_reward_dataset`).
+:meth:`RewardNet.score` is the ``reward_fn(images, actions)`` that the PPO environment calls;
+``1 - score`` is the uncertainty map shown to users.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+from tqdm import tqdm
+
+from rl_adapt.calibration import error_detection_report
+from rl_adapt.config import from_dict, to_dict
+from rl_adapt.errors import InputError, TrainingDiverged
+from rl_adapt.io_utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+_FORMAT_VERSION = 1
+
+
+@dataclass
+class RewardNetConfig:
+    """Reward network architecture, training schedule and calibration."""
+
+    num_classes: int = 4
+    """K, number of labels of the segmentations (one-hot input channels)"""
+    features: int = 16
+    """channels of the first U-Net stage (doubled at each stage down)"""
+    depth: int = 3
+    """number of U-Net stages (depth - 1 poolings by 2)"""
+    lr: float = 2e-3
+    """AdamW learning rate"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    steps: int = 400
+    """optimizer steps (batches) of training"""
+    batch_size: int = 16
+    """(image, segmentation) pairs per batch"""
+    val_fraction: float = 0.2
+    """fraction of the images held out (half to fit the temperature, half to report ECE/AUROC)"""
+    class_balanced: bool = False
+    """weight the BCE so right and wrong pixels count equally (biases raw probabilities; off by default)"""
+    flip_augment: bool = True
+    """randomly mirror image and segmentation left-right during training"""
+    calibrate: bool = True
+    """fit a temperature on held-out images after training (LBFGS on one scalar)"""
+    ece_bins: int = 15
+    """bins of the expected calibration error"""
+    max_eval_pixels: int = 2_000_000
+    """held-out pixels kept (random subsample) for the temperature fit and the reported metrics"""
+    grad_clip: float = 1.0
+    """gradient norm clipping"""
+    bf16: bool = True
+    """bf16 autocast on CUDA devices (ignored on CPU)"""
+    seed: int = 0
+    """seed of the split, the batch order, the augmentation and the initial weights"""
+
+
+# ------------------------------------------------------------------------------------------------ network
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        groups = math.gcd(8, cout)
+        self.net = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout), nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout), nn.LeakyReLU(0.1, inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class RewardUNet(nn.Module):
+    """U-Net: (B, 1 + K, H, W) -> (B, 1, H, W) logits; any H, W (padded internally to a multiple of 2^(depth-1))."""
+
+    def __init__(self, in_channels: int, features: int = 16, depth: int = 3):
+        super().__init__()
+        if depth < 1:
+            raise ValueError("depth must be >= 1")
+        chans = [features * 2 ** i for i in range(depth)]
+        self.down = nn.ModuleList()
+        c = in_channels
+        for ch in chans:
+            self.down.append(_Block(c, ch))
+            c = ch
+        self.up = nn.ModuleList()
+        self.upconv = nn.ModuleList()
+        for ch in reversed(chans[:-1]):
+            self.upconv.append(nn.ConvTranspose2d(c, ch, 2, stride=2))
+            self.up.append(_Block(2 * ch, ch))
+            c = ch
+        self.head = nn.Conv2d(c, 1, 1)
+        self.multiple = 2 ** (depth - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ph = (-h) % self.multiple
+        pw = (-w) % self.multiple
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        skips = []
+        for i, blk in enumerate(self.down):
+            if i > 0:
+                x = F.max_pool2d(x, 2)
+            x = blk(x)
+            skips.append(x)
+        for upc, blk, skip in zip(self.upconv, self.up, reversed(skips[:-1])):
+            x = blk(torch.cat([upc(x), skip], dim=1))
+        return self.head(x)[..., :h, :w]
+
+
+def _normalize(images: torch.Tensor) -> torch.Tensor:
+    """Per-image z-score of (B, 1, H, W) images (robust to raw 0..255 or already normalised input)."""
+    mean = images.mean(dim=(-2, -1), keepdim=True)
+    std = images.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    return (images - mean) / std
+
+
+class RewardNet:
+    """A trained reward network with its temperature.
+
+    :param config: the :class:`RewardNetConfig` it was built with.
+    :param network: the :class:`RewardUNet` (built from ``config`` when None).
+    :param temperature: logits are divided by it before the sigmoid.
+    :param device: where :meth:`score` runs.
+    """
+
+    def __init__(self, config: RewardNetConfig, network: RewardUNet | None = None, temperature: float = 1.0,
+                 device: str | torch.device = "cpu", stats: dict | None = None):
+        self.config = config
+        self.device = torch.device(device)
+        self.network = (network or RewardUNet(1 + config.num_classes, config.features, config.depth)).to(self.device)
+        self.temperature = float(temperature)
+        self.stats = dict(stats or {})
+
+    # -- inference
+    def _inputs(self, images: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        k = self.config.num_classes
+        onehot = F.one_hot(actions.long().clamp(0, k - 1), k).permute(0, 3, 1, 2).to(images.dtype)
+        return torch.cat([_normalize(images), onehot], dim=1)
+
+    def logits(self, images: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Raw (uncalibrated) logits (B, H, W) float32 for images (B, 1, H, W) and actions (B, H, W); keeps grad."""
+        x = self._inputs(images.float(), actions)
+        use_bf16 = self.config.bf16 and x.device.type == "cuda"
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = self.network(x)
+        return out[:, 0].float()
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Per-pixel reward: probability that each pixel's label is right.
+
+        This is the ``reward_fn`` of the PPO environment.
+
+        :param images: (B, 1, H, W) float tensor (any intensity scale; z-scored per image inside).
+        :param actions: (B, H, W) int64 label maps in 0..K-1.
+        :returns: (B, H, W) float32 in [0, 1], on the device of ``images`` moved to the network's device.
+        """
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            images = images.to(self.device, non_blocking=True)
+            actions = actions.to(self.device, non_blocking=True)
+            return torch.sigmoid(self.logits(images, actions) / self.temperature)
+        finally:
+            self.network.train(was_training)
+
+    __call__ = score
+
+    def uncertainty_map(self, images: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """``1 - score``: (B, H, W) float32 in [0, 1], high where the label is probably wrong."""
+        return 1.0 - self.score(images, actions)
+
+    def score_numpy(self, images: np.ndarray, segs: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """:meth:`score` over numpy arrays in batches: images (N, 1, H, W), segs (N, H, W) -> (N, H, W) float32."""
+        out = []
+        for s in range(0, len(segs), batch_size):
+            im = torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size], dtype=np.float32))
+            sg = torch.from_numpy(np.ascontiguousarray(segs[s : s + batch_size]).astype(np.int64))
+            out.append(self.score(im, sg).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0,) + tuple(segs.shape[1:]), np.float32)
+
+    # -- persistence
+    def save(self, path: str | Path) -> None:
+        """Write weights, config, temperature and stats to ``path`` atomically (a torch file)."""
+        payload = {
+            "format": "rl_adapt.reward_net",
+            "version": _FORMAT_VERSION,
+            "config": to_dict(self.config),
+            "state_dict": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+            "temperature": self.temperature,
+            "stats": self.stats,
+        }
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "RewardNet":
+        """Load a network written by :meth:`save`.
+
+        :raises InputError: missing file or not a reward-network file.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(path, "reward network file not found")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise InputError(path, f"not a readable reward network file ({exc})") from exc
+        if not isinstance(payload, dict) or payload.get("format") != "rl_adapt.reward_net":
+            raise InputError(path, "not a reward network file written by rl_adapt")
+        cfg = from_dict(RewardNetConfig, payload["config"], str(path))
+        net = cls(cfg, temperature=payload["temperature"], device=device, stats=payload.get("stats"))
+        net.network.load_state_dict(payload["state_dict"])
+        net.network.eval()
+        return net
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+@dataclass
+class RewardDataset:
+    """(image, segmentation) pairs with per-pixel targets ``segmentation == corrected``."""
+
+    images: np.ndarray
+    """(N, 1, H, W) float32 images"""
+    corrected: np.ndarray
+    """(N, H, W) uint8 corrected masks (the targets' reference)"""
+    segs: np.ndarray
+    """(M, H, W) uint8 segmentations to score"""
+    image_index: np.ndarray
+    """(M,) int64: the image each segmentation belongs to"""
+    kind: list[str] = field(default_factory=list)
+    """(M,) where each segmentation came from: "given<j>", "corrected", "perturbed", "other_image\""""
+
+    def __len__(self) -> int:
+        return len(self.segs)
+
+    def targets(self, idx: np.ndarray | slice | int) -> np.ndarray:
+        """(m, H, W) uint8: 1 where ``segs[idx] == corrected[image_index[idx]]``."""
+        return (self.segs[idx] == self.corrected[self.image_index[idx]]).astype(np.uint8)
+
+
+def _nearest_other(mask: np.ndarray, region: np.ndarray, label: int) -> np.ndarray:
+    """Labels for ``region`` pixels taken from the nearest pixel whose label is not ``label``."""
+    src = mask != label
+    if not src.any():
+        return np.zeros(int(region.sum()), np.uint8)
+    _, (iy, ix) = ndi.distance_transform_edt(~src, return_indices=True)
+    return mask[iy[region], ix[region]]
+
+
+def _ellipse(shape: tuple[int, int], cy: float, cx: float, ry: float, rx: float, angle: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    y, x = yy - cy, xx - cx
+    c, s = math.cos(angle), math.sin(angle)
+    u, v = c * x + s * y, -s * x + c * y
+    return (u / max(rx, 0.5)) ** 2 + (v / max(ry, 0.5)) ** 2 <= 1.0
+
+
+PERTURBATIONS = ("erode", "dilate", "shift", "rotate", "scale", "swap", "blob", "hole")
+"""Kinds of deliberate negatives made by :func:`perturb_mask`."""
+
+
+def perturb_mask(mask: np.ndarray, rng: np.random.Generator, kind: str | None = None) -> np.ndarray:
+    """A deliberately wrong version of a label map (a negative example for the reward network).
+
+    :param mask: (H, W) uint8 label map.
+    :param rng: numpy Generator (all randomness comes from it).
+    :param kind: one of :data:`PERTURBATIONS`, or None for a random one.
+    :returns: (H, W) uint8 perturbed map (a new array).
+    """
+    h, w = mask.shape
+    size = min(h, w)
+    out = mask.copy()
+    present = [int(v) for v in np.unique(mask) if v != 0]
+    kind = kind or str(rng.choice(PERTURBATIONS))
+    if kind in ("erode", "dilate") and present:
+        lab = int(rng.choice(present))
+        r = int(rng.integers(1, max(2, size // 20) + 1))
+        se = ndi.generate_binary_structure(2, 1)
+        region = mask == lab
+        if kind == "erode":
+            eroded = ndi.binary_erosion(region, se, iterations=r)
+            lost = region & ~eroded
+            out[lost] = _nearest_other(mask, lost, lab)
+        else:
+            grown = ndi.binary_dilation(region, se, iterations=r)
+            out[grown] = lab
+    elif kind == "shift":
+        m = max(2, size // 12)
+        dy, dx = (int(v) for v in rng.integers(-m, m + 1, size=2))
+        if dy == 0 and dx == 0:
+            dx = m
+        out = ndi.shift(mask, (dy, dx), order=0, mode="constant", cval=0).astype(np.uint8)
+    elif kind == "rotate":
+        ang = float(rng.uniform(8, 25)) * (1 if rng.random() < 0.5 else -1)
+        out = ndi.rotate(mask, ang, reshape=False, order=0, mode="constant", cval=0).astype(np.uint8)
+    elif kind == "scale":
+        z = float(rng.uniform(0.8, 0.9) if rng.random() < 0.5 else rng.uniform(1.1, 1.25))
+        cy, cx = (h - 1) / 2, (w - 1) / 2
+        mat = np.diag([1 / z, 1 / z])
+        off = np.array([cy, cx]) - mat @ np.array([cy, cx])
+        out = ndi.affine_transform(mask, mat, offset=off, order=0, mode="constant", cval=0).astype(np.uint8)
+    elif kind == "swap" and len(present) >= 1:
+        a = int(rng.choice(present))
+        b = int(rng.choice([v for v in range(4) if v != a]))
+        out[mask == a] = b
+        out[mask == b] = a
+    elif kind in ("blob", "hole") or not present:
+        fg = np.argwhere(mask > 0)
+        if kind == "hole" and len(fg):
+            cy, cx = fg[rng.integers(len(fg))]
+            lab = 0
+        else:
+            if len(fg):
+                cy, cx = fg[rng.integers(len(fg))] + rng.normal(0, size / 8, 2)
+            else:
+                cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            lab = int(rng.integers(1, 4))
+        ry, rx = rng.uniform(size / 20, size / 7, 2)
+        blob = _ellipse((h, w), cy, cx, ry, rx, float(rng.uniform(0, math.pi)))
+        out[blob] = lab
+    if np.array_equal(out, mask):  # the perturbation was a no-op (e.g. empty structure): force a change
+        blob = _ellipse((h, w), h / 2, w / 2, size / 8, size / 8, 0.0)
+        out[blob] = (mask[blob].astype(np.int64) + 1) % 4
+    return out
+
+
+def build_reward_dataset(
+    images: np.ndarray,
+    masks_list: Sequence[np.ndarray],
+    corrected: np.ndarray,
+    seed: int = 0,
+    n_perturbed: int = 2,
+    n_other_image: int = 1,
+    include_corrected: bool = True,
+) -> RewardDataset:
+    """Pairs (image, segmentation) for reward training, with deliberate negatives.
+
+    :param images: (N, 1, H, W) float32 images (or (N, H, W)).
+    :param masks_list: segmentations aligned with ``images``, each (N, H, W) integer: argmax predictions,
+        policy samples, predictions under altered contrast/noise or perturbed weights (made by the caller).
+    :param corrected: (N, H, W) corrected masks; the per-pixel target is ``segmentation == corrected``.
+    :param seed: seed of the generated negatives.
+    :param n_perturbed: perturbed copies of each corrected mask (:func:`perturb_mask`; also applied to
+        a given segmentation half of the time).
+    :param n_other_image: segmentations of another image (another image's first given mask, or its
+        correction) paired with each image.
+    :param include_corrected: add each corrected mask itself (an all-right example).
+    :returns: :class:`RewardDataset`.
+    :raises InputError: inconsistent shapes.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim == 3:
+        images = images[:, None]
+    corrected = np.asarray(corrected).astype(np.uint8)
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise InputError(None, f"images: expected (N, 1, H, W), got {images.shape}")
+    n, _, h, w = images.shape
+    if corrected.shape != (n, h, w):
+        raise InputError(None, f"corrected: expected {(n, h, w)}, got {corrected.shape}")
+    given = []
+    for j, m in enumerate(masks_list):
+        m = np.asarray(m)
+        if m.shape != (n, h, w):
+            raise InputError(None, f"masks_list[{j}]: expected {(n, h, w)}, got {m.shape}")
+        given.append(m.astype(np.uint8))
+    rng = np.random.default_rng(seed)
+    segs: list[np.ndarray] = []
+    index: list[int] = []
+    kind: list[str] = []
+    for j, m in enumerate(given):
+        segs.extend(m)
+        index.extend(range(n))
+        kind.extend([f"given{j}"] * n)
+    if include_corrected:
+        segs.extend(corrected)
+        index.extend(range(n))
+        kind.extend(["corrected"] * n)
+    for i in range(n):
+        for _ in range(n_perturbed):
+            base = corrected[i] if (not given or rng.random() < 0.5) else given[int(rng.integers(len(given)))][i]
+            segs.append(perturb_mask(base, rng))
+            index.append(i)
+            kind.append("perturbed")
+        if n > 1:
+            for _ in range(n_other_image):
+                j = int(rng.integers(n - 1))
+                j = j + 1 if j >= i else j
+                segs.append(given[0][j] if given else corrected[j])
+                index.append(i)
+                kind.append("other_image")
+    return RewardDataset(images=images, corrected=corrected, segs=np.stack(segs).astype(np.uint8),
+                         image_index=np.asarray(index, dtype=np.int64), kind=kind)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _split_images(n: int, val_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image indices for (train, calibration, evaluation); the last two split the held-out part in halves.
+
+    Fewer than 3 images, or ``val_fraction <= 0``: everything is training, nothing is held out.
+    """
+    perm = rng.permutation(n)
+    if n < 3 or val_fraction <= 0:
+        return np.sort(perm), perm[:0], perm[:0]
+    n_val = min(max(2, int(round(n * val_fraction))), n - 1)
+    half = n_val // 2
+    return np.sort(perm[n_val:]), np.sort(perm[:half]), np.sort(perm[half:n_val])
+
+
+def _batch(ds: RewardDataset, idx: np.ndarray, device: torch.device, flip: np.ndarray | None = None):
+    im = torch.from_numpy(ds.images[ds.image_index[idx]])
+    sg = torch.from_numpy(ds.segs[idx].astype(np.int64))
+    tg = torch.from_numpy(ds.targets(idx).astype(np.float32))
+    if flip is not None and flip.any():
+        f = torch.from_numpy(flip)
+        im[f] = im[f].flip(-1)
+        sg[f] = sg[f].flip(-1)
+        tg[f] = tg[f].flip(-1)
+    return im.to(device), sg.to(device), tg.to(device)
+
+
+@torch.no_grad()
+def _collect_logits(net: RewardNet, ds: RewardDataset, pairs: np.ndarray, batch: int, max_pixels: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out logits and targets (flattened, subsampled to at most ``max_pixels``)."""
+    net.network.eval()
+    logits, targets = [], []
+    for s in range(0, len(pairs), batch):
+        idx = pairs[s : s + batch]
+        im, sg, tg = _batch(ds, idx, net.device)
+        logits.append(net.logits(im, sg).cpu().numpy().ravel())
+        targets.append(tg.cpu().numpy().ravel())
+    lg = np.concatenate(logits) if logits else np.zeros(0, np.float32)
+    tg = np.concatenate(targets) if targets else np.zeros(0, np.float32)
+    if lg.size > max_pixels:
+        keep = rng.choice(lg.size, size=max_pixels, replace=False)
+        lg, tg = lg[keep], tg[keep]
+    return lg.astype(np.float32), tg.astype(np.float32)
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray, max_iter: int = 100) -> float:
+    """Temperature T > 0 minimising the BCE of ``sigmoid(logits / T)`` (LBFGS on log T).
+
+    :param logits: (P,) float raw logits; :param targets: (P,) 0/1.
+    :returns: T (1.0 when the input is empty or has one class only).
+    """
+    if logits.size == 0 or targets.min() == targets.max():
+        return 1.0
+    lg = torch.from_numpy(np.asarray(logits, np.float32))
+    tg = torch.from_numpy(np.asarray(targets, np.float32))
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(lg / log_t.exp(), tg)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.exp())
+    if not math.isfinite(t) or t <= 0:
+        return 1.0
+    return min(max(t, 0.05), 20.0)
+
+
+def train_reward_net(
+    dataset: RewardDataset,
+    cfg: RewardNetConfig | None = None,
+    device: str | torch.device = "cpu",
+    init: RewardNet | None = None,
+    progress: bool = False,
+) -> tuple[RewardNet, dict]:
+    """Train (or refine, from ``init``) a reward network with per-pixel BCE, then calibrate it.
+
+    Images are split (seeded) into train / calibration / evaluation parts; the temperature is fitted on
+    the calibration part and ECE (``cfg.ece_bins`` bins, per pixel) and the AUROC of ``1 - reward`` as a
+    detector of wrong pixels are reported on the evaluation part, before and after calibration.
+
+    :param dataset: :class:`RewardDataset` from :func:`build_reward_dataset`.
+    :param cfg: :class:`RewardNetConfig`.
+    :param device: torch device.
+    :param init: a previous :class:`RewardNet` whose weights are the starting point (its config must
+        have the same architecture).
+    :param progress: show a tqdm progress bar.
+    :returns: ``(reward_net, stats)``; stats: train_loss, eval_loss, temperature, ece_before, ece_after,
+        auroc, eval_error_rate, eval_mean_reward, n_pairs_* , steps, seconds.
+    :raises TrainingDiverged: the loss became NaN/Inf.
+    """
+    cfg = cfg or RewardNetConfig()
+    device = torch.device(device)
+    t0 = time.time()
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    n_img = len(dataset.images)
+    if len(dataset) == 0 or n_img == 0:
+        raise InputError(None, "reward dataset is empty")
+    train_img, cal_img, eval_img = _split_images(n_img, cfg.val_fraction, rng)
+    train_pairs = np.flatnonzero(np.isin(dataset.image_index, train_img))
+    cal_pairs = np.flatnonzero(np.isin(dataset.image_index, cal_img))
+    eval_pairs = np.flatnonzero(np.isin(dataset.image_index, eval_img))
+    if len(train_pairs) == 0:
+        train_pairs = np.arange(len(dataset))
+
+    if init is not None:
+        if (init.config.features, init.config.depth, init.config.num_classes) != (cfg.features, cfg.depth, cfg.num_classes):
+            raise InputError(None, "init reward network has a different architecture than the config")
+        net = RewardNet(cfg, device=device)
+        net.network.load_state_dict(init.network.state_dict())
+    else:
+        net = RewardNet(cfg, device=device)
+    net.temperature = 1.0
+
+    pos_weight = None
+    if cfg.class_balanced:
+        sample = train_pairs[rng.choice(len(train_pairs), size=min(len(train_pairs), 256), replace=False)]
+        frac_right = float(dataset.targets(sample).mean())
+        frac_right = min(max(frac_right, 1e-3), 1 - 1e-3)
+        pos_weight = torch.tensor((1 - frac_right) / frac_right, device=device)
+
+    opt = torch.optim.AdamW(net.network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.steps, 1), pct_start=0.1)
+    net.network.train()
+    losses: list[float] = []
+    bar = tqdm(range(cfg.steps), desc="reward net", disable=not progress, leave=False)
+    order = rng.permutation(train_pairs)
+    pos = 0
+    for step in bar:
+        if pos + cfg.batch_size > len(order):
+            order = rng.permutation(train_pairs)
+            pos = 0
+        idx = order[pos : pos + cfg.batch_size]
+        pos += cfg.batch_size
+        flip = rng.random(len(idx)) < 0.5 if cfg.flip_augment else None
+        im, sg, tg = _batch(dataset, idx, device, flip)
+        logits = net.logits(im, sg)
+        loss = F.binary_cross_entropy_with_logits(logits, tg, pos_weight=pos_weight)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"reward network loss became {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.network.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    net.network.eval()
+
+    stats: dict = {
+        "train_loss": float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else float("nan"),
+        "steps": int(cfg.steps),
+        "n_images_train": int(len(train_img)),
+        "n_images_cal": int(len(cal_img)),
+        "n_images_eval": int(len(eval_img)),
+        "n_pairs_train": int(len(train_pairs)),
+    }
+    # temperature on the calibration part
+    if cfg.calibrate and len(cal_pairs):
+        lg, tg = _collect_logits(net, dataset, cal_pairs, cfg.batch_size, cfg.max_eval_pixels, rng)
+        net.temperature = fit_temperature(lg, tg)
+    stats["temperature"] = float(net.temperature)
+    # report on the evaluation part
+    if len(eval_pairs):
+        lg, tg = _collect_logits(net, dataset, eval_pairs, cfg.batch_size, cfg.max_eval_pixels, rng)
+        p_raw = 1 / (1 + np.exp(-lg.astype(np.float64)))
+        p_cal = 1 / (1 + np.exp(-lg.astype(np.float64) / net.temperature))
+        before = error_detection_report(p_raw, tg > 0.5, cfg.ece_bins)
+        after = error_detection_report(p_cal, tg > 0.5, cfg.ece_bins)
+        eps = 1e-7
+        stats.update({
+            "eval_loss": float(-np.mean(tg * np.log(p_cal + eps) + (1 - tg) * np.log(1 - p_cal + eps))),
+            "ece_before": before["ece"],
+            "ece_after": after["ece"],
+            "auroc": after["auroc"],
+            "eval_error_rate": after["error_rate"],
+            "eval_mean_reward": after["mean_reward"],
+            "n_pairs_eval": int(len(eval_pairs)),
+        })
+    stats["seconds"] = float(time.time() - t0)
+    net.stats = stats
+    log.info("reward net: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()})
+    return net, stats
