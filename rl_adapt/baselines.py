@@ -236,21 +236,22 @@ def target_patches(model, cases, max_images: int = 0, seed: int = 0) -> np.ndarr
     if max_images and len(cases) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(len(cases), size=max_images, replace=False))
         cases = [cases[i] for i in keep]
-    return np.stack([np.asarray(model.to_patch(c.image, c.spacing), dtype=np.float32) for c in cases])
+    return np.stack([np.asarray(model.to_patch(c.image, c.spacing)[0], dtype=np.float32) for c in cases])
 
 
 def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path, cfg: BaselineConfig,
                  progress: bool = True) -> Path:
     """Adapt the source model in ``model_dir`` to the unlabelled images in ``target``; write a new model folder.
 
-    ``out_dir`` becomes an nnU-Net results folder (via ``export_model_folder``) plus ``baseline_config.yaml``
-    and ``baseline_history.json``. It is built in a temporary sibling and renamed at the end; the source
-    folder is only read.
+    ``out_dir`` holds ``baseline_config.yaml``, ``baseline_history.json`` and the nnU-Net results folder
+    written by ``export_model_folder`` (``out_dir/<Dataset>/nnUNetTrainer__<Plans>__2d``, returned). It is
+    built in a temporary sibling and renamed at the end; the source folder is only read.
 
     :raises InputError: unloadable model, empty/unreadable target, ``out_dir`` already exists.
     """
-    from rl_adapt.config import save_config
+    from rl_adapt.config import save_config, to_dict
     from rl_adapt.data.readers import read_dataset
+    from rl_adapt.evaluate import load_model
     from rl_adapt.io_utils import atomic_dir, write_json_atomic
     from rl_adapt.policies.nnunet import export_model_folder
 
@@ -269,28 +270,13 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
     history = adapt_network(network, patches, cfg, progress=progress)
     network.cpu()
     with atomic_dir(out_dir) as tmp:
-        export_model_folder(network, model, tmp)
+        model_dir_tmp = export_model_folder(network, model, tmp, extra_meta={"baseline": to_dict(cfg)})
+        rel = Path(model_dir_tmp).relative_to(tmp)
         save_config(cfg, Path(tmp) / "baseline_config.yaml")
         write_json_atomic(Path(tmp) / "baseline_history.json",
                           {"method": cfg.method, "source": str(model_dir), "target": str(target),
                            "n_images": int(patches.shape[0]),
                            "history": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                         for k, v in h.items()} for h in history]})
-    log.info("baseline model written to %s", out_dir)
-    return out_dir
-
-
-def load_model(model_dir: str | Path, device: str = "cpu"):
-    """Load an nnU-Net results folder as an ``NnUNetModel``; any failure becomes one :class:`InputError`."""
-    from rl_adapt.errors import RLAdaptError
-    from rl_adapt.policies.nnunet import load_model_folder
-
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise InputError(path, "model folder not found")
-    try:
-        return load_model_folder(path, device=device)
-    except RLAdaptError:
-        raise
-    except Exception as exc:  # nnunetv2/torch raise many types on a broken folder
-        raise InputError(path, f"not a loadable nnU-Net v2 results folder ({type(exc).__name__}: {exc})") from exc
+    log.info("baseline model written to %s", out_dir / rel)
+    return out_dir / rel

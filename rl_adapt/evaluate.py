@@ -251,7 +251,7 @@ def _cell(v: Any) -> Any:
     if isinstance(v, (bool, np.bool_)):
         return int(v)
     if isinstance(v, (float, np.floating)):
-        return "" if not math.isfinite(float(v)) else f"{float(v):.6g}"
+        return "" if not math.isfinite(float(v)) else f"{float(v):.8g}"
     return v
 
 
@@ -297,4 +297,493 @@ def read_csv(path: str | Path, text_columns: Sequence[str] = TEXT_COLUMNS) -> li
                 except ValueError:
                     row[k] = v
             out.append(row)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def parse_model_specs(specs: Sequence[str]) -> dict[str, Path]:
+    """``["NAME=DIR", ...]`` (or bare ``DIR``, named after the folder) -> ordered ``{name: Path}``.
+
+    :raises InputError: empty list, empty name, duplicate names.
+    """
+    out: dict[str, Path] = {}
+    if not specs:
+        raise InputError(None, "give at least one --model NAME=MODEL_DIR")
+    for spec in specs:
+        name, sep, path = str(spec).partition("=")
+        if not sep:
+            name, path = Path(spec).name, spec
+        name = name.strip()
+        if not name or not path:
+            raise InputError(None, f"--model {spec!r}: expected NAME=MODEL_DIR")
+        if name in out:
+            raise InputError(Path(path), f"model name {name!r} given twice")
+        out[name] = Path(path)
+    return out
+
+
+def load_model(model_dir: str | Path, device: str = "cpu"):
+    """Load an nnU-Net v2 results folder; any failure becomes one :class:`InputError` naming the folder.
+
+    The label set must be CAMUS's (background, LV, MYO, LA) so that metrics compare like with like.
+    """
+    from rl_adapt.errors import RLAdaptError
+    from rl_adapt.policies.nnunet import CAMUS_LABELS, load_model_folder
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise InputError(path, "model folder not found")
+    try:
+        return load_model_folder(path, device=device, expected_labels=CAMUS_LABELS)
+    except RLAdaptError:
+        raise
+    except Exception as exc:  # nnunetv2/torch raise many types on a broken folder
+        raise InputError(path, f"not a loadable nnU-Net v2 results folder ({type(exc).__name__}: {exc})") from exc
+
+
+def load_labelled(data: str | Path, progress: bool = False) -> list:
+    """Read a labelled dataset (any reader format) and keep its labelled cases.
+
+    :raises InputError: missing/empty folder, no labelled case, a label map whose shape differs from its
+        image, labels outside 0..3, duplicate case names.
+    """
+    from rl_adapt.data.readers import read_dataset
+
+    path = Path(data)
+    if not path.exists():
+        raise InputError(path, "labelled dataset not found")
+    if path.is_dir() and not any(path.iterdir()):
+        raise InputError(path, "folder is empty")
+    cases = read_dataset(path, with_labels=True, progress=progress)
+    if not cases:
+        raise InputError(path, "no cases found")
+    labelled = [c for c in cases if c.label is not None]
+    if not labelled:
+        raise InputError(path, f"none of the {len(cases)} cases has a label map; evaluate needs a labelled set")
+    if len(labelled) < len(cases):
+        log.warning("%s: %d of %d cases have no label map and are skipped", path, len(cases) - len(labelled), len(cases))
+    names = [c.name for c in labelled]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(path, f"duplicate case names: {', '.join(dup[:5])}")
+    for c in labelled:
+        if tuple(c.label.shape) != tuple(c.image.shape[:2]):
+            raise InputError(c.source or path, f"{c.name}: label shape {c.label.shape} differs from image {c.image.shape}")
+        if c.label.size and int(c.label.max()) > 3:
+            raise InputError(c.source or path, f"{c.name}: labels outside 0..3 (bg, LV, MYO, LA)")
+    return labelled
+
+
+def find_reward_net(run: str | Path) -> Path:
+    """The reward-network file of an adaptation run folder (``RUN/reward_net.pt``, else the last
+    ``RUN/iter*/reward_net.pt``), or ``run`` itself when it is a file."""
+    run = Path(run)
+    if run.is_file():
+        return run
+    if not run.is_dir():
+        raise InputError(run, "reward run folder not found")
+    if (run / "reward_net.pt").is_file():
+        return run / "reward_net.pt"
+    iters = sorted(run.glob("iter*/reward_net.pt"), key=lambda p: int("".join(ch for ch in p.parent.name if ch.isdigit()) or 0))
+    if iters:
+        return iters[-1]
+    raise InputError(run, "no reward_net.pt in this run folder (expected RUN/reward_net.pt or RUN/iter*/reward_net.pt)")
+
+
+# --------------------------------------------------------------------------------------------- scoring
+def score_image(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> dict:
+    """Metrics and anatomical checks of one predicted label map.
+
+    :param pred: (H, W) uint8 prediction; :param gt: (H, W) uint8 reference; :param spacing: (row, col) mm.
+    :returns: flat dict: ``<S>_<metric>``, ``mean_<metric>``, ``valid``, ``failed_checks``, ``check_<name>``.
+    """
+    from rl_adapt.anatomy import check_anatomy
+    from rl_adapt.metrics import segmentation_metrics
+
+    m = segmentation_metrics(pred, gt, spacing)
+    row: dict[str, Any] = {}
+    for s in STRUCTURES:
+        for k in METRICS:
+            row[f"{s}_{k}"] = _f(m[s][k])
+    for k in METRICS:
+        row[f"mean_{k}"] = nanmean(row[f"{s}_{k}"] for s in MEAN_OVER)[0]
+    rep = check_anatomy(pred)
+    row["valid"] = bool(rep.valid)
+    row["failed_checks"] = ";".join(rep.failed)
+    for c in rep.checks:
+        row[f"check_{c.name}"] = bool(c.passed)
+    return row
+
+
+def _score_job(job: tuple) -> dict:
+    return score_image(*job)
+
+
+def score_all(jobs: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float]]], workers: int = 0,
+              progress: bool = True) -> list[dict]:
+    """:func:`score_image` over ``(pred, gt, spacing)`` jobs, in ``workers`` processes (0: auto)."""
+    from tqdm import tqdm
+
+    n = workers or min(4, os.cpu_count() or 1)
+    bar = dict(total=len(jobs), desc="metrics", unit="img", disable=None if progress else True)
+    if n <= 1 or len(jobs) < 16:
+        return [score_image(*j) for j in tqdm(jobs, **bar)]
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as ex:
+        return list(tqdm(ex.map(_score_job, jobs, chunksize=8), **bar))
+
+
+def _clinical_cases(cases: Sequence, masks: Sequence[np.ndarray]) -> list:
+    from rl_adapt.data.case import Case
+
+    return [Case(name=c.name, image=c.image, label=m, spacing=c.spacing, meta=dict(c.meta)) for c, m in zip(cases, masks)]
+
+
+def complete_patients(cases: Sequence) -> dict[str, list[int]]:
+    """Patients with 2CH and 4CH at ED and ES: ``{patient: [case indices]}`` (one case per view/phase)."""
+    groups: dict[str, dict[tuple, int]] = {}
+    for i, c in enumerate(cases):
+        p, v, ph = c.meta.get("patient"), c.meta.get("view"), c.meta.get("phase")
+        if p and v in ("2CH", "4CH") and ph in ("ED", "ES"):
+            groups.setdefault(str(p), {}).setdefault((v, ph), i)
+    return {p: list(g.values()) for p, g in sorted(groups.items()) if len(g) == 4}
+
+
+def clinical_rows(cases: Sequence, preds: Mapping[str, Sequence[np.ndarray]]) -> list[dict]:
+    """``per_patient.csv`` rows: each complete patient x model (see :func:`clinical_row`).
+
+    Indices that cannot be computed (e.g. an empty predicted LV) are NaN and counted in the summary.
+    """
+    from rl_adapt.errors import RLAdaptError
+
+    try:
+        from rl_adapt.clinical import patient_indices
+    except ImportError as exc:  # pragma: no cover - only while the clinical module is missing
+        log.warning("clinical indices skipped: %s", exc)
+        return []
+
+    def indices(sel_cases, masks) -> dict:
+        try:
+            return dict(patient_indices(_clinical_cases(sel_cases, masks)))
+        except (RLAdaptError, ValueError, ZeroDivisionError) as exc:
+            log.debug("clinical indices of %s failed: %s", sel_cases[0].meta.get("patient"), exc)
+            return {}
+
+    rows = []
+    patients = complete_patients(cases)
+    for patient, idx in patients.items():
+        sel = [cases[i] for i in idx]
+        ref = indices(sel, [c.label for c in sel])
+        meta = {k: sel[0].meta.get(k) for k in ("EF", "EDV", "ESV")}
+        for name, masks in preds.items():
+            rows.append(clinical_row(patient, name, indices(sel, [masks[i] for i in idx]), ref, meta))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- overlays
+def thumb_index(shape: Sequence[int], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-neighbour row/col indices that shrink ``shape`` to at most ``size`` pixels on its long side."""
+    h, w = int(shape[0]), int(shape[1])
+    f = min(1.0, size / max(h, w))
+    nh, nw = max(1, round(h * f)), max(1, round(w * f))
+    return (np.minimum((np.arange(nh) + 0.5) * h / nh, h - 1).astype(np.intp),
+            np.minimum((np.arange(nw) + 0.5) * w / nw, w - 1).astype(np.intp))
+
+
+def image_to_uint8(image: np.ndarray) -> np.ndarray:
+    """Display version of an image: (H, W) uint8 stretched between its 1st and 99th percentiles."""
+    img = np.asarray(image, dtype=np.float32)
+    lo, hi = np.percentile(img, (1, 99)) if img.size else (0.0, 1.0)
+    if hi <= lo:
+        hi = lo + 1.0
+    return (np.clip((img - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+
+
+def select_overlays(image_rows: Sequence[Mapping], cases: Sequence[str], models: Sequence[str], n: int,
+                    seed: int = 0) -> list[tuple[str, str]]:
+    """Cases shown in the report: ``[(case, group)]``.
+
+    With two or more models: the ``n`` cases with the largest and the ``n`` with the smallest paired
+    difference of mean Dice (last model minus first) as "helped"/"hurt", then ``n`` random others;
+    with one model: the ``n`` lowest mean Dice ("worst") and ``n`` random others.
+    """
+    if n <= 0 or not cases:
+        return []
+    dice = {(r["model"], r["case"]): _f(r.get("mean_dice")) for r in image_rows}
+    first, last = models[0], models[-1]
+    chosen: list[tuple[str, str]] = []
+    if len(models) > 1:
+        diffs = [(dice.get((last, c), np.nan) - dice.get((first, c), np.nan), c) for c in cases]
+        diffs = [(d, c) for d, c in diffs if math.isfinite(d)]
+        diffs.sort(key=lambda t: (-t[0], t[1]))
+        chosen += [(c, "helped") for d, c in diffs[:n] if d > 0]
+        taken = {c for c, _ in chosen}
+        chosen += [(c, "hurt") for d, c in reversed(diffs) if d < 0 and c not in taken][:n]
+    else:
+        order = sorted(((dice.get((first, c), np.nan), c) for c in cases), key=lambda t: (t[0] if math.isfinite(t[0]) else -1, t[1]))
+        chosen += [(c, "worst") for _, c in order[:n]]
+    taken = {c for c, _ in chosen}
+    rest = [c for c in cases if c not in taken]
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(rest), size=min(n, len(rest)), replace=False) if rest else []
+    chosen += [(rest[i], "random") for i in sorted(pick)]
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------- reward
+def _content_mask(props: Mapping, patch_size: Sequence[int]) -> np.ndarray:
+    """(P0, P1) bool: patch pixels that hold image content (not the zero padding of ``to_patch``)."""
+    from rl_adapt.policies.inference import centre_pad_crop
+
+    ones = np.ones(tuple(props["preprocessed_shape"]), dtype=bool)
+    return centre_pad_crop(ones, patch_size, False)[0]
+
+
+def label_patch(model, label: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Ground-truth label map in the patch space of ``model`` (same geometry as :meth:`to_patch`)."""
+    patch, _ = model.to_patch(np.asarray(label, dtype=np.float32), spacing, is_label=True)
+    return np.asarray(patch)[0].round().astype(np.int64)
+
+
+def reward_reliability(reward_net, model, cases: Sequence, n_bins: int = 10, max_auroc_pixels: int = 2_000_000,
+                       seed: int = 0, progress: bool = True) -> dict:
+    """Per-pixel reliability of ``reward_net`` on ``model``'s argmax predictions vs ground-truth correctness.
+
+    Works in the network's patch space (what the reward network sees during adaptation): the prediction is
+    the argmax of ``model.network`` on :meth:`to_patch`, the ground truth goes through the same geometry;
+    only patch pixels holding image content count. ECE and the reliability bins are exact over all those
+    pixels; the AUROC of ``1 - reward`` as a detector of wrong pixels uses a seeded subsample.
+
+    :returns: ``{"ece", "auroc", "n_pixels", "error_rate", "bins": {"edges", "confidence", "accuracy",
+        "count"}}`` (lists; NaN where a bin is empty).
+    """
+    import torch
+    from tqdm import tqdm
+
+    from rl_adapt.calibration import auroc, reliability_bins
+
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    count = np.zeros(n_bins, dtype=np.int64)
+    sum_p = np.zeros(n_bins)
+    sum_y = np.zeros(n_bins)
+    keep_p, keep_y = [], []
+    per_case = max(1, max_auroc_pixels // max(1, len(cases)))
+    rng = np.random.default_rng(seed)
+    net = model.network
+    for c in tqdm(cases, desc="reward", unit="img", disable=None if progress else True):
+        patch, props = model.to_patch(c.image, c.spacing)
+        gt = label_patch(model, c.label, c.spacing)
+        with torch.no_grad():
+            out = net(patch[None].to(model.device))
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            action = out.argmax(1)
+            r = reward_net.score(patch[None].float(), action)[0].float().cpu().numpy()
+        pred = action[0].cpu().numpy()
+        inside = _content_mask(props, model.patch_size)
+        p, y = r[inside], (pred == gt)[inside]
+        b = reliability_bins(p, y, n_bins)
+        count += b.counts
+        sum_p += np.nan_to_num(b.confidence) * b.counts
+        sum_y += np.nan_to_num(b.accuracy) * b.counts
+        if p.size:
+            sel = rng.choice(p.size, size=min(per_case, p.size), replace=False)
+            keep_p.append(p[sel])
+            keep_y.append(y[sel])
+    total = int(count.sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.where(count > 0, sum_p / np.maximum(count, 1), np.nan)
+        acc = np.where(count > 0, sum_y / np.maximum(count, 1), np.nan)
+    ece = float(np.nansum(count / max(total, 1) * np.abs(acc - conf))) if total else float("nan")
+    ap = np.concatenate(keep_p) if keep_p else np.zeros(0)
+    ay = np.concatenate(keep_y) if keep_y else np.zeros(0, bool)
+    return {"ece": ece, "auroc": auroc(1.0 - ap, ~ay) if ap.size else float("nan"), "n_pixels": total,
+            "error_rate": float(1.0 - sum_y.sum() / total) if total else float("nan"),
+            "bins": {"edges": edges.tolist(), "confidence": conf.tolist(), "accuracy": acc.tolist(),
+                     "count": count.tolist()}}
+
+
+def uncertainty_map(reward_net, model, case) -> np.ndarray:
+    """``1 - reward`` of ``model``'s argmax prediction, mapped back to the case's geometry: (H, W) float32."""
+    import torch
+
+    patch, props = model.to_patch(case.image, case.spacing)
+    with torch.no_grad():
+        out = model.network(patch[None].to(model.device))
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        u = 1.0 - reward_net.score(patch[None].float(), out.argmax(1))[0].float().cpu().numpy()
+    # carried through from_patch as channel 0 of a logit stack (linear resampling, 0 outside the patch)
+    stack = np.zeros((model.num_classes,) + u.shape, dtype=np.float32)
+    stack[0] = u
+    back = model.from_patch(stack, props)[0]
+    return np.clip(back, 0.0, 1.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------- main
+def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path, out: str | Path,
+             reward: str | Path | None = None, config: EvaluateConfig | None = None, overwrite: bool = False,
+             progress: bool = True) -> dict:
+    """Evaluate models on a labelled dataset and write the evaluation folder ``out`` (see module doc).
+
+    :param models: ``{name: results_folder}`` in order (the first is the reference of paired tests), or
+        ``["NAME=DIR", ...]``.
+    :param data: labelled dataset (any format :func:`rl_adapt.data.readers.read_dataset` reads).
+    :param out: new output folder (built in a temporary sibling, renamed at the end).
+    :param reward: adaptation run folder (or reward_net.pt) whose reward network is scored as uncertainty.
+    :param overwrite: replace an existing ``out``.
+    :returns: the summary dict as written to ``summary.json`` (strict-JSON values: None for undefined).
+    :raises InputError: bad model folder, unlabelled/empty/mismatched dataset, missing reward network,
+        existing ``out`` without ``overwrite`` -- raised before anything is written.
+    """
+    import torch
+
+    cfg = config or EvaluateConfig()
+    specs = dict(models) if isinstance(models, Mapping) else parse_model_specs(models)
+    specs = {str(k): Path(v) for k, v in specs.items()}
+    if not specs:
+        raise InputError(None, "give at least one model")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(out, "already exists; choose a new output folder or pass --overwrite")
+    for name, path in specs.items():
+        if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
+            raise InputError(out, f"output folder would overwrite model {name!r}")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    cases = load_labelled(data, progress=progress)
+    loaded = {name: load_model(path, cfg.device) for name, path in specs.items()}
+    reward_net = None
+    if reward is not None:
+        from rl_adapt.reward_net import RewardNet
+
+        reward_net = RewardNet.load(find_reward_net(reward), device=cfg.device)
+    timings["load"] = time.perf_counter() - t0
+
+    from tqdm import tqdm
+
+    names = list(loaded)
+    preds: dict[str, list[np.ndarray]] = {}
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for name, model in loaded.items():
+            masks = []
+            for c in tqdm(cases, desc=f"predict {name}", unit="img", disable=None if progress else True):
+                m = np.asarray(model.predict(c.image, c.spacing, mirror=cfg.mirror), dtype=np.uint8)
+                if m.shape != c.label.shape:
+                    raise InputError(c.source or data, f"{c.name}: model {name!r} returned shape {m.shape}, "
+                                                       f"label is {c.label.shape}")
+                masks.append(m)
+            preds[name] = masks
+    timings["predict"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    jobs = [(preds[n][i], c.label, tuple(c.spacing)) for n in names for i, c in enumerate(cases)]
+    scored = score_all(jobs, workers=cfg.workers, progress=progress)
+    image_rows: list[dict] = []
+    k = 0
+    for n in names:
+        for c in cases:
+            head = {"case": c.name, "patient": c.meta.get("patient", ""), "view": c.meta.get("view", ""),
+                    "phase": c.meta.get("phase", ""), "model": n}
+            image_rows.append({**head, **scored[k]})
+            k += 1
+    timings["metrics"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    patient_rows = clinical_rows(cases, preds)
+    timings["clinical"] = time.perf_counter() - t0
+
+    rel, ece = None, None
+    if reward_net is not None:
+        t0 = time.perf_counter()
+        rel = reward_reliability(reward_net, loaded[names[0]], cases, n_bins=cfg.reliability_bins,
+                                 seed=cfg.seed, progress=progress)
+        rel.update({"model": names[0], "reward_run": str(reward)})
+        ece = {names[0]: rel["ece"]}
+        timings["reward"] = time.perf_counter() - t0
+
+    summary = summarise(image_rows, patient_rows, names, ece=ece, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+
+    t0 = time.perf_counter()
+    chosen = select_overlays(image_rows, [c.name for c in cases], names, cfg.overlays, cfg.seed)
+    overlays = _overlay_arrays(chosen, cases, preds, image_rows, names, cfg.thumb_size,
+                               reward_net, loaded[names[0]])
+    timings["overlays"] = time.perf_counter() - t0
+
+    check_cols = []
+    for r in image_rows:
+        check_cols.extend(k for k in r if k.startswith("check_") and k not in check_cols)
+    image_cols = ["case", "patient", "view", "phase", "model", *image_metric_columns(), "valid", "failed_checks",
+                  *check_cols]
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        tmp = Path(tmp)
+        write_csv(tmp / "per_image.csv", image_rows, image_cols)
+        write_csv(tmp / "per_patient.csv", patient_rows, _patient_columns())
+        write_json_atomic(tmp / "summary.json", json_clean(summary))
+        if rel is not None:
+            write_json_atomic(tmp / "reliability.json", json_clean(rel))
+        if overlays is not None:
+            np.savez_compressed(tmp / "overlays.npz", **overlays)
+        write_json_atomic(tmp / "inputs.json", {"models": {n: str(p) for n, p in specs.items()}, "data": str(data),
+                                                 "reward": None if reward is None else str(reward),
+                                                 "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}})
+        if cfg.report:
+            from rl_adapt.report import write_report
+
+            t0 = time.perf_counter()
+            write_json_atomic(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+            write_report(tmp)
+            timings["report"] = time.perf_counter() - t0
+        write_json_atomic(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+    log.info("evaluation written to %s (%s)", out, ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    return json_clean(summary)
+
+
+def _patient_columns() -> list[str]:
+    cols = ["patient", "model"]
+    for key in CLINICAL:
+        cols += [f"{key}_pred", f"{key}_ref", f"{key}_err"] + ([f"{key}_err_pct"] if key in VOLUMES else [])
+    for key in ("EF", "EDV", "ESV"):
+        cols += [f"{key}_meta", f"{key}_err_meta"]
+    return cols
+
+
+def _overlay_arrays(chosen: Sequence[tuple[str, str]], cases: Sequence, preds: Mapping[str, Sequence[np.ndarray]],
+                    image_rows: Sequence[Mapping], names: Sequence[str], size: int, reward_net=None,
+                    first_model=None) -> dict | None:
+    """Arrays of ``overlays.npz``: thumbnails padded to a common (h, w) with their true ``shape``."""
+    if not chosen:
+        return None
+    index = {c.name: i for i, c in enumerate(cases)}
+    dice = {(r["model"], r["case"]): _f(r.get("mean_dice")) for r in image_rows}
+    thumbs = []
+    for name, _ in chosen:
+        c = cases[index[name]]
+        ri, ci = thumb_index(c.image.shape[:2], size)
+        t = {"image": image_to_uint8(c.image)[np.ix_(ri, ci)], "gt": c.label[np.ix_(ri, ci)],
+             "pred": [preds[n][index[name]][np.ix_(ri, ci)] for n in names]}
+        if reward_net is not None:
+            t["unc"] = uncertainty_map(reward_net, first_model, c)[np.ix_(ri, ci)]
+        thumbs.append(t)
+    h = max(t["image"].shape[0] for t in thumbs)
+    w = max(t["image"].shape[1] for t in thumbs)
+
+    def pad(a: np.ndarray, dtype) -> np.ndarray:
+        o = np.zeros((h, w), dtype=dtype)
+        o[: a.shape[0], : a.shape[1]] = a
+        return o
+
+    out = {
+        "case": np.array([n for n, _ in chosen]),
+        "group": np.array([g for _, g in chosen]),
+        "models": np.array(list(names)),
+        "shape": np.array([t["image"].shape for t in thumbs], dtype=np.int32),
+        "image": np.stack([pad(t["image"], np.uint8) for t in thumbs]),
+        "gt": np.stack([pad(t["gt"], np.uint8) for t in thumbs]),
+        "pred": np.stack([np.stack([pad(t["pred"][j], np.uint8) for t in thumbs]) for j in range(len(names))]),
+        "dice": np.array([[dice.get((n, c), np.nan) for c, _ in chosen] for n in names], dtype=np.float64),
+    }
+    if reward_net is not None:
+        out["uncertainty"] = np.stack([pad(t["unc"], np.float16) for t in thumbs])
     return out

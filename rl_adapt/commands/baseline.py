@@ -1,0 +1,40 @@
+"""``rl-adapt baseline``: test-time adaptation baselines (TENT, entropy minimisation, pseudo-labels)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub) -> argparse.ArgumentParser:
+    """Add the ``baseline`` subcommand to ``sub``."""
+    p = sub.add_parser(
+        "baseline",
+        help="Test-time adaptation baselines (TENT, entropy minimisation, pseudo-labels).",
+        description=(
+            "Adapt a source nnU-Net model on unlabelled target images with a classic baseline and write a new "
+            "nnU-Net results folder under OUT (the source is never written). tent: entropy minimisation of the "
+            "normalisation layers' affine parameters only; entropy: the whole network; pseudo-label: rounds "
+            "of self-training on confident pixels. Budget knobs (steps, rounds, lr, batch_size, seed, "
+            "confidence) are shared: see rl_adapt.baselines.BaselineConfig."
+        ),
+    )
+    p.add_argument("--method", required=True, choices=("tent", "entropy", "pseudo-label"))
+    p.add_argument("--model", required=True, type=Path, help="source nnU-Net v2 results folder (read only)")
+    p.add_argument("--target", required=True, type=Path, help="unlabelled target images (labels ignored)")
+    p.add_argument("--out", required=True, type=Path, help="new output folder")
+    p.add_argument("--config", type=Path, help="YAML with BaselineConfig fields")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set lr=1e-3 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the baseline; prints the model folder to pass to ``rl-adapt evaluate``."""
+    from rl_adapt.baselines import BaselineConfig, run_baseline
+    from rl_adapt.config import load_config
+
+    cfg = load_config(BaselineConfig, args.config, [*args.overrides, f"method={args.method}"])
+    folder = run_baseline(args.model, args.target, args.out, cfg, progress=not args.no_progress)
+    print(f"adapted model ({cfg.method}): {folder}")
+    return 0

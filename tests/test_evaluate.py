@@ -1,0 +1,243 @@
+"""rl-adapt evaluate: summary.json schema on a tiny real run, paired statistics, bad input, atomic output."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rl_adapt.data.case import Case
+from rl_adapt.errors import InputError
+from rl_adapt.evaluate import (EvaluateConfig, bootstrap_mean_ci, complete_patients, evaluate, json_clean,
+                               paired_stats, parse_model_specs, read_csv, select_overlays, summarise, write_csv)
+
+STRUCT_KEYS = {"LV", "MYO", "LA", "epi", "mean"}
+
+
+# ----------------------------------------------------------------------------------------- tiny fixtures
+def tiny_cases(n_patients: int = 2, size: int = 48, seed: int = 0) -> list[Case]:
+    """Ellipse phantoms: LV inside MYO, LA below (apex up), 4 cases per patient, exact labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for p in range(n_patients):
+        for view in ("2CH", "4CH"):
+            for phase in ("ED", "ES"):
+                s = 1.0 if phase == "ED" else 0.8
+                cy, cx = size * 0.4 + rng.normal(0, 1), size / 2 + rng.normal(0, 1)
+                ry, rx = size * 0.25 * s, size * 0.12 * s
+                e = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+                lab = np.zeros((size, size), np.uint8)
+                lab[e < 1.7] = 2
+                lab[e < 1] = 1
+                la = ((yy - (cy + ry * 1.5)) / (size * 0.1)) ** 2 + ((xx - cx) / (size * 0.11)) ** 2 < 1
+                lab[la & (lab == 0)] = 3
+                img = (40 + rng.normal(0, 10, (size, size)) + 60 * (lab == 2) + 10 * (lab == 3)).clip(0, 255)
+                out.append(Case(f"patient{p:04d}_{view}_{phase}", img.astype(np.float32), lab, (0.5, 0.5),
+                                {"patient": f"patient{p:04d}", "view": view, "phase": phase, "EF": 50.0}))
+    return out
+
+
+def build_tiny_world(root: Path) -> dict:
+    """Labelled raw dataset + two tiny nnU-Net results folders (random init, seeds 0 and 1); cached in ``root``."""
+    from rl_adapt.data.writers import write_nnunet_raw
+    from rl_adapt.policies.nnunet import NnUNetModel, export_model_folder, plan_dataset, shrink_plan
+
+    done = root / "done.json"
+    if done.is_file():
+        return {k: Path(v) for k, v in json.loads(done.read_text()).items()}
+    raw = write_nnunet_raw(tiny_cases(), root / "Dataset900_Tiny", dataset_name="Dataset900_Tiny")
+    plans, dj, _ = plan_dataset(raw)
+    plans = shrink_plan(plans, features=(4, 8, 16), patch_size=(48, 48), batch_size=2)
+    paths = {"data": raw}
+    for i, name in enumerate(("src", "other")):
+        model = NnUNetModel.from_plans(plans, dj, seed=i)
+        paths[name] = export_model_folder(model.network, model, root / name)
+    done.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> dict:
+    return build_tiny_world(tmp_path_factory.getbasetemp() / "tiny_nnunet_world")
+
+
+# ----------------------------------------------------------------------------------------- statistics
+def test_paired_stats_known_inputs():
+    a = np.linspace(0.7, 0.9, 10)
+    st = paired_stats(a, a + 0.05, n_bootstrap=500)
+    assert st["dice_mean_diff"] == pytest.approx(0.05)
+    assert st["ci95"][0] == pytest.approx(0.05) and st["ci95"][1] == pytest.approx(0.05)
+    assert st["wilcoxon_p"] == pytest.approx(2 / 2 ** 10)  # exact two-sided test, all 10 differences positive
+    assert st["n"] == 10
+    same = paired_stats(a, a)
+    assert same["dice_mean_diff"] == 0.0 and same["wilcoxon_p"] == 1.0
+    withnan = paired_stats([0.5, np.nan, 0.7], [0.6, 0.9, np.nan])
+    assert withnan["n"] == 1 and withnan["dice_mean_diff"] == pytest.approx(0.1)
+    empty = paired_stats([np.nan], [0.3])
+    assert empty["n"] == 0 and math.isnan(empty["dice_mean_diff"])
+
+
+def test_bootstrap_ci_brackets_mean_and_is_seeded():
+    x = np.random.default_rng(0).normal(1.0, 0.5, 400)
+    lo, hi = bootstrap_mean_ci(x, 1000, seed=3)
+    assert lo < x.mean() < hi and hi - lo == pytest.approx(2 * 1.96 * x.std() / 20, rel=0.2)
+    assert bootstrap_mean_ci(x, 1000, seed=3) == (lo, hi)
+    assert all(math.isnan(v) for v in bootstrap_mean_ci([np.nan], 10))
+
+
+def _rows(models=("a", "b")):
+    rows = []
+    for m, off in zip(models, (0.0, 0.1)):
+        for i in range(4):
+            r = {"case": f"c{i}", "patient": f"p{i // 2}", "view": "2CH", "phase": "ED", "model": m,
+                 "valid": i % 2 == 0}
+            for s in ("LV", "MYO", "LA", "epi"):
+                r[f"{s}_dice"] = 0.5 + off + 0.01 * i
+                for k in ("hd", "hd95", "assd"):
+                    r[f"{s}_{k}"] = float("nan") if (s == "LA" and i == 0) else 3.0 - off
+            for k in ("dice", "hd", "hd95", "assd"):
+                r[f"mean_{k}"] = float(np.nanmean([r[f"{s}_{k}"] for s in ("LV", "MYO", "LA")]))
+            rows.append(r)
+    return rows
+
+
+def test_summarise_nan_aware_counts_and_strict_json():
+    rows = _rows()
+    prow = [{"patient": "p0", "model": "a", "EF_err": -4.0, "EDV_err_pct": 10.0, "ESV_err_pct": float("nan")},
+            {"patient": "p0", "model": "b", "EF_err": 2.0, "EDV_err_pct": -5.0, "ESV_err_pct": 3.0}]
+    s = json_clean(summarise(rows, prow, ["a", "b"], ece={"a": 0.1}, n_bootstrap=200))
+    text = json.dumps(s, allow_nan=False)  # strict JSON: no NaN literals
+    s = json.loads(text)
+    assert s["n_images"] == 4 and s["n_patients"] == 2
+    a = s["models"]["a"]
+    assert a["dice"]["LV"] == pytest.approx(0.515) and a["validity_rate"] == 0.5
+    assert a["hd95"]["LA"] == pytest.approx(3.0) and s["counts"]["models"]["a"]["hd95"]["LA"] == 3
+    assert a["ef_mae"] == 4.0 and a["edv_mae_pct"] == 10.0 and a["esv_mae_pct"] is None and a["ece"] == 0.1
+    assert s["models"]["b"]["ece"] is None
+    assert list(s["paired"]) == ["b vs a"]
+    assert s["paired"]["b vs a"]["dice_mean_diff"] == pytest.approx(0.1)
+    assert s["counts"]["paired"]["b vs a"] == 4
+
+
+def test_csv_round_trip_keeps_ids_and_nan(tmp_path):
+    rows = [{"case": "0001", "patient": "0001", "model": "m", "x": float("nan"), "valid": True, "y": 1.5}]
+    write_csv(tmp_path / "t.csv", rows)
+    back = read_csv(tmp_path / "t.csv")[0]
+    assert back["case"] == "0001" and back["patient"] == "0001" and math.isnan(back["x"])
+    assert back["valid"] == 1.0 and back["y"] == 1.5
+
+
+def test_overlay_selection_helped_hurt_random():
+    rows = []
+    for i in range(10):
+        rows.append({"model": "a", "case": f"c{i}", "mean_dice": 0.5})
+        rows.append({"model": "b", "case": f"c{i}", "mean_dice": 0.5 + 0.05 * (i - 5)})
+    cases = [f"c{i}" for i in range(10)]
+    sel = select_overlays(rows, cases, ["a", "b"], 2, seed=0)
+    assert [c for c, g in sel if g == "helped"] == ["c9", "c8"]
+    assert [c for c, g in sel if g == "hurt"] == ["c0", "c1"]
+    rand = [c for c, g in sel if g == "random"]
+    assert len(rand) == 2 and not set(rand) & {"c0", "c1", "c8", "c9"}
+    assert sel == select_overlays(rows, cases, ["a", "b"], 2, seed=0)
+    one = select_overlays([r for r in rows if r["model"] == "b"], cases, ["b"], 1)
+    assert one[0] == ("c0", "worst")
+
+
+def test_complete_patients_needs_both_views_and_phases():
+    cases = tiny_cases(2)
+    assert list(complete_patients(cases)) == ["patient0000", "patient0001"]
+    assert list(complete_patients(cases[:-1])) == ["patient0000"]
+
+
+def test_parse_model_specs():
+    assert parse_model_specs(["a=/x/y", "/m/src"]) == {"a": Path("/x/y"), "src": Path("/m/src")}
+    with pytest.raises(InputError):
+        parse_model_specs(["a=/x", "a=/y"])
+    with pytest.raises(InputError):
+        parse_model_specs([])
+
+
+# ----------------------------------------------------------------------------------------- real tiny run
+def _check_schema(s: dict, names: list[str]) -> None:
+    assert isinstance(s["n_images"], int) and isinstance(s["n_patients"], int)
+    assert list(s["models"]) == names
+    for n in names:
+        e = s["models"][n]
+        for metric in ("dice", "hd95", "hd", "assd"):
+            assert set(e[metric]) == STRUCT_KEYS
+            assert all(v is None or isinstance(v, float) for v in e[metric].values())
+        assert isinstance(e["validity_rate"], float) and 0.0 <= e["validity_rate"] <= 1.0
+        for k in ("ef_mae", "edv_mae_pct", "esv_mae_pct", "ece"):
+            assert k in e and (e[k] is None or isinstance(e[k], float))
+    assert set(s["paired"]) == {f"{n} vs {names[0]}" for n in names[1:]}
+    for st in s["paired"].values():
+        assert set(st) == {"dice_mean_diff", "ci95", "wilcoxon_p"}
+        assert isinstance(st["dice_mean_diff"], float) and len(st["ci95"]) == 2
+
+
+def test_evaluate_tiny_run_writes_schema_tables_and_report(tiny_world, tmp_path):
+    out = tmp_path / "eval"
+    cfg = EvaluateConfig(overlays=1, n_bootstrap=200, workers=1)
+    s = evaluate({"src": tiny_world["src"], "other": tiny_world["other"]}, tiny_world["data"], out, config=cfg,
+                 progress=False)
+    text = (out / "summary.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    on_disk = json.loads(text)
+    assert on_disk == json.loads(json.dumps(s))
+    _check_schema(on_disk, ["src", "other"])
+    assert on_disk["n_images"] == 8 and on_disk["n_patients"] == 2
+    rows = read_csv(out / "per_image.csv")
+    assert len(rows) == 16 and {r["model"] for r in rows} == {"src", "other"}
+    for col in ("case", "patient", "view", "phase", "LV_dice", "epi_hd95", "MYO_assd", "LA_hd", "valid",
+                "failed_checks"):
+        assert col in rows[0]
+    assert any(k.startswith("check_") for k in rows[0])
+    # the summary's Dice is the NaN-aware mean of the table
+    lv = [r["LV_dice"] for r in rows if r["model"] == "src"]
+    assert on_disk["models"]["src"]["dice"]["LV"] == pytest.approx(float(np.nanmean(lv)), rel=1e-6)
+    prow = read_csv(out / "per_patient.csv")
+    assert {r["model"] for r in prow} <= {"src", "other"}
+    assert (out / "report.html").is_file() and (out / "overlays.npz").is_file()
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "src" in html
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".eval")]  # no temp folder left
+
+
+def test_evaluate_bad_inputs_leave_nothing(tiny_world, tmp_path):
+    data, src = tiny_world["data"], tiny_world["src"]
+    out = tmp_path / "eval"
+    cfg = EvaluateConfig(report=False, workers=1)
+    broken = tmp_path / "broken_model"
+    shutil.copytree(src, broken)
+    (broken / "fold_0" / "checkpoint_final.pth").write_bytes(b"not a checkpoint")
+    unlabelled = tmp_path / "Dataset901_NoLabels"
+    shutil.copytree(data, unlabelled)
+    shutil.rmtree(unlabelled / "labelsTr")
+    (unlabelled / "imagesTr").rename(unlabelled / "imagesTs")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    mismatched = tmp_path / "Dataset902_Mismatch"
+    shutil.copytree(data, mismatched)
+    first = sorted((mismatched / "labelsTr").iterdir())[0]
+    first.rename(first.with_name("patient9999_2CH_ED.nii.gz"))
+    bad = [({"m": broken}, data), ({"m": tmp_path / "nowhere"}, data), ({"m": src}, unlabelled),
+           ({"m": src}, empty), ({"m": src}, mismatched)]
+    for models, d in bad:
+        with pytest.raises(InputError):
+            evaluate(models, d, out, config=cfg, progress=False)
+        assert not out.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".eval")]
+
+
+def test_cli_evaluate_bad_model_exits_nonzero(tiny_world, tmp_path, capsys):
+    from rl_adapt.cli import main
+
+    rc = main(["evaluate", "--model", f"x={tmp_path / 'nowhere'}", "--data", str(tiny_world["data"]),
+               "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2 and not (tmp_path / "o").exists()
+    err = capsys.readouterr().err
+    assert "error" in err and "nowhere" in err and len(err.strip().splitlines()) == 1
