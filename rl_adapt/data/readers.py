@@ -85,6 +85,39 @@ def _read_sitk(path: str | Path) -> sitk.Image:
         raise InputError(path, f"unreadable or corrupt image ({detail[:160]})") from None
 
 
+def _nifti_nonfinite(path: Path) -> int:
+    """Count NaN/Inf voxels in a float NIfTI file by reading its raw data.
+
+    ITK's NIfTI reader silently turns NaN/Inf into 0, so the check has to look at the file itself.
+    Returns 0 for files that are not float NIfTI-1/2 or that cannot be parsed.
+    """
+    import gzip
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError):
+        return 0
+    for endian in ("<", ">"):
+        size = int(np.frombuffer(raw[:4], endian + "i4")[0]) if len(raw) >= 4 else 0
+        if size == 348 and len(raw) >= 348:
+            dtype_code = int(np.frombuffer(raw[70:72], endian + "i2")[0])
+            offset = int(np.frombuffer(raw[108:112], endian + "f4")[0])
+            break
+        if size == 540 and len(raw) >= 540:
+            dtype_code = int(np.frombuffer(raw[12:14], endian + "i2")[0])
+            offset = int(np.frombuffer(raw[168:176], endian + "i8")[0])
+            break
+    else:
+        return 0
+    dtype = {16: "f4", 64: "f8"}.get(dtype_code)
+    if dtype is None:
+        return 0
+    data = np.frombuffer(raw, endian + dtype, offset=offset, count=(len(raw) - offset) // np.dtype(dtype).itemsize)
+    return int((~np.isfinite(data)).sum())
+
+
 def _to_array(img: sitk.Image, path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     """Array in numpy (z, y, x) order and spacing in the same order; colour images become grey."""
     arr = sitk.GetArrayFromImage(img)
@@ -135,6 +168,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
     arr, spacing = _squeeze(arr, spacing, path, 2)
     arr = _as_image_dtype(arr)
     check_image_array(arr, path)
+    if arr.dtype != np.uint8 and ".nii" in path.name.lower() and _nifti_nonfinite(path):
+        raise InputError(path, f"image has {_nifti_nonfinite(path)} NaN/Inf pixel(s)")
     return arr, check_spacing(spacing, path)
 
 

@@ -57,9 +57,10 @@ def check_label_array(label: np.ndarray, path: str | Path | None) -> np.ndarray:
     if np.issubdtype(label.dtype, np.floating):
         if not np.array_equal(label, np.round(label)):
             raise InputError(path, "label map has non-integer values (expected 0..3)")
-    values = np.unique(label)
-    bad = values[(values < 0) | (values >= NUM_LABELS)]
-    if bad.size:
+    lo, hi = label.min(), label.max()
+    if lo < 0 or hi >= NUM_LABELS:
+        values = np.unique(label)
+        bad = values[(values < 0) | (values >= NUM_LABELS)]
         shown = ", ".join(str(v.item()) for v in bad[:5])
         raise InputError(path, f"label values outside 0..{NUM_LABELS - 1}: {shown}")
     return label.astype(np.uint8, copy=False)
