@@ -4,8 +4,9 @@ The actor is any ``nn.Module`` mapping images (B, C, H, W) to logits (B, K, H, W
 nnU-Net ``PlainConvUNet`` (deep supervision off). Actions are one label per pixel, drawn from
 :class:`~rl_adapt.policies.distribution.PixelCategorical`. The critic predicts one value per pixel, either
 
-* ``value_head="shared"``: a 1x1 convolution on the last decoder features of the actor (captured by a
-  forward pre-hook on the network's final segmentation convolution), almost free; or
+* ``value_head="shared"`` (default): a 1x1 convolution on the last decoder features of the actor (captured
+  by a forward pre-hook on the network's final segmentation convolution), almost free; by default the
+  features are detached for the value loss, so the critic never moves the pretrained actor; or
 * ``value_head="separate"``: a small separate U-Net critic on the image, which costs an extra forward and
   backward pass but keeps value-loss gradients out of the segmentation network.
 
@@ -16,6 +17,12 @@ per-pixel methods (:meth:`PixelActorCriticPolicy.act`, :meth:`PixelActorCriticPo
 
 A frozen copy of the source network (``reference_network``: no gradients, always in eval mode) gives the
 reference log-probabilities of the KL penalty.
+
+Why the default critic is the detached shared 1x1 head (measured on the CI oracle task, 32x32 blobs,
+3 classes, tiny U-Net, 1 CPU thread): pixel accuracy after 64/128/192 images was 0.725/0.885/0.942 with the
+detached head, identical with a separate (8,16,32) U-Net critic, and 0.720/0.832/0.912 when value-loss
+gradients flow into the shared features; the separate critic costs an extra forward+backward per image
+(2-3x slower at that size). Detached-shared is the cheapest and learns as fast per image.
 """
 from __future__ import annotations
 
@@ -160,7 +167,7 @@ class PixelActorCriticPolicy(ActorCriticPolicy):
         network_fn: Callable[[], nn.Module] | None = None,
         reference_network: nn.Module | None = None,
         value_head: ValueHead = "shared",
-        detach_value_features: bool = False,
+        detach_value_features: bool = True,
         critic_features: Sequence[int] = (8, 16, 32),
         use_bf16: bool = True,
         optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,

@@ -23,6 +23,7 @@ Typical use::
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -86,6 +87,8 @@ class PPOConfig:
     """Standardise advantages per minibatch (zero mean, unit variance over pixels)."""
     value_head: Literal["shared", "separate"] = "shared"
     """Critic: "shared" 1x1 conv on the actor's last decoder features, or "separate" small U-Net."""
+    detach_value_features: bool = True
+    """With the shared head: keep value-loss gradients out of the actor's features (measured: learns faster)."""
     bf16: bool = True
     """bf16 autocast for the networks on CUDA (no effect on CPU)."""
     seed: int = 0
@@ -150,6 +153,7 @@ class PixelPPO(OnPolicyAlgorithm):
         policy_kwargs = dict(policy_kwargs or {})
         policy_kwargs.setdefault("value_head", cfg.value_head)
         policy_kwargs.setdefault("use_bf16", cfg.bf16)
+        policy_kwargs.setdefault("detach_value_features", cfg.detach_value_features)
         super().__init__(
             policy=policy,
             env=None,
@@ -389,6 +393,9 @@ class PixelPPO(OnPolicyAlgorithm):
         clip = cfg.clip_range
         buf = self.rollout_buffer
         params = [p for g in policy.optimizer.param_groups for p in g["params"]]
+        # snapshot so that a divergence rolls back the whole update, not only the failing step
+        saved_params = [p.detach().clone() for p in params]
+        saved_optim = copy.deepcopy(policy.optimizer.state_dict())
         sums = torch.zeros(6, device=self.device)  # pg, value, entropy, approx_kl, clip_frac, count
         continue_training = True
         for epoch in range(cfg.n_epochs):
@@ -409,10 +416,14 @@ class PixelPPO(OnPolicyAlgorithm):
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
                 if not bool(torch.isfinite(loss.detach() + grad_norm)):  # one sync per minibatch
                     policy.optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        for p, saved in zip(params, saved_params):
+                            p.copy_(saved)
+                    policy.optimizer.load_state_dict(saved_optim)
                     raise TrainingDiverged(
                         f"non-finite PPO loss (policy {pg_loss.item()}, value {value_loss.item()}, "
                         f"entropy {entropy.item()}, grad norm {grad_norm.item()}) at epoch {epoch}; "
-                        "parameters left unchanged by this step")
+                        "parameters and optimizer state restored to their values before this update")
                 policy.optimizer.step()
                 with torch.no_grad():
                     approx_kl = ((ratio - 1) - log_ratio).mean()
