@@ -111,25 +111,14 @@ def json_clean(obj: Any) -> Any:
     return obj
 
 
-def bootstrap_mean_ci(values: Sequence[float], n_bootstrap: int = 2000, seed: int = 0,
-                      level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean of the finite ``values``.
+def bootstrap_mean_ci(values: Sequence[float], n_bootstrap: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95 % CI of the mean of the finite ``values`` (:func:`rl_adapt.aggregate.bootstrap_ci`).
 
-    :param values: 1-D sample (NaN ignored).
     :returns: (lo, hi); (nan, nan) when there are no finite values.
     """
-    x = np.asarray(values, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_bootstrap, dtype=np.float64)
-    chunk = max(1, 2_000_000 // x.size)
-    for start in range(0, n_bootstrap, chunk):
-        stop = min(n_bootstrap, start + chunk)
-        means[start:stop] = x[rng.integers(0, x.size, size=(stop - start, x.size))].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    from rl_adapt.aggregate import bootstrap_ci
+
+    lo, hi = bootstrap_ci(values, n_bootstrap=n_bootstrap, seed=seed)
     return float(lo), float(hi)
 
 
@@ -137,29 +126,17 @@ def paired_stats(reference: Sequence[float], other: Sequence[float], n_bootstrap
                  seed: int = 0) -> dict:
     """Paired comparison of two models' per-image scores (same images, same order).
 
-    Pairs where either value is NaN are dropped. ``dice_mean_diff`` = mean(other - reference);
-    ``ci95`` = percentile bootstrap of that mean; ``wilcoxon_p`` = two-sided Wilcoxon signed-rank p-value
-    (1.0 when every difference is zero, NaN with no pairs).
+    Uses :func:`rl_adapt.aggregate.paired_difference` on ``other - reference``: pairs with a NaN are
+    dropped; ``ci95`` is the percentile bootstrap of the mean difference; ``wilcoxon_p`` the two-sided
+    Wilcoxon signed-rank p-value (1.0 when every difference is zero, NaN with no pairs).
 
     :returns: ``{"dice_mean_diff", "ci95": [lo, hi], "wilcoxon_p", "n"}``.
     """
-    from scipy.stats import wilcoxon
+    from rl_adapt.aggregate import paired_difference
 
-    a = np.asarray(reference, dtype=np.float64)
-    b = np.asarray(other, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired samples differ in length: {a.shape} vs {b.shape}")
-    ok = np.isfinite(a) & np.isfinite(b)
-    d = b[ok] - a[ok]
-    if d.size == 0:
-        return {"dice_mean_diff": float("nan"), "ci95": [float("nan"), float("nan")],
-                "wilcoxon_p": float("nan"), "n": 0}
-    lo, hi = bootstrap_mean_ci(d, n_bootstrap=n_bootstrap, seed=seed)
-    if np.all(d == 0):
-        p = 1.0
-    else:
-        p = float(wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
-    return {"dice_mean_diff": float(d.mean()), "ci95": [lo, hi], "wilcoxon_p": p, "n": int(d.size)}
+    d = paired_difference(other, reference, n_bootstrap=n_bootstrap, seed=seed)
+    return {"dice_mean_diff": float(d["mean_diff"]), "ci95": [float(v) for v in d["ci95"]],
+            "wilcoxon_p": float(d["wilcoxon_p"]), "n": int(d["n"])}
 
 
 # --------------------------------------------------------------------------------------------- summary
