@@ -3,7 +3,8 @@
 Three paths, tried in order for each image (RL4Seg, Judge et al. 2024):
 
 1. :func:`clean_mask` -- deterministic anatomy-guided morphology (largest component per structure,
-   hole filling, LV--MYO / LV--LA gap closing, a myocardial rim where the cavity touches background,
+   hole filling, LV--MYO / LV--LA gap closing, removal of a thin MYO seam across the
+   mitral plane, a myocardial rim where the cavity touches background,
    tiny-structure removal);
 2. if the cleaned mask still fails :func:`rl_adapt.anatomy.check_anatomy`, a shape prior
    (:class:`rl_adapt.shape_prior.ShapePrior`) projects it onto a plausible shape, then it is cleaned again;
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 BG, LV, MYO, LA = 0, 1, 2, 3
 STRUCTURES = (LV, MYO, LA)
 _EIGHT = np.ones((3, 3), dtype=bool)
-_FOUR = ndi.generate_binary_structure(2, 1)
 
 
 @dataclass
@@ -42,8 +42,10 @@ class CleanupConfig:
 
     min_structure_px: int = 12
     """a structure (LV, MYO or LA) smaller than this many pixels in total is removed (given to its surroundings)"""
-    gap_px: int = 2
-    """background gaps up to about 2*gap_px pixels wide between LV and MYO or LV and LA are closed"""
+    gap_px: int = 3
+    """background gaps up to this many pixels wide between LV and MYO or LV and LA are closed"""
+    mitral_line_px: int = 2
+    """MYO seams up to this many pixels thick between LV (above) and LA (below) are given to LV/LA"""
     rim_px: int = 2
     """width of the myocardial rim added where the LV cavity touches background away from the LA"""
     la_margin_px: int = 3
@@ -124,45 +126,78 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     mask = mask.copy()
     for lab in (LV, LA):
         region = mask == lab
-        holes = ndi.binary_fill_holes(region) & ~region
+        holes = ndi.binary_fill_holes(region, structure=_EIGHT) & ~region
         mask[holes] = lab
     epi = (mask == LV) | (mask == MYO)
-    holes = ndi.binary_fill_holes(epi) & ~epi
+    holes = ndi.binary_fill_holes(epi, structure=_EIGHT) & ~epi
     _nearest_label_fill(mask, holes, (LV, MYO))
     fg = mask > 0
-    holes = ndi.binary_fill_holes(fg) & ~fg
+    holes = ndi.binary_fill_holes(fg, structure=_EIGHT) & ~fg
     _nearest_label_fill(mask, holes, STRUCTURES)
     return mask
 
 
-def close_gaps(mask: np.ndarray, gap_px: int = 2) -> np.ndarray:
+def _runs_between(mask: np.ndarray, target: int, a: int, b: int, max_len: int, axis: int) -> np.ndarray:
+    """Pixels of ``target`` in runs (along ``axis``) of at most ``max_len`` pixels bounded by ``a`` and ``b``.
+
+    A run is a maximal line of consecutive ``target`` pixels in one column (``axis=0``) or one row
+    (``axis=1``); it qualifies when the pixel just before it is ``a`` and the one just after it is ``b``,
+    or the reverse. Returns an (H, W) bool array.
+    """
+    m = mask if axis == 0 else mask.T
+    h, w = m.shape
+    pad = np.full((h + 2, w), 255, dtype=np.uint8)  # 255 = outside the image, separates lines
+    pad[1:-1] = m
+    line = np.ascontiguousarray(pad.T).ravel()
+    change = np.empty(line.size, dtype=bool)
+    change[0] = True
+    change[1:] = line[1:] != line[:-1]
+    run_id = np.cumsum(change) - 1
+    starts = np.flatnonzero(change)
+    lengths = np.diff(np.append(starts, line.size))
+    lab = line[starts]
+    before = np.full(lab.size, 255, dtype=np.int64)
+    before[1:] = lab[:-1]
+    after = np.full(lab.size, 255, dtype=np.int64)
+    after[:-1] = lab[1:]
+    ok = (lab == target) & (lengths <= max_len) & (((before == a) & (after == b)) | ((before == b) & (after == a)))
+    sel = ok[run_id].reshape(w, h + 2).T[1:-1]
+    return sel if axis == 0 else sel.T
+
+
+def close_gaps(mask: np.ndarray, gap_px: int = 3) -> np.ndarray:
     """Close narrow background gaps between LV and MYO and between LV and LA.
 
-    A background pixel is a gap pixel when it lies within ``gap_px`` of the LV and within ``gap_px`` of
-    the other structure, inside the morphological closing of the two; it takes the nearest label.
+    A gap pixel is a background pixel in a horizontal or vertical run of at most ``gap_px`` background
+    pixels that has LV at one end and MYO (or LA) at the other; it takes the nearest of the two labels.
+    Concave corners (background touching LV on one axis and MYO/LA on the other) are left alone.
 
     :param mask: (H, W) uint8; a modified copy is returned.
     """
     mask = mask.copy()
     if gap_px <= 0:
         return mask
-    se = _disk(gap_px)
-    lv = mask == LV
-    if not lv.any():
-        return mask
-    near_lv = ndi.binary_dilation(lv, structure=se)
     for other in (MYO, LA):
-        oth = mask == other
-        if not oth.any():
-            continue
-        near_other = ndi.binary_dilation(oth, structure=se)
-        pad = gap_px + 1
-        pair = np.pad(lv | oth, pad)
-        closed = ndi.binary_closing(pair, structure=se)[pad:-pad, pad:-pad]
-        gap = closed & near_lv & near_other & (mask == BG)
+        gap = np.zeros(mask.shape, dtype=bool)
+        for axis in (0, 1):
+            gap |= _runs_between(mask, BG, LV, other, gap_px, axis)
         _nearest_label_fill(mask, gap, (LV, other))
-        lv = mask == LV
-        near_lv = ndi.binary_dilation(lv, structure=se)
+    return mask
+
+
+def open_mitral_line(mask: np.ndarray, max_px: int = 2) -> np.ndarray:
+    """Remove thin myocardium lying between the LV (above) and the LA (below) across the mitral plane.
+
+    MYO pixels in a vertical run of at most ``max_px`` pixels with LV at one end and LA at the other
+    take the nearer of LV and LA (resampled label maps often carry such a one-pixel MYO seam).
+
+    :param mask: (H, W) uint8; a modified copy is returned.
+    """
+    mask = mask.copy()
+    if max_px <= 0:
+        return mask
+    line = _runs_between(mask, MYO, LV, LA, max_px, axis=0)
+    _nearest_label_fill(mask, line, (LV, LA))
     return mask
 
 
@@ -179,7 +214,7 @@ def wrap_cavity(mask: np.ndarray, rim_px: int = 2, la_margin_px: int = 3) -> np.
     if not lv.any() or rim_px <= 0:
         return mask
     bg = mask == BG
-    exposed = lv & ndi.binary_dilation(bg, structure=_FOUR)
+    exposed = lv & ndi.binary_dilation(bg, structure=_EIGHT)
     la = mask == LA
     if la.any():
         mitral = ndi.distance_transform_edt(~la) <= la_margin_px
@@ -201,7 +236,8 @@ def clean_mask(mask: np.ndarray, config: CleanupConfig | None = None) -> np.ndar
 
     Steps, repeated until nothing changes (at most ``config.max_rounds`` times): keep the largest
     component per structure and remove tiny structures (their pixels go to the majority label around
-    them), fill holes (LV, LA, epicardium, foreground), close LV--MYO and LV--LA gaps, and add a thin
+    them), fill holes (LV, LA, epicardium, foreground), close LV--MYO and LV--LA gaps, give a thin MYO
+    seam between LV and LA to its neighbours, and add a thin
     myocardial rim where the LV touches background away from the LA. A mask that needs none of this
     is returned unchanged.
 
@@ -217,6 +253,7 @@ def clean_mask(mask: np.ndarray, config: CleanupConfig | None = None) -> np.ndar
         out = keep_largest_components(out, cfg.min_structure_px)
         out = fill_holes(out)
         out = close_gaps(out, cfg.gap_px)
+        out = open_mitral_line(out, cfg.mitral_line_px)
         out = wrap_cavity(out, cfg.rim_px, cfg.la_margin_px)
         if np.array_equal(out, before):
             break
