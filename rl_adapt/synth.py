@@ -20,8 +20,8 @@ from scipy import ndimage as ndi
 
 from rl_adapt.data.case import Case
 from rl_adapt.errors import InputError
-from rl_adapt.synth_shapes import (PHASES, VIEWS, PatientAnatomy, clinical_truth, label_map, sample_anatomy,
-                                   structures, view_geometry)
+from rl_adapt.synth_shapes import (PHASES, VIEWS, PatientAnatomy, clinical_truth, fit_in_sector, label_map,
+                                   sample_anatomy, structures, view_geometry)
 from rl_adapt.synth_vendors import (VENDORS, VendorPreset, clutter_envelope, dropout_gain, fan_grid, get_preset,
                                     log_compress, log_expand, net_attenuation_db, polar_grid, polar_to_cart,
                                     psf_sigma_px, shadow_gain, smooth_noise, speckle_field)
@@ -42,7 +42,8 @@ def _rng(*keys: int | str) -> np.random.Generator:
 
 def patient_anatomy(seed: int, index: int) -> PatientAnatomy:
     """The anatomy of patient number ``index`` (1-based) under ``seed`` (independent of the domain)."""
-    return sample_anatomy(_rng(int(seed), int(index), "anatomy"))
+    anat = sample_anatomy(_rng(int(seed), int(index), "anatomy"))
+    return fit_in_sector(anat, min(p.sector_deg for p in VENDORS.values()) / 2.0)
 
 
 def _echogenicity(s: dict[str, np.ndarray], r: np.ndarray, preset: VendorPreset,

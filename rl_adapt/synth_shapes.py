@@ -83,10 +83,10 @@ def sample_anatomy(rng: np.random.Generator) -> PatientAnatomy:
     b4 = u(23.0, 29.0)
     la_r = u(17.0, 23.0)
     return PatientAnatomy(
-        apex_depth=u(12.0, 20.0), lv_length=u(72.0, 88.0), lv_trunc=u(0.62, 0.78),
+        apex_depth=u(20.0, 30.0), lv_length=u(70.0, 85.0), lv_trunc=u(0.62, 0.78),
         lv_radius=(b4 * u(0.88, 1.02), b4), wall=u(7.5, 11.0), apex_wall_ratio=u(0.7, 0.95),
         ef=ef, long_share=u(0.12, 0.25),
-        la_length=(u(18.0, 23.0), u(18.0, 23.0)), la_radius=(la_r * u(0.9, 1.1), la_r),
+        la_length=(u(16.0, 22.0), u(16.0, 22.0)), la_radius=(la_r * u(0.9, 1.1), la_r),
         la_growth=u(1.12, 1.3), la_shift=(u(-3.0, 3.0), u(0.0, 4.0)),
         tilt=(u(-8.0, 8.0), u(-4.0, 10.0)), offset=(u(-5.0, 5.0), u(-2.0, 8.0)),
         rv_radius=u(11.0, 16.0), wobble=wob, sex=str(rng.choice(["M", "F"])), age=int(rng.integers(20, 90)),
@@ -228,6 +228,27 @@ def label_map(g: ViewGeometry, x: np.ndarray, z: np.ndarray, inside: np.ndarray 
     lab[s["LV"]] = 1
     if inside is not None:
         lab[~inside] = 0
+    return merge_fragments(lab)
+
+
+def merge_fragments(lab: np.ndarray) -> np.ndarray:
+    """Give every pixel of a structure's smaller 4-connected pieces (rasterisation crumbs at the
+    mitral plane, a few pixels) the most common label around it, so each structure is one piece and
+    the background has no holes."""
+    from scipy import ndimage as ndi
+
+    lab = lab.copy()
+    for k in (1, 2, 3, 0):  # 0 last: enclosed background specks (holes) join their surroundings
+        comp, n = ndi.label(lab == k)
+        if n <= 1:
+            continue
+        sizes = np.bincount(comp.ravel())[1:]
+        for c in np.flatnonzero(sizes != sizes.max())[:] + 1:
+            piece = comp == c
+            ring = ndi.binary_dilation(piece) & ~piece
+            vals = lab[ring]
+            vals = vals[vals != k]
+            lab[piece] = np.bincount(vals, minlength=4).argmax() if vals.size else 0
     return lab
 
 
@@ -250,3 +271,30 @@ def clinical_truth(anat: PatientAnatomy) -> dict[str, float]:
 def with_ef(anat: PatientAnatomy, ef: float) -> PatientAnatomy:
     """A copy of ``anat`` with another sampled EF (for tests and what-if studies)."""
     return replace(anat, ef=float(ef))
+
+
+def epicardium_points(g: ViewGeometry, n: int = 200) -> np.ndarray:
+    """(n, 2) points (x, z) in mm on the outer myocardial border (ellipse part above the mitral plane)."""
+    ao, bo = g.a + g.wall_apex, g.b + g.wall * 1.08
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    u, v = g.a + ao * np.cos(t), bo * np.sin(t)
+    keep = u <= g.L + 2.0
+    u, v = u[keep], v[keep]
+    s, c = np.sin(g.theta), np.cos(g.theta)
+    return np.stack([g.apex[0] + u * s + v * c, g.apex[1] + u * c - v * s], 1)
+
+
+def fit_in_sector(anat: PatientAnatomy, half_angle_deg: float, margin_deg: float = 2.5) -> PatientAnatomy:
+    """Move the heart (towards the beam axis, then deeper) until the LV and myocardium of every view and
+    phase lie inside a sector of ``half_angle_deg`` with ``margin_deg`` to spare, so the fan never cuts
+    the myocardium into pieces. Only the apex position (offset, depth) and tilt change."""
+    limit = np.deg2rad(half_angle_deg - margin_deg)
+    for _ in range(60):
+        worst = max(float(np.max(np.abs(np.arctan2(p[:, 0], p[:, 1]))))
+                    for view in VIEWS for phase in PHASES
+                    for p in [epicardium_points(view_geometry(anat, view, phase))])
+        if worst <= limit:
+            return anat
+        anat = replace(anat, offset=tuple(o * 0.85 for o in anat.offset), tilt=tuple(t * 0.9 for t in anat.tilt),
+                       apex_depth=anat.apex_depth + 1.5)
+    return anat

@@ -39,9 +39,9 @@ class VendorPreset:
     """Domain name ("source", "target-...")."""
     description: str = ""
     """What a clinician would notice about these images."""
-    depth_mm: float = 140.0
+    depth_mm: float = 150.0
     """Sector depth (radius of the fan); sets the row spacing ``depth_mm / size``."""
-    sector_deg: float = 72.0
+    sector_deg: float = 75.0
     """Full opening angle of the fan."""
     psf_axial_mm: float = 0.9
     """Axial sigma of the point-spread function: speckle length along the beam and edge blur."""
@@ -87,7 +87,7 @@ VENDORS: dict[str, VendorPreset] = {
     p.name: p for p in (
         VendorPreset(
             name="source",
-            description="Well-tuned scanner: clean contrast, fine speckle, full TGC, 72 deg sector, 140 mm depth.",
+            description="Well-tuned scanner: clean contrast, fine speckle, full TGC, 75 deg sector, 150 mm depth.",
         ),
         VendorPreset(
             name="target-lowgain",
