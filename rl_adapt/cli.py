@@ -16,6 +16,7 @@ from rl_adapt.errors import RLAdaptError
 COMMANDS = {
     "synth": "Generate synthetic apical 2CH/4CH echo domains (source and shifted target vendors).",
     "info": "List the cases of a dataset (CAMUS 2023/2019, nnU-Net raw, or an image folder).",
+    "shift": "Apply a synthetic target-vendor shift to a dataset (e.g. real CAMUS images).",
     "pretrain": "Train a source nnU-Net v2 model (nnU-Net results-folder layout).",
     "predict": "Segment images with an nnU-Net v2 results folder.",
     "adapt": "Adapt a source model to unlabelled target images with RL (RL4Seg).",

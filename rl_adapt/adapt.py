@@ -1,0 +1,484 @@
+"""The adaptation loop (RL4Seg): rollout -> correct -> reward network -> pixel-wise PPO, repeated.
+
+One run folder holds everything a run produces::
+
+    RUN/config.yaml            the exact configuration used
+    RUN/state.json             finished stages (see :mod:`rl_adapt.run_state`)
+    RUN/metrics.jsonl          one JSON line per finished stage with its figures
+    RUN/iter{k}/rollout.npz    argmax + sampled masks of the policy on every target image (uint8)
+    RUN/iter{k}/corrected.npz  corrected masks, which correction path was used, pseudo-label acceptance
+    RUN/iter{k}/reward_net.pt  the reward network of iteration k
+    RUN/iter{k}/policy.pt      the policy network's weights after PPO of iteration k
+    RUN/shape_prior.pt         the shape autoencoder (trained once on source label maps, if given)
+    RUN/tensorboard/           PPO and reward-net logs
+    RUN/model/<Dataset>/nnUNetTrainer__<Plans>__2d/   the adapted model, an nnU-Net results folder
+    RUN/reward_net.pt          the final reward network (its ``1 - score`` is the uncertainty map)
+
+Every stage writes its outputs atomically and only then is marked finished, so ``--resume`` after a
+``kill -9`` at any moment redoes at most the stage that was running. Target labels are never read.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from rl_adapt.config import save_config, to_dict
+from rl_adapt.corrector import CorrectorConfig
+from rl_adapt.errors import InputError, RLAdaptError
+from rl_adapt.io_utils import append_jsonl, atomic_path, write_json_atomic
+from rl_adapt.ppo import PPOConfig
+from rl_adapt.reward_net import RewardNetConfig
+from rl_adapt.run_state import RunState, config_sha
+from rl_adapt.shape_prior import ShapePriorConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutConfig:
+    """How the policy's outputs on the target set are gathered for correction and reward training."""
+
+    samples_per_image: int = 2
+    """Policy samples per target image added to the reward-net training set (besides the argmax)."""
+    batch_size: int = 16
+    """Images per forward pass."""
+
+
+@dataclass
+class AdaptConfig:
+    """Everything an adaptation run needs besides its inputs. Loaded from ``configs/adapt*.yaml``."""
+
+    seed: int = 0
+    """Master seed; each stage derives its own seed from it (same seed, same run on CPU)."""
+    device: str = "auto"
+    """"cpu", "cuda", "cuda:1" or "auto" (CUDA when available)."""
+    threads: int = 0
+    """torch CPU threads (0: leave torch's default)."""
+    iterations: int = 4
+    """Rounds of rollout -> correct -> reward -> PPO."""
+    max_target_images: int = 0
+    """Use at most this many target images (0: all), picked with the seed."""
+    ppo_images_per_iteration: int = 512
+    """Target images (one-step episodes) PPO consumes per iteration."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout settings."""
+    corrector: CorrectorConfig = field(default_factory=CorrectorConfig)
+    """Automatic correction (clean-up, shape prior, pseudo-label acceptance)."""
+    shape_prior: ShapePriorConfig = field(default_factory=ShapePriorConfig)
+    """Shape autoencoder trained on source label maps (used only with ``--source-data``)."""
+    reward: RewardNetConfig = field(default_factory=RewardNetConfig)
+    """Reward network and its training."""
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(beta_kl_final=0.0125, ent_coef_final=0.0375))
+    """Pixel-wise PPO; ``beta_kl``/``ent_coef`` go linearly to ``*_final`` over the iterations (RL4Seg: 4x smaller)."""
+
+
+@dataclass
+class AdaptInputs:
+    """The files a run reads (never written).
+
+    :param model_dir: the source nnU-Net results folder.
+    :param target_dir: unlabelled target images (any reader format; labels, if any, are ignored).
+    :param source_data: optional labelled source dataset (its label maps train the shape prior).
+    :param expert_dir: optional folder of expert-corrected masks named like the target cases.
+    :param val_dir: optional labelled target set, only to report progress (never trained on).
+    """
+
+    model_dir: Path
+    target_dir: Path
+    source_data: Path | None = None
+    expert_dir: Path | None = None
+    val_dir: Path | None = None
+
+
+def pick_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RLAdaptError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def _stage_seed(seed: int, iteration: int, stage: int) -> int:
+    return int(seed) * 1000 + iteration * 10 + stage
+
+
+def _save_npz(target: Path, **arrays: np.ndarray) -> None:
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+
+def _save_torch(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+@torch.no_grad()
+def policy_outputs(
+    network: torch.nn.Module,
+    images: torch.Tensor,
+    samples: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Argmax masks and ``samples`` sampled masks of ``network`` on ``images``.
+
+    :param images: (N, 1, H, W) float32 preprocessed target patches (on the network's device).
+    :returns: argmax (N, H, W) uint8 and samples (N, S, H, W) uint8.
+    """
+    from rl_adapt.policies.distribution import PixelCategorical
+
+    network.eval()
+    n = images.shape[0]
+    argmax = np.empty((n,) + tuple(images.shape[2:]), np.uint8)
+    sampled = np.empty((n, samples) + tuple(images.shape[2:]), np.uint8)
+    for start in range(0, n, batch_size):
+        batch = images[start : start + batch_size]
+        logits = network(batch).float()
+        dist = PixelCategorical(logits)
+        argmax[start : start + len(batch)] = dist.mode().cpu().numpy().astype(np.uint8)
+        for s in range(samples):
+            sampled[start : start + len(batch), s] = dist.sample(generator=generator).cpu().numpy().astype(np.uint8)
+    return argmax, sampled
+
+
+def _validity_rate(masks: np.ndarray) -> float:
+    """Fraction of (B, H, W) label maps that pass the anatomical checks."""
+    from rl_adapt.anatomy import is_valid
+
+    return float(np.mean([is_valid(m) for m in masks])) if len(masks) else float("nan")
+
+
+def train_policy(
+    network: torch.nn.Module,
+    reference: torch.nn.Module,
+    images: torch.Tensor,
+    reward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    cfg: PPOConfig,
+    total_images: int,
+    iteration: int = 0,
+    n_iterations: int = 1,
+    tensorboard_log: str | None = None,
+    tb_name: str = "ppo",
+    progress: bool = False,
+) -> tuple[torch.nn.Module, dict]:
+    """One PPO phase of the loop: fine-tune ``network`` in place against ``reward_fn``.
+
+    :param network: the policy network, (B, 1, H, W) -> logits (B, K, H, W); trained in place.
+    :param reference: frozen source network for the KL term.
+    :param images: (N, 1, H, W) float32 preprocessed target patches on the training device.
+    :param reward_fn: per-pixel reward ``(images, actions) -> (B, H, W)`` in [0, 1].
+    :param total_images: one-step episodes (images) to consume.
+    :param iteration: adaptation iteration (0-based), for the beta/entropy schedule of ``cfg``.
+    :returns: ``(network, stats)`` with the last update's logged values (reward, KL, entropy, clip fraction...).
+    """
+    from rl_adapt.ppo import PixelPPO
+
+    model = PixelPPO.from_network(network, images, reward_fn, cfg, reference_network=reference,
+                                  validity_fn=_validity_rate, tensorboard_log=tensorboard_log,
+                                  device=images.device)
+    model.set_adaptation_iteration(iteration, n_iterations)
+    model.learn(total_timesteps=int(total_images), tb_log_name=tb_name, progress_bar=progress)
+    stats: dict = {"beta_kl": float(model.beta_kl), "ent_coef": float(model.ent_coef)}
+    if model.history:
+        first, last = model.history[0], model.history[-1]
+        stats.update({f"first_{k}": float(v) for k, v in first.items() if isinstance(v, (int, float))})
+        stats.update({f"last_{k}": float(v) for k, v in last.items() if isinstance(v, (int, float))})
+    return model.policy.network, stats
+
+
+class Adapter:
+    """Runs (or resumes) one adaptation run. See the module docstring for the run folder.
+
+    :param inputs: what the run reads.
+    :param cfg: the run configuration.
+    :param run_dir: the run folder; must not exist unless ``resume``.
+    :param resume: continue a run in ``run_dir`` (same configuration).
+    :param progress: show progress bars.
+    """
+
+    def __init__(self, inputs: AdaptInputs, cfg: AdaptConfig, run_dir: str | Path, resume: bool = False,
+                 progress: bool = True):
+        self.inputs = inputs
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self._check_inputs()
+        if self.run_dir.exists() and any(self.run_dir.iterdir()) and not resume:
+            raise RLAdaptError(f"{self.run_dir}: run folder exists and is not empty (use --resume to continue it)")
+        if resume and not (self.run_dir / "state.json").exists():
+            log.info("%s: nothing to resume, starting a new run", self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.state = RunState(self.run_dir, config_sha({"cfg": to_dict(cfg), "inputs": self._inputs_dict()}))
+        if not (self.run_dir / "config.yaml").exists():
+            save_config(cfg, self.run_dir / "config.yaml")
+            write_json_atomic(self.run_dir / "inputs.json", self._inputs_dict())
+        self.device = pick_device(cfg.device)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # ------------------------------------------------------------------ inputs
+    def _inputs_dict(self) -> dict:
+        return {k: (None if v is None else str(Path(v).resolve())) for k, v in dataclasses.asdict(self.inputs).items()}
+
+    def _check_inputs(self) -> None:
+        for name in ("model_dir", "target_dir", "source_data", "expert_dir", "val_dir"):
+            p = getattr(self.inputs, name)
+            if p is not None and not Path(p).exists():
+                raise InputError(p, f"{name.replace('_', ' ')} does not exist")
+        try:
+            if self.run_dir.resolve().is_relative_to(Path(self.inputs.model_dir).resolve()):
+                raise InputError(self.run_dir, "the run folder may not be inside the source model folder")
+        except OSError:
+            pass
+
+    def _log_metrics(self, stage: str, record: dict) -> None:
+        append_jsonl(self.metrics_path, {"stage": stage, "time": time.time(), **record})
+        log.info("%s: %s", stage, {k: v for k, v in record.items() if not isinstance(v, (list, dict))})
+
+    # ------------------------------------------------------------------ loading
+    def _load(self) -> None:
+        from rl_adapt.data.readers import read_dataset
+        from rl_adapt.policies.nnunet import load_model_folder
+
+        self.model = load_model_folder(self.inputs.model_dir, device=str(self.device))
+        cases = read_dataset(self.inputs.target_dir, with_labels=False)
+        if not cases:
+            raise InputError(self.inputs.target_dir, "no target images found")
+        if self.cfg.max_target_images and len(cases) > self.cfg.max_target_images:
+            rng = np.random.default_rng(self.cfg.seed)
+            keep = sorted(rng.choice(len(cases), self.cfg.max_target_images, replace=False))
+            cases = [cases[i] for i in keep]
+        self.target_cases = cases
+        patches = [self.model.to_patch(c.image, c.spacing)[0] for c in cases]
+        self.images = torch.stack([torch.as_tensor(p) for p in patches]).float().to(self.device)
+        log.info("target: %d images -> patches %s", len(cases), tuple(self.images.shape))
+        self.source_network = copy.deepcopy(self.model.network).to(self.device).eval()
+        for p in self.source_network.parameters():
+            p.requires_grad_(False)
+        self.val_cases = None
+        if self.inputs.val_dir is not None:
+            self.val_cases = [c for c in read_dataset(self.inputs.val_dir, with_labels=True) if c.label is not None]
+            if not self.val_cases:
+                raise InputError(self.inputs.val_dir, "validation set has no labelled cases")
+        self.expert = self._load_expert()
+
+    def _load_expert(self) -> dict[str, np.ndarray]:
+        if self.inputs.expert_dir is None:
+            return {}
+        from rl_adapt.data.readers import read_dataset
+
+        names = {c.name: i for i, c in enumerate(self.target_cases)}
+        out = {}
+        for case in read_dataset(self.inputs.expert_dir, with_labels=False):
+            key = case.name
+            if key not in names:
+                continue
+            tc = self.target_cases[names[key]]
+            mask = np.asarray(case.image)
+            if mask.shape != tc.image.shape:
+                raise InputError(case.source or self.inputs.expert_dir,
+                                 f"expert mask shape {mask.shape} != target image shape {tc.image.shape}")
+            if mask.min() < 0 or mask.max() > 3:
+                raise InputError(case.source or self.inputs.expert_dir, "expert mask has labels outside 0..3")
+            out[key] = self._label_patch(tc.image, mask, tc.spacing)
+        log.info("expert corrections: %d of %d target images", len(out), len(self.target_cases))
+        return out
+
+    def _label_patch(self, image: np.ndarray, label: np.ndarray, spacing) -> np.ndarray:
+        """A label map (H, W) brought to the policy's patch geometry, (P0, P1) uint8 (as ``to_patch`` does images)."""
+        from rl_adapt.policies.inference import centre_pad_crop
+
+        _, seg, _ = self.model.preprocess_pair(image, label, spacing)
+        patch, _ = centre_pad_crop(np.maximum(seg, 0)[None], self.model.patch_size, 0)
+        return np.asarray(patch)[0].astype(np.uint8)
+
+    def _network_at(self, iteration: int) -> torch.nn.Module:
+        """Policy network as it stands at the start of ``iteration`` (source weights for 0)."""
+        net = copy.deepcopy(self.model.network).to(self.device)
+        if iteration > 0:
+            state = torch.load(self.run_dir / f"iter{iteration - 1}" / "policy.pt", map_location=self.device)
+            net.load_state_dict(state)
+        return net
+
+    # ------------------------------------------------------------------ stages
+    def _shape_prior(self):
+        if self.inputs.source_data is None or not self.cfg.corrector.use_shape_prior:
+            return None
+        from rl_adapt.data.readers import read_dataset
+        from rl_adapt.shape_prior import ShapePrior, train_shape_prior
+
+        path = self.run_dir / "shape_prior.pt"
+        if self.state.done("shape_prior"):
+            return ShapePrior.load(path, device=self.device)
+        t0 = time.time()
+        cases = [c for c in read_dataset(self.inputs.source_data, with_labels=True) if c.label is not None]
+        if not cases:
+            raise InputError(self.inputs.source_data, "source dataset has no label maps for the shape prior")
+        masks = np.stack([self._label_patch(c.image, c.label, c.spacing) for c in cases])
+        prior = train_shape_prior(masks, self.cfg.shape_prior, device=self.device)
+        prior.save(path)
+        self.state.mark("shape_prior", {"n_masks": len(masks), "seconds": time.time() - t0})
+        self._log_metrics("shape_prior", {"n_masks": len(masks), "seconds": time.time() - t0})
+        return prior
+
+    def _rollout(self, k: int, net: torch.nn.Module) -> dict[str, np.ndarray]:
+        path = self.run_dir / f"iter{k}" / "rollout.npz"
+        stage = f"iter{k}/rollout"
+        if not self.state.done(stage):
+            t0 = time.time()
+            gen = torch.Generator(device=self.device).manual_seed(_stage_seed(self.cfg.seed, k, 1))
+            argmax, sampled = policy_outputs(net, self.images, self.cfg.rollout.samples_per_image,
+                                             self.cfg.rollout.batch_size, gen)
+            _save_npz(path, argmax=argmax, samples=sampled)
+            from rl_adapt.anatomy import is_valid
+
+            validity = float(np.mean([is_valid(m) for m in argmax]))
+            info = {"n": int(len(argmax)), "validity_argmax": validity, "seconds": time.time() - t0}
+            self.state.mark(stage, info)
+            self._log_metrics(stage, info)
+        data = np.load(path)
+        return {"argmax": data["argmax"], "samples": data["samples"]}
+
+    def _correct(self, k: int, argmax: np.ndarray, prior) -> dict[str, np.ndarray]:
+        from rl_adapt.corrector import Corrector
+
+        path = self.run_dir / f"iter{k}" / "corrected.npz"
+        stage = f"iter{k}/correct"
+        if not self.state.done(stage):
+            t0 = time.time()
+            corrector = Corrector(self.cfg.corrector, shape_prior=prior, expert=self.expert)
+            names = [c.name for c in self.target_cases]
+            res = corrector.correct(argmax, names=names)
+            _save_npz(path, corrected=res.corrected, accepted=np.asarray(res.accepted, bool),
+                      valid=np.asarray(res.valid_after, bool), correction_path=np.asarray(res.path))
+            info = {**res.summary(), "seconds": time.time() - t0}
+            self.state.mark(stage, info)
+            self._log_metrics(stage, info)
+        data = np.load(path)
+        return {k2: data[k2] for k2 in ("corrected", "accepted", "valid", "correction_path")}
+
+    def _reward(self, k: int, roll: dict, corr: dict, net: torch.nn.Module):
+        from rl_adapt.reward_net import RewardNet, build_reward_dataset, train_reward_net
+
+        path = self.run_dir / f"iter{k}" / "reward_net.pt"
+        stage = f"iter{k}/reward"
+        if not self.state.done(stage):
+            t0 = time.time()
+            use = corr["valid"]
+            if use.sum() < 2:
+                raise RLAdaptError(
+                    f"iteration {k}: fewer than 2 target images have an anatomically valid correction; "
+                    "the reward network cannot be trained (check the source model and the target images)")
+            idx = np.flatnonzero(use)
+            images = self.images[idx].cpu().numpy()
+            segs = [roll["argmax"][idx]] + [roll["samples"][idx, s] for s in range(roll["samples"].shape[1])]
+            dataset = build_reward_dataset(images, segs, corr["corrected"][idx],
+                                           seed=_stage_seed(self.cfg.seed, k, 3))
+            init = None
+            if k > 0:
+                init = RewardNet.load(self.run_dir / f"iter{k - 1}" / "reward_net.pt", device=self.device)
+            reward_net, stats = train_reward_net(dataset, self.cfg.reward, device=self.device, init=init,
+                                                 progress=self.progress)
+            reward_net.save(path)
+            info = {**stats, "n_images": int(len(idx)), "seconds": time.time() - t0}
+            self.state.mark(stage, info)
+            self._log_metrics(stage, info)
+        return RewardNet.load(path, device=self.device)
+
+    def _ppo(self, k: int, net: torch.nn.Module, reward_net) -> torch.nn.Module:
+        path = self.run_dir / f"iter{k}" / "policy.pt"
+        stage = f"iter{k}/ppo"
+        if not self.state.done(stage):
+            t0 = time.time()
+            ppo_cfg = dataclasses.replace(self.cfg.ppo, seed=_stage_seed(self.cfg.seed, k, 4))
+            net, stats = train_policy(
+                network=net, reference=self.source_network, images=self.images, reward_fn=reward_net.score,
+                cfg=ppo_cfg, total_images=self.cfg.ppo_images_per_iteration, iteration=k,
+                n_iterations=self.cfg.iterations, tensorboard_log=str(self.run_dir / "tensorboard"),
+                tb_name=f"ppo_iter{k}", progress=self.progress,
+            )
+            for name, p in net.state_dict().items():
+                if torch.is_floating_point(p) and not torch.isfinite(p).all():
+                    raise RLAdaptError(f"iteration {k}: non-finite weights in {name}; last good checkpoint kept")
+            _save_torch(path, {k2: v.detach().cpu() for k2, v in net.state_dict().items()})
+            info = {**stats, "seconds": time.time() - t0}
+            if self.val_cases is not None:
+                info.update(self.validate(net))
+            self.state.mark(stage, info)
+            self._log_metrics(stage, info)
+        return self._network_at(k + 1)
+
+    # ------------------------------------------------------------------ validation / export
+    def validate(self, net: torch.nn.Module) -> dict[str, float]:
+        """Mean Dice (LV/MYO/LA) and validity on the ``--val`` set with ``net`` (reporting only)."""
+        from rl_adapt.anatomy import is_valid
+        from rl_adapt.metrics import segmentation_metrics
+
+        saved = self.model.network
+        self.model.network = net.eval()
+        if hasattr(self.model, "networks"):
+            saved_list = self.model.networks
+            self.model.networks = [net]
+        try:
+            dices, valid = [], []
+            for case in self.val_cases:
+                pred = self.model.predict(case.image, case.spacing)
+                m = segmentation_metrics(pred, case.label, case.spacing)
+                dices.append(np.nanmean([m[s]["dice"] for s in ("LV", "MYO", "LA")]))
+                valid.append(is_valid(pred))
+        finally:
+            self.model.network = saved
+            if hasattr(self.model, "networks"):
+                self.model.networks = saved_list
+        return {"val_dice": float(np.mean(dices)), "val_validity": float(np.mean(valid))}
+
+    def _export(self, net: torch.nn.Module, reward_net) -> Path:
+        from rl_adapt.policies.nnunet import export_model_folder
+
+        stage = "export"
+        model_root = self.run_dir / "model"
+        if not self.state.done(stage):
+            out = export_model_folder(net, self.model, model_root, overwrite=True,
+                                      extra_meta={"rl_adapt_run": str(self.run_dir.resolve())})
+            reward_net.save(self.run_dir / "reward_net.pt")
+            self.state.mark(stage, {"model_folder": str(out)})
+        return Path(self.state.info(stage)["model_folder"])
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> Path:
+        """Run every unfinished stage; returns the adapted nnU-Net model folder."""
+        self._load()
+        if self.val_cases is not None and not self.state.done("val_source"):
+            info = self.validate(self.source_network)
+            self.state.mark("val_source", info)
+            self._log_metrics("val_source", info)
+        prior = self._shape_prior()
+        net = self._network_at(0)
+        reward_net = None
+        for k in range(self.cfg.iterations):
+            if self.state.done(f"iter{k}/ppo"):
+                continue
+            net = self._network_at(k)
+            roll = self._rollout(k, net)
+            corr = self._correct(k, roll["argmax"], prior)
+            reward_net = self._reward(k, roll, corr, net)
+            net = self._ppo(k, net, reward_net)
+        net = self._network_at(self.cfg.iterations)
+        if reward_net is None:
+            from rl_adapt.reward_net import RewardNet
+
+            reward_net = RewardNet.load(self.run_dir / f"iter{self.cfg.iterations - 1}" / "reward_net.pt",
+                                        device=self.device)
+        return self._export(net, reward_net)

@@ -1,0 +1,149 @@
+"""The adaptation loop end to end on a tiny synthetic world: outputs, source untouched, resume after kill -9."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rl_adapt.adapt import AdaptConfig, AdaptInputs, Adapter
+from rl_adapt.config import load_config
+from rl_adapt.errors import InputError, RLAdaptError
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_ADAPT = [
+    "device=cpu", "threads=1", "iterations=2", "ppo_images_per_iteration=16",
+    "rollout.samples_per_image=1", "rollout.batch_size=8",
+    "reward.features=4", "reward.depth=2", "reward.steps=20", "reward.batch_size=4",
+    "ppo.n_envs=4", "ppo.n_steps=2", "ppo.batch_size=4", "ppo.n_epochs=2",
+    "shape_prior.steps=20", "shape_prior.size=32", "shape_prior.batch_size=8",
+]
+
+
+def _tree_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+            h.update(str(p.stat().st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory) -> dict:
+    """Synthetic source (labelled) + target-blur (unlabelled) at 64x64 and a briefly pretrained tiny nnU-Net."""
+    from rl_adapt.data.writers import write_nnunet_raw
+    from rl_adapt.pretrain import PretrainConfig, pretrain
+    from rl_adapt.synth import generate_domain
+
+    root = tmp_path_factory.mktemp("adapt_world")
+    src = write_nnunet_raw(generate_domain("source", 6, seed=0, size=64), root / "Dataset901_Src",
+                           dataset_name="Dataset901_Src")
+    tgt_cases = generate_domain("target-blur", 3, seed=1, size=64)
+    tgt = write_nnunet_raw(tgt_cases, root / "Dataset902_Tgt", dataset_name="Dataset902_Tgt", labelled=False)
+    cfg = load_config(PretrainConfig, None, [
+        "plan.features=[8, 16, 32, 32]", "plan.patch_size=[64, 64]", "plan.batch_size=8",
+        "train.epochs=25", "train.device=cpu", "train.num_threads=1", "train.val_every=100", "train.lr=0.01",
+    ])
+    res = pretrain(src, root / "models", cfg, progress=False)
+    return {"root": root, "source": src, "target": tgt, "model": Path(res.model_dir)}
+
+
+def _cfg(extra=()):
+    return load_config(AdaptConfig, None, [*TINY_ADAPT, *extra])
+
+
+def test_adapt_writes_a_loadable_model_and_leaves_the_source_alone(tiny_world, tmp_path):
+    from rl_adapt.policies.nnunet import load_model_folder
+
+    before = _tree_digest(tiny_world["model"])
+    run = tmp_path / "run"
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"],
+                         source_data=tiny_world["source"])
+    folder = Adapter(inputs, _cfg(), run, progress=False).run()
+    assert _tree_digest(tiny_world["model"]) == before
+    adapted = load_model_folder(folder)
+    source = load_model_folder(tiny_world["model"])
+    diffs = [float((a - b).abs().max()) for a, b in zip(adapted.network.state_dict().values(),
+                                                         source.network.state_dict().values())
+             if torch.is_floating_point(a)]
+    assert max(diffs) > 0, "PPO did not change the policy"
+    stages = [json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for k in range(2):
+        for s in ("rollout", "correct", "reward", "ppo"):
+            assert f"iter{k}/{s}" in stages
+    assert "shape_prior" in stages
+    assert (run / "reward_net.pt").is_file() and (run / "config.yaml").is_file()
+    assert any((run / "tensorboard").rglob("events.out.tfevents.*"))
+    state = json.loads((run / "state.json").read_text())
+    assert "export" in state["completed"]
+    # a finished run resumes to the same folder without redoing anything
+    mtime = (run / "iter0" / "policy.pt").stat().st_mtime_ns
+    assert Adapter(inputs, _cfg(), run, resume=True, progress=False).run() == folder
+    assert (run / "iter0" / "policy.pt").stat().st_mtime_ns == mtime
+
+
+def test_bad_inputs_are_refused_before_writing(tiny_world, tmp_path):
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tmp_path / "missing")
+    with pytest.raises(InputError, match="target dir does not exist"):
+        Adapter(inputs, _cfg(), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    run = tmp_path / "used"
+    run.mkdir()
+    (run / "x").write_text("x")
+    ok = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"])
+    with pytest.raises(RLAdaptError, match="--resume"):
+        Adapter(ok, _cfg(), run, progress=False)
+    inside = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"])
+    with pytest.raises(InputError, match="inside the source model folder"):
+        Adapter(inside, _cfg(), tiny_world["model"] / "run", progress=False)
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(tiny_world, tmp_path):
+    """kill -9 a CLI run once its first stages are done, resume it, and compare with a straight run."""
+    args = ["--model", str(tiny_world["model"]), "--target", str(tiny_world["target"])]
+    sets = [x for s in TINY_ADAPT for x in ("--set", s)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cli = [sys.executable, "-m", "rl_adapt.cli", "adapt", *args, "--no-progress"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cli, "--out", str(killed), *sets], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    state = killed / "state.json"
+    while time.time() < deadline:
+        if state.exists() and "iter0/reward" in state.read_text():
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert "export" not in state.read_text()
+    done_before = set(json.loads(state.read_text())["completed"])
+    res = subprocess.run([*cli, "--out", str(killed), "--resume"], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    stages = [json.loads(line)["stage"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    for s in done_before:  # finished stages were not redone
+        assert stages.count(s) == 1, s
+    straight = tmp_path / "straight"
+    res2 = subprocess.run([*cli, "--out", str(straight), *sets], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert res2.returncode == 0, res2.stderr[-2000:]
+    a = torch.load(killed / "iter1" / "policy.pt")
+    b = torch.load(straight / "iter1" / "policy.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    leftovers = [p for p in killed.rglob("*") if ".tmp-" in p.name]
+    assert not leftovers
