@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +42,18 @@ class ShapePriorConfig:
     """channels of the first encoder stage (doubled at each stride-2 stage)"""
     downsamplings: int = 3
     """stride-2 stages in the encoder (and transposed ones in the decoder)"""
+    latent: Literal["spatial", "vector"] = "vector"
+    """bottleneck: one ``latent_dim`` vector (a global shape code, as Painchaud et al.; removes defects) or a
+    coarse feature map of ``latent_channels`` (learns faster but copies more of the input's defects)"""
+    latent_channels: int = 4
+    """channels of the spatial bottleneck ((size / 2**downsamplings)^2 * latent_channels numbers)"""
     latent_dim: int = 32
-    """width of the bottleneck vector"""
+    """width of the vector bottleneck"""
     steps: int = 1500
     """optimizer steps"""
     batch_size: int = 32
     """masks per step"""
-    lr: float = 3e-3
+    lr: float = 5e-3
     """AdamW learning rate (one-cycle schedule)"""
     rotate_deg: float = 10.0
     """augmentation: rotations up to this many degrees"""
@@ -76,9 +82,10 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class ShapeAutoencoder(nn.Module):
-    """(B, K, S, S) one-hot -> (B, K, S, S) logits through a ``latent_dim`` vector."""
+    """(B, K, S, S) one-hot -> (B, K, S, S) logits through a narrow bottleneck (spatial map or vector)."""
 
-    def __init__(self, num_classes: int, size: int, features: int, downsamplings: int, latent_dim: int):
+    def __init__(self, num_classes: int, size: int, features: int, downsamplings: int, latent_dim: int,
+                 latent: str = "vector", latent_channels: int = 4):
         super().__init__()
         if size % (2 ** downsamplings):
             raise ValueError(f"size {size} is not a multiple of 2**{downsamplings}")
@@ -92,9 +99,14 @@ class ShapeAutoencoder(nn.Module):
         self.encoder = nn.Sequential(*enc)
         self.bottom = size // 2 ** downsamplings
         self.bottom_ch = c
-        flat = c * self.bottom ** 2
-        self.to_latent = nn.Linear(flat, latent_dim)
-        self.from_latent = nn.Linear(latent_dim, flat)
+        self.latent = latent
+        if latent == "spatial":
+            self.to_latent = nn.Conv2d(c, latent_channels, 1)
+            self.from_latent = nn.Conv2d(latent_channels, c, 1)
+        else:
+            flat = c * self.bottom ** 2
+            self.to_latent = nn.Linear(flat, latent_dim)
+            self.from_latent = nn.Linear(latent_dim, flat)
         dec: list[nn.Module] = []
         outs = list(reversed(chans[:-1])) + [features]
         for ch in outs:
@@ -105,11 +117,12 @@ class ShapeAutoencoder(nn.Module):
         self.decoder = nn.Sequential(*dec)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, K, S, S) -> (B, latent_dim)."""
-        return self.to_latent(self.encoder(x).flatten(1))
+        """(B, K, S, S) -> (B, latent_dim) or (B, latent_channels, S / 2**d, S / 2**d)."""
+        h = self.encoder(x)
+        return self.to_latent(h if self.latent == "spatial" else h.flatten(1))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, latent_dim) -> (B, K, S, S) logits."""
+        """Latent code -> (B, K, S, S) logits."""
         h = F.leaky_relu(self.from_latent(z), 0.1).view(-1, self.bottom_ch, self.bottom, self.bottom)
         return self.decoder(h)
 
@@ -159,6 +172,9 @@ def _corrupt(labels: torch.Tensor, k: int, prob: float, gen: torch.Generator) ->
         idx = torch.multinomial(w, 1, generator=gen).squeeze(1)
         cy = (idx // s).float() + (torch.rand(b, generator=gen, device=dev) - 0.5) * s * 0.15
         cx = (idx % s).float() + (torch.rand(b, generator=gen, device=dev) - 0.5) * s * 0.15
+        anywhere = torch.rand(b, generator=gen, device=dev) < 0.4  # some blobs far from the heart
+        cy = torch.where(anywhere, torch.rand(b, generator=gen, device=dev) * s, cy)
+        cx = torch.where(anywhere, torch.rand(b, generator=gen, device=dev) * s, cx)
         ry = s * (0.04 + 0.10 * torch.rand(b, generator=gen, device=dev))
         rx = s * (0.04 + 0.10 * torch.rand(b, generator=gen, device=dev))
         lab = torch.randint(0, k, (b,), generator=gen, device=dev)
@@ -182,7 +198,8 @@ class ShapePrior:
         self.config = config
         self.device = torch.device(device)
         self.network = (network or ShapeAutoencoder(config.num_classes, config.size, config.features,
-                                                    config.downsamplings, config.latent_dim)).to(self.device)
+                                                    config.downsamplings, config.latent_dim, config.latent,
+                                                    config.latent_channels)).to(self.device)
         self.stats = dict(stats or {})
 
     @torch.no_grad()
