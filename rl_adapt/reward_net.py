@@ -475,7 +475,7 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, max_iter: int = 100
         return loss
 
     opt.step(closure)
-    t = float(log_t.exp())
+    t = float(log_t.detach().exp())
     if not math.isfinite(t) or t <= 0:
         return 1.0
     return min(max(t, 0.05), 20.0)
