@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -392,26 +392,6 @@ def score_image(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> d
     return row
 
 
-def _score_job(job: tuple) -> dict:
-    return score_image(*job)
-
-
-def score_all(jobs: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float]]], workers: int = 0,
-              progress: bool = True) -> list[dict]:
-    """:func:`score_image` over ``(pred, gt, spacing)`` jobs, in ``workers`` processes (0: auto)."""
-    from tqdm import tqdm
-
-    n = workers or min(4, os.cpu_count() or 1)
-    bar = dict(total=len(jobs), desc="metrics", unit="img", disable=None if progress else True)
-    if n <= 1 or len(jobs) < 16:
-        return [score_image(*j) for j in tqdm(jobs, **bar)]
-    import multiprocessing as mp
-
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-    with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as ex:
-        return list(tqdm(ex.map(_score_job, jobs, chunksize=8), **bar))
-
-
 def _clinical_cases(cases: Sequence, masks: Sequence[np.ndarray]) -> list:
     from rl_adapt.data.case import Case
 
@@ -428,35 +408,58 @@ def complete_patients(cases: Sequence) -> dict[str, list[int]]:
     return {p: list(g.values()) for p, g in sorted(groups.items()) if len(g) == 4}
 
 
-def clinical_rows(cases: Sequence, preds: Mapping[str, Sequence[np.ndarray]]) -> list[dict]:
-    """``per_patient.csv`` rows: each complete patient x model (see :func:`clinical_row`).
+def patient_indices_or_empty(cases: Sequence, masks: Sequence[np.ndarray]) -> dict:
+    """:func:`rl_adapt.clinical.patient_indices` of one patient's four cases with ``masks`` as their labels.
 
-    Indices that cannot be computed (e.g. an empty predicted LV) are NaN and counted in the summary.
+    Returns ``{}`` when the indices cannot be computed (e.g. an empty LV): they become NaN, counted.
     """
+    from rl_adapt.clinical import patient_indices
     from rl_adapt.errors import RLAdaptError
 
     try:
-        from rl_adapt.clinical import patient_indices
-    except ImportError as exc:  # pragma: no cover - only while the clinical module is missing
-        log.warning("clinical indices skipped: %s", exc)
-        return []
+        return dict(patient_indices(_clinical_cases(cases, masks)))
+    except (RLAdaptError, ValueError, ZeroDivisionError) as exc:
+        log.debug("clinical indices of %s failed: %s", cases[0].meta.get("patient"), exc)
+        return {}
 
-    def indices(sel_cases, masks) -> dict:
-        try:
-            return dict(patient_indices(_clinical_cases(sel_cases, masks)))
-        except (RLAdaptError, ValueError, ZeroDivisionError) as exc:
-            log.debug("clinical indices of %s failed: %s", sel_cases[0].meta.get("patient"), exc)
-            return {}
 
+def clinical_rows(cases: Sequence, preds: Mapping[str, Sequence[np.ndarray]]) -> list[dict]:
+    """``per_patient.csv`` rows: each complete patient x model (see :func:`clinical_row`), in this process."""
     rows = []
-    patients = complete_patients(cases)
-    for patient, idx in patients.items():
+    for patient, idx in complete_patients(cases).items():
         sel = [cases[i] for i in idx]
-        ref = indices(sel, [c.label for c in sel])
+        ref = patient_indices_or_empty(sel, [c.label for c in sel])
         meta = {k: sel[0].meta.get(k) for k in ("EF", "EDV", "ESV")}
         for name, masks in preds.items():
-            rows.append(clinical_row(patient, name, indices(sel, [masks[i] for i in idx]), ref, meta))
+            rows.append(clinical_row(patient, name, patient_indices_or_empty(sel, [masks[i] for i in idx]), ref, meta))
     return rows
+
+
+class _Runner:
+    """CPU jobs (metrics, clinical indices) in forked worker processes as soon as they are submitted, so
+    they overlap with prediction; inline when ``workers`` resolves to 1 or fork is unavailable."""
+
+    def __init__(self, workers: int):
+        import multiprocessing as mp
+
+        n = workers or min(4, os.cpu_count() or 1)
+        self.pool = None
+        if n > 1 and "fork" in mp.get_all_start_methods():
+            self.pool = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("fork"))
+
+    def submit(self, fn, *args) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # delivered when .result() is called, as from a pool
+            fut.set_exception(exc)
+        return fut
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------- overlays
@@ -641,35 +644,53 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
 
     names = list(loaded)
     preds: dict[str, list[np.ndarray]] = {}
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for name, model in loaded.items():
-            masks = []
-            for c in tqdm(cases, desc=f"predict {name}", unit="img", disable=None if progress else True):
-                m = np.asarray(model.predict(c.image, c.spacing, mirror=cfg.mirror), dtype=np.uint8)
-                if m.shape != c.label.shape:
-                    raise InputError(c.source or data, f"{c.name}: model {name!r} returned shape {m.shape}, "
-                                                       f"label is {c.label.shape}")
-                masks.append(m)
-            preds[name] = masks
-    timings["predict"] = time.perf_counter() - t0
+    patients = complete_patients(cases)
+    runner = _Runner(cfg.workers)
+    cpu0 = _cpu_seconds()
+    try:
+        t0 = time.perf_counter()
+        img_futs: dict[str, list[Future]] = {}
+        clin_futs: dict[tuple[str, str], Future] = {}
+        for patient, idx in patients.items():
+            sel = [cases[i] for i in idx]
+            clin_futs[("", patient)] = runner.submit(patient_indices_or_empty, sel, [c.label for c in sel])
+        with torch.inference_mode():
+            for name, model in loaded.items():
+                masks, futs = [], []
+                for c in tqdm(cases, desc=f"predict {name}", unit="img", disable=None if progress else True):
+                    m = np.asarray(model.predict(c.image, c.spacing, mirror=cfg.mirror), dtype=np.uint8)
+                    if m.shape != c.label.shape:
+                        raise InputError(c.source or data, f"{c.name}: model {name!r} returned shape {m.shape}, "
+                                                           f"label is {c.label.shape}")
+                    masks.append(m)
+                    futs.append(runner.submit(score_image, m, c.label, tuple(c.spacing)))
+                preds[name], img_futs[name] = masks, futs
+                for patient, idx in patients.items():
+                    clin_futs[(name, patient)] = runner.submit(
+                        patient_indices_or_empty, [cases[i] for i in idx], [masks[i] for i in idx])
+        timings["predict"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    jobs = [(preds[n][i], c.label, tuple(c.spacing)) for n in names for i, c in enumerate(cases)]
-    scored = score_all(jobs, workers=cfg.workers, progress=progress)
-    image_rows: list[dict] = []
-    k = 0
-    for n in names:
-        for c in cases:
-            head = {"case": c.name, "patient": c.meta.get("patient", ""), "view": c.meta.get("view", ""),
-                    "phase": c.meta.get("phase", ""), "model": n}
-            image_rows.append({**head, **scored[k]})
-            k += 1
-    timings["metrics"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        image_rows: list[dict] = []
+        for n in names:
+            for c, fut in zip(cases, tqdm(img_futs[n], desc=f"metrics {n}", unit="img",
+                                          disable=None if progress else True)):
+                head = {"case": c.name, "patient": c.meta.get("patient", ""), "view": c.meta.get("view", ""),
+                        "phase": c.meta.get("phase", ""), "model": n}
+                image_rows.append({**head, **fut.result()})
+        timings["metrics"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    patient_rows = clinical_rows(cases, preds)
-    timings["clinical"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        patient_rows = []
+        for patient, idx in patients.items():
+            ref = clin_futs[("", patient)].result()
+            meta = {k: cases[idx[0]].meta.get(k) for k in ("EF", "EDV", "ESV")}
+            for n in names:
+                patient_rows.append(clinical_row(patient, n, clin_futs[(n, patient)].result(), ref, meta))
+        timings["clinical"] = time.perf_counter() - t0
+    finally:
+        runner.close()
+    timings["cpu_predict_metrics_clinical"] = _cpu_seconds() - cpu0
 
     rel, ece = None, None
     if reward_net is not None:
@@ -715,6 +736,14 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
         write_json_atomic(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
     log.info("evaluation written to %s (%s)", out, ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return json_clean(summary)
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its finished children (user + system)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _patient_columns() -> list[str]:

@@ -181,7 +181,7 @@ def _check_schema(s: dict, names: list[str]) -> None:
 
 def test_evaluate_tiny_run_writes_schema_tables_and_report(tiny_world, tmp_path):
     out = tmp_path / "eval"
-    cfg = EvaluateConfig(overlays=1, n_bootstrap=200, workers=1)
+    cfg = EvaluateConfig(overlays=1, n_bootstrap=200, workers=2)  # forked metric workers
     s = evaluate({"src": tiny_world["src"], "other": tiny_world["other"]}, tiny_world["data"], out, config=cfg,
                  progress=False)
     text = (out / "summary.json").read_text()
