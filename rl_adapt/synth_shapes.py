@@ -184,6 +184,11 @@ def structures(g: ViewGeometry, x: np.ndarray, z: np.ndarray) -> dict[str, np.nd
     k = 0.72
     la_c = g.L + k * g.la_a
     la = (((u - la_c) / g.la_a) ** 2 + ((v - g.la_shift) / g.la_b) ** 2 <= 1.0) & (u > g.L) & ~myo & ~lv
+    # The atrium opens onto the LV through the mitral annulus: just below the plane it is no wider than
+    # the cavity's base (a funnel widening with depth), so it meets the myocardium only at the annulus
+    # corners, as in real apical views (CAMUS' MYO-LA frontier check expects a short contact).
+    w_base = 0.5 * float(half_width(g, np.array([g.L * 0.999]), 0)[0] + half_width(g, np.array([g.L * 0.999]), 1)[0])
+    la &= np.abs(v) <= 0.85 * w_base + 1.2 * (u - g.L)
     pw = 3.0
     peri = (((u - g.a) / (ao + pw)) ** 2 + (v / (bo + pw)) ** 2 <= 1.0) & ~outer & (u <= g.L + 4)
     la_wall = (((u - la_c) / (g.la_a + 2.5)) ** 2 + ((v - g.la_shift) / (g.la_b + 2.5)) ** 2 <= 1.0) & ~la \

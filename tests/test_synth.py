@@ -175,3 +175,13 @@ def test_apply_vendor_shift_on_real_camus(camus_dir):
         assert myo > blood  # anatomy still recognisable
         for k in (1, 2, 3):
             assert (olab == k).any()
+
+
+@pytest.mark.parametrize("domain", ["source", "target-lowgain", "target-blur", "target-shadow"])
+def test_ground_truth_masks_pass_the_anatomical_checks(domain):
+    """Synthetic label maps are plausible anatomy (CAMUS preset), ED and ES, at the demo size."""
+    from rl_adapt.anatomy import check_anatomy
+
+    cases = generate_domain(domain, 4, seed=11, size=128)
+    failed = {c.name: check_anatomy(c.label).failed for c in cases}
+    assert not any(failed.values()), failed
