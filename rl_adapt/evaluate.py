@@ -513,33 +513,45 @@ def select_overlays(image_rows: Sequence[Mapping], cases: Sequence[str], models:
 
 
 # --------------------------------------------------------------------------------------------- reward
-def _content_mask(props: Mapping, patch_size: Sequence[int]) -> np.ndarray:
-    """(P0, P1) bool: patch pixels that hold image content (not the zero padding of ``to_patch``)."""
-    from rl_adapt.policies.inference import centre_pad_crop
+def reward_in_geometry(reward_net, model, case) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The reward of ``model``'s own argmax action, as the reward network sees it during adaptation.
 
-    ones = np.ones(tuple(props["preprocessed_shape"]), dtype=bool)
-    return centre_pad_crop(ones, patch_size, False)[0]
+    The network and the reward network run on :meth:`to_patch` (nnU-Net preprocessing, fixed patch); the
+    action and the reward map are then mapped back to the case's geometry with :meth:`from_patch` (the
+    reward rides as channel 0 of a logit stack, linearly resampled; channel 1 marks the pixels the patch
+    covers).
 
+    :returns: ``(reward (H, W) float32 in [0, 1], prediction (H, W) uint8, covered (H, W) bool)``.
+    """
+    import torch
 
-def label_patch(model, label: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """Ground-truth label map in the patch space of ``model`` (same geometry as :meth:`to_patch`)."""
-    patch, _ = model.to_patch(np.asarray(label, dtype=np.float32), spacing, is_label=True)
-    return np.asarray(patch)[0].round().astype(np.int64)
+    patch, props = model.to_patch(case.image, case.spacing)
+    with torch.no_grad():
+        out = model.network(patch[None].to(model.device))
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        action = out.argmax(1)
+        r = reward_net.score(patch[None].float(), action)[0].float().cpu().numpy()
+    action = action[0].cpu().numpy()
+    stack = np.zeros((model.num_classes,) + r.shape, dtype=np.float32)
+    stack[0] = r
+    stack[1] = 1.0  # 1 inside the patch; from_patch fills outside it with a very negative logit
+    back = model.from_patch(stack, props)
+    pred = np.asarray(model.from_patch(action, props), dtype=np.uint8)
+    return np.clip(back[0], 0.0, 1.0).astype(np.float32), pred, back[1] > 0.5
 
 
 def reward_reliability(reward_net, model, cases: Sequence, n_bins: int = 10, max_auroc_pixels: int = 2_000_000,
                        seed: int = 0, progress: bool = True) -> dict:
     """Per-pixel reliability of ``reward_net`` on ``model``'s argmax predictions vs ground-truth correctness.
 
-    Works in the network's patch space (what the reward network sees during adaptation): the prediction is
-    the argmax of ``model.network`` on :meth:`to_patch`, the ground truth goes through the same geometry;
-    only patch pixels holding image content count. ECE and the reliability bins are exact over all those
-    pixels; the AUROC of ``1 - reward`` as a detector of wrong pixels uses a seeded subsample.
+    The reward network scores the network's argmax action on the patch (:func:`reward_in_geometry`); reward
+    and action are mapped back to the image geometry and compared with the ground truth there, over the
+    pixels the patch covers. ECE and the reliability bins are exact over all those pixels; the AUROC of
+    ``1 - reward`` as a detector of wrong pixels uses a seeded subsample.
 
     :returns: ``{"ece", "auroc", "n_pixels", "error_rate", "bins": {"edges", "confidence", "accuracy",
         "count"}}`` (lists; NaN where a bin is empty).
     """
-    import torch
     from tqdm import tqdm
 
     from rl_adapt.calibration import auroc, reliability_bins
@@ -551,18 +563,9 @@ def reward_reliability(reward_net, model, cases: Sequence, n_bins: int = 10, max
     keep_p, keep_y = [], []
     per_case = max(1, max_auroc_pixels // max(1, len(cases)))
     rng = np.random.default_rng(seed)
-    net = model.network
     for c in tqdm(cases, desc="reward", unit="img", disable=None if progress else True):
-        patch, props = model.to_patch(c.image, c.spacing)
-        gt = label_patch(model, c.label, c.spacing)
-        with torch.no_grad():
-            out = net(patch[None].to(model.device))
-            out = out[0] if isinstance(out, (list, tuple)) else out
-            action = out.argmax(1)
-            r = reward_net.score(patch[None].float(), action)[0].float().cpu().numpy()
-        pred = action[0].cpu().numpy()
-        inside = _content_mask(props, model.patch_size)
-        p, y = r[inside], (pred == gt)[inside]
+        r, pred, covered = reward_in_geometry(reward_net, model, c)
+        p, y = r[covered], (pred == c.label)[covered]
         b = reliability_bins(p, y, n_bins)
         count += b.counts
         sum_p += np.nan_to_num(b.confidence) * b.counts
@@ -585,19 +588,9 @@ def reward_reliability(reward_net, model, cases: Sequence, n_bins: int = 10, max
 
 
 def uncertainty_map(reward_net, model, case) -> np.ndarray:
-    """``1 - reward`` of ``model``'s argmax prediction, mapped back to the case's geometry: (H, W) float32."""
-    import torch
-
-    patch, props = model.to_patch(case.image, case.spacing)
-    with torch.no_grad():
-        out = model.network(patch[None].to(model.device))
-        out = out[0] if isinstance(out, (list, tuple)) else out
-        u = 1.0 - reward_net.score(patch[None].float(), out.argmax(1))[0].float().cpu().numpy()
-    # carried through from_patch as channel 0 of a logit stack (linear resampling, 0 outside the patch)
-    stack = np.zeros((model.num_classes,) + u.shape, dtype=np.float32)
-    stack[0] = u
-    back = model.from_patch(stack, props)[0]
-    return np.clip(back, 0.0, 1.0).astype(np.float32)
+    """``1 - reward`` of ``model``'s argmax prediction in the case's geometry: (H, W) float32, 0 outside the patch."""
+    r, _, covered = reward_in_geometry(reward_net, model, case)
+    return np.where(covered, 1.0 - r, 0.0).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------- main

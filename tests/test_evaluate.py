@@ -241,3 +241,26 @@ def test_cli_evaluate_bad_model_exits_nonzero(tiny_world, tmp_path, capsys):
     assert rc == 2 and not (tmp_path / "o").exists()
     err = capsys.readouterr().err
     assert "error" in err and "nowhere" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_with_reward_network_reports_reliability(tiny_world, tmp_path):
+    from rl_adapt.reward_net import RewardNet, RewardNetConfig
+
+    import torch
+
+    torch.manual_seed(0)
+    run = tmp_path / "adapt_run"
+    run.mkdir()
+    RewardNet(RewardNetConfig(features=4, depth=2)).save(run / "reward_net.pt")
+    out = tmp_path / "eval"
+    s = evaluate({"src": tiny_world["src"], "other": tiny_world["other"]}, tiny_world["data"], out, reward=run,
+                 config=EvaluateConfig(overlays=1, n_bootstrap=100, workers=1), progress=False)
+    assert isinstance(s["models"]["src"]["ece"], float) and 0.0 <= s["models"]["src"]["ece"] <= 1.0
+    assert s["models"]["other"]["ece"] is None
+    rel = json.loads((out / "reliability.json").read_text())
+    assert rel["ece"] == pytest.approx(s["models"]["src"]["ece"])
+    assert sum(rel["bins"]["count"]) == rel["n_pixels"] > 0 and len(rel["bins"]["edges"]) == 11
+    with np.load(out / "overlays.npz") as z:
+        u = z["uncertainty"].astype(np.float32)
+        assert u.shape == z["image"].shape and 0.0 <= u.min() and u.max() <= 1.0
+    assert "Reward network as uncertainty" in (out / "report.html").read_text()
