@@ -119,7 +119,7 @@ def test_real_camus_masks_mostly_valid_after_resize_cleanup(camus_dir):
     """Real expert masks: the raw 224² files carry label-interpolation artefacts (see camus_validity);
     after removing stray components most masks pass the RL4Seg preset."""
     import SimpleITK as sitk
-    from rl_adapt.benchmarks.camus_validity import remove_resize_artefacts
+    from rl_adapt.data.label_repair import remove_resize_artefacts
 
     files = sorted((camus_dir / "labelsTr").glob("*.nii.gz"))[:36]
     masks = [sitk.GetArrayFromImage(sitk.ReadImage(str(f))) for f in files]

@@ -16,13 +16,16 @@ def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("shift", help="Apply a synthetic target-vendor shift to a dataset (e.g. real CAMUS).",
                        description=__doc__)
     p.add_argument("--data", required=True, type=Path, help="input dataset (any reader format)")
-    p.add_argument("--preset", required=True, help="target vendor preset, e.g. target-blur")
+    p.add_argument("--preset", required=True,
+                   help="target vendor preset, e.g. target-blur; 'none' keeps the images (subset / label repair)")
     p.add_argument("--out", required=True, type=Path, help="output nnU-Net raw dataset folder")
     p.add_argument("--split-file", type=Path,
                    help="JSON file mapping split names to case lists (e.g. splits_official.json)")
     p.add_argument("--split", help="which split of --split-file to keep (e.g. val)")
     p.add_argument("--no-labels", action="store_true", help="write images only (an unlabelled target set)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-image shift randomness")
+    p.add_argument("--repair-labels", action="store_true",
+                   help="undo label-value interpolation artefacts of resized label maps (e.g. CAMUS224)")
     return p
 
 
@@ -52,14 +55,21 @@ def run(args: argparse.Namespace) -> int:
     from rl_adapt.data.case import Case
     from rl_adapt.data.readers import read_dataset
     from rl_adapt.data.writers import write_nnunet_raw
-    from rl_adapt.synth import apply_vendor_shift
+    from rl_adapt.data.label_repair import remove_resize_artefacts
+    from rl_adapt.synth import apply_vendor_shift, shifted_spacing
 
     cases = select_cases(read_dataset(args.data), args.split_file, args.split)
     shifted = []
     for i, case in enumerate(tqdm(cases, desc=f"shift {args.preset}", disable=None)):
-        image, label = apply_vendor_shift(case.image, args.preset, seed=args.seed * 100003 + i, label=case.label)
+        label = case.label
+        if args.repair_labels and label is not None:
+            label = remove_resize_artefacts(label)
+        image, spacing = case.image, case.spacing
+        if args.preset != "none":
+            image, label = apply_vendor_shift(image, args.preset, seed=args.seed * 100003 + i, label=label)
+            spacing = shifted_spacing(spacing, args.preset)
         shifted.append(Case(name=case.name, image=image, label=None if args.no_labels else label,
-                            spacing=case.spacing, meta=dict(case.meta, vendor=args.preset), source=case.source))
+                            spacing=spacing, meta=dict(case.meta, vendor=args.preset), source=case.source))
     write_nnunet_raw(shifted, args.out, dataset_name=args.out.name, labelled=not args.no_labels)
     print(f"{len(shifted)} cases written to {args.out}")
     return 0
