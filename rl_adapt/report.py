@@ -271,20 +271,25 @@ def overlay_figure(ov: Mapping[str, np.ndarray], rows: Sequence[int], models: Se
     for i, idx in enumerate(rows):
         h, w = (int(v) for v in ov["shape"][idx])
         img = ov["image"][idx][:h, :w]
-        panels = [("image", colour_overlay(img, None)), ("ground truth", colour_overlay(img, ov["gt"][idx][:h, :w]))]
+        panels = [("image", None, colour_overlay(img, None)),
+                  ("ground truth", None, colour_overlay(img, ov["gt"][idx][:h, :w]))]
         for j, m in enumerate(models):
-            panels.append((f"{_short(m)}  Dice {_fmt(ov['dice'][j][idx], 3)}",
-                           colour_overlay(img, ov["pred"][j][idx][:h, :w])))
-        for j, (title, arr) in enumerate(panels):
+            panels.append((_short(m), f"Dice {_fmt(ov['dice'][j][idx], 3)}", colour_overlay(img, ov["pred"][j][idx][:h, :w])))
+        for j, (title, tag, arr) in enumerate(panels):
             ax = axes[i][j]
             ax.imshow(arr, interpolation="nearest")
-            ax.set_title(title, fontsize=7.5)
+            if i == 0:
+                ax.set_title(title, fontsize=8.5)
+            if tag:
+                ax.text(0.03, 0.97, tag, transform=ax.transAxes, va="top", ha="left", fontsize=7.5, color="white",
+                        bbox={"facecolor": "black", "alpha": 0.55, "pad": 1.5, "edgecolor": "none"})
         if has_unc:
             ax = axes[i][ncol - 1]
-            im = ax.imshow(np.asarray(ov["uncertainty"][idx][:h, :w], dtype=np.float32), cmap="magma",
-                           vmin=0, vmax=1, interpolation="nearest")
-            ax.set_title(f"uncertainty ({_short(models[0])})", fontsize=7.5)
-        axes[i][0].set_ylabel(_short(str(ov["case"][idx]), 22), fontsize=7.5)
+            ax.imshow(np.asarray(ov["uncertainty"][idx][:h, :w], dtype=np.float32), cmap="magma", vmin=0, vmax=1,
+                      interpolation="nearest")
+            if i == 0:
+                ax.set_title(f"uncertainty (1 − reward, {_short(models[0])})", fontsize=8.5)
+        axes[i][0].set_ylabel(_short(str(ov["case"][idx]), 24), fontsize=8)
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])

@@ -24,7 +24,7 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="new output folder")
     p.add_argument("--config", type=Path, help="YAML with BaselineConfig fields")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value, e.g. --set lr=1e-3 (repeatable)")
+                   help="override one config value, e.g. --set lr=0.001 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
