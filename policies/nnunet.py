@@ -239,6 +239,30 @@ class NnUNetModel:
                                                          self.configuration_manager, self.dataset_json)
         return np.ascontiguousarray(data[:, 0], dtype=np.float32), props
 
+    def preprocess_pair(self, image: np.ndarray, label: np.ndarray, spacing: Sequence[float]
+                        ) -> tuple[np.ndarray, np.ndarray, dict]:
+        """nnU-Net preprocessing of an image and its label map (training data).
+
+        :returns: ``data`` ``(C, h, w)`` float32, ``seg`` ``(h, w)`` int16 (label values; ``-1`` marks pixels
+            outside the image's non-zero region, as nnU-Net), props.
+        """
+        img = np.asarray(image)
+        lab = np.asarray(label)
+        if lab.shape != img.shape:
+            raise InputError(None, f"label shape {lab.shape} differs from image shape {img.shape}")
+        bad = sorted(set(np.unique(lab).tolist()) - set(self.labels.values()))
+        if bad:
+            raise InputError(None, f"label values {bad} not in dataset.json labels {self.labels}")
+        self.preprocess(img, spacing)  # validates image and spacing
+        r, c = float(spacing[0]), float(spacing[1])
+        props: dict[str, Any] = {"spacing": [max(r, c) * 999, r, c]}
+        data, seg, props = self._preprocessor.run_case_npy(
+            img.astype(np.float32)[None, None], lab.astype(np.int16)[None, None], props, self.plans_manager,
+            self.configuration_manager, self.dataset_json)
+        props.pop("class_locations", None)
+        return (np.ascontiguousarray(data[:, 0], dtype=np.float32), np.ascontiguousarray(seg[0, 0], dtype=np.int16),
+                props)
+
     # ------------------------------------------------------------------ back to input geometry
     def _resample_back(self, arr: np.ndarray | torch.Tensor, props: dict, is_seg: bool) -> np.ndarray:
         """``(K, h, w)`` logits or ``(h, w)`` labels at plan spacing -> cropped input geometry."""
@@ -352,6 +376,23 @@ def _fold_dirname(fold: int | str) -> str:
     return f"fold_{fold}"
 
 
+def resolve_model_folder(path: str | Path) -> Path:
+    """The model folder for ``path``: ``path`` itself when it holds plans.json, else the single
+    ``<Dataset>/<Trainer>__<Plans>__<config>/`` below it (an nnUNet_results-style root, as ``rl-adapt pretrain``
+    writes). :raises InputError: none or several model folders."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(path, "model folder not found")
+    if (path / "plans.json").is_file():
+        return path
+    found = sorted({p.parent for pattern in ("*/plans.json", "*/*/plans.json") for p in path.glob(pattern)})
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise InputError(path, "not an nnU-Net results folder: no plans.json here or in <Dataset>/<Trainer>__<Plans>__2d/ below")
+    raise InputError(path, "several model folders below; name one: " + ", ".join(str(f.relative_to(path)) for f in found))
+
+
 def load_model_folder(folder: str | Path, folds: Sequence[int | str] = (0,), device: str | torch.device = "cpu",
                       checkpoint: str = "checkpoint_final.pth",
                       expected_labels: Mapping[str, int] | None = None) -> NnUNetModel:
@@ -441,7 +482,8 @@ def _load_checked(net: torch.nn.Module, sd: Mapping[str, torch.Tensor], path: Pa
 def export_model_folder(network_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor], source: NnUNetModel,
                         out_folder: str | Path, fold: int = 0, extra_meta: dict | None = None,
                         mirror_axes: tuple[int, ...] | None | str = "source", overwrite: bool = False,
-                        checkpoint: str = "checkpoint_final.pth") -> Path:
+                        checkpoint: str = "checkpoint_final.pth",
+                        extra_files: Mapping[str, Any] | None = None) -> Path:
     """Write a NEW nnU-Net results folder ``out_folder/<DatasetName>/nnUNetTrainer__<Plans>__<config>/``.
 
     Layout: plans.json, dataset.json (copies of the source's), dataset_fingerprint.json when the source has one,
@@ -452,6 +494,8 @@ def export_model_folder(network_or_state_dict: torch.nn.Module | Mapping[str, to
     :param network_or_state_dict: a network of the source's plan, or its state dict (checked to fit).
     :param mirror_axes: ``"source"`` keeps the source's mirroring axes; a tuple or ``None`` overrides.
     :param overwrite: replace an existing ``fold_<fold>`` of the target folder.
+    :param extra_files: more files written atomically with the fold, keyed by path relative to the model
+        folder: ``dict``/``list`` -> JSON, ``str`` -> text, ``bytes``, or a ``Path`` (file or folder, copied).
     :returns: the model folder path.
     :raises InputError: the target is the source folder (or inside it) or the weights do not fit the plan.
     """
@@ -477,6 +521,37 @@ def export_model_folder(network_or_state_dict: torch.nn.Module | Mapping[str, to
         "rl_adapt": dict(extra_meta or {}),
     }
 
+    fold_name = _fold_dirname(fold)
+    extras = dict(extra_files or {})
+    for rel in extras:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ValueError(f"extra file {rel!r} must be a relative path inside the model folder")
+
+    def write_extras(root: Path, only_fold: bool) -> None:
+        import shutil
+
+        for rel, content in extras.items():
+            parts = Path(rel).parts
+            if only_fold:
+                if parts[0] != fold_name:
+                    continue
+                target = root.joinpath(*parts[1:])
+            else:
+                target = root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, (dict, list)):
+                _write_json(target, content)
+            elif isinstance(content, str):
+                target.write_text(content, encoding="utf-8")
+            elif isinstance(content, bytes):
+                target.write_bytes(content)
+            elif isinstance(content, Path) and content.is_dir():
+                shutil.copytree(content, target)
+            elif isinstance(content, Path):
+                shutil.copyfile(content, target)
+            else:
+                raise TypeError(f"extra file {rel!r}: unsupported content {type(content).__name__}")
+
     def write_fold(fold_dir: Path) -> None:
         torch.save(ckpt, fold_dir / checkpoint)
 
@@ -486,8 +561,9 @@ def export_model_folder(network_or_state_dict: torch.nn.Module | Mapping[str, to
             _write_json(tmp / "dataset.json", source.dataset_json)
             if source.folder is not None and (source.folder / "dataset_fingerprint.json").is_file():
                 (tmp / "dataset_fingerprint.json").write_bytes((source.folder / "dataset_fingerprint.json").read_bytes())
-            (tmp / _fold_dirname(fold)).mkdir()
-            write_fold(tmp / _fold_dirname(fold))
+            (tmp / fold_name).mkdir()
+            write_fold(tmp / fold_name)
+            write_extras(tmp, only_fold=False)
     else:
         existing = json.loads((model_dir / "plans.json").read_text()) if (model_dir / "plans.json").is_file() else None
         if existing != json.loads(json.dumps(source.plans)):
@@ -495,6 +571,7 @@ def export_model_folder(network_or_state_dict: torch.nn.Module | Mapping[str, to
         fold_dir = model_dir / _fold_dirname(fold)
         with atomic_dir(fold_dir, overwrite=overwrite) as tmp:
             write_fold(tmp)
+            write_extras(tmp, only_fold=True)
     log.info("exported fold %s to %s", fold, model_dir)
     return model_dir
 

@@ -1,0 +1,53 @@
+"""``rl-adapt predict``: segment images with an nnU-Net v2 results folder."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub) -> argparse.ArgumentParser:
+    """Add the ``predict`` subcommand to ``sub``."""
+    p = sub.add_parser(
+        "predict",
+        help="Segment images with an nnU-Net v2 results folder.",
+        description=(
+            "Predicts every image of a folder or dataset (CAMUS, nnU-Net raw, image folder) with nnU-Net's "
+            "preprocessing and sliding window, and writes one mask per image with the input geometry "
+            "(OUT/<case>.nii.gz). Checkpoints are pickles: load only models you trust."
+        ),
+    )
+    p.add_argument("--model", required=True, type=Path,
+                   help="model folder (<Dataset>/<Trainer>__<Plans>__2d) or a results root holding exactly one")
+    p.add_argument("--images", required=True, type=Path, help="images to segment (folder or dataset)")
+    p.add_argument("--out", required=True, type=Path, help="output folder for masks (must not exist)")
+    p.add_argument("--folds", default="0", help="comma-separated folds to ensemble (default 0)")
+    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in fold_N/")
+    p.add_argument("--mirror", action="store_true", help="test-time mirroring over the axes the model allows")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Predict and write masks; nothing is written when loading fails."""
+    import torch
+
+    from rl_adapt.data.readers import read_dataset
+    from rl_adapt.data.writers import write_mask
+    from rl_adapt.errors import InputError
+    from rl_adapt.io_utils import atomic_dir
+    from rl_adapt.policies.nnunet import load_model_folder, resolve_model_folder
+
+    if args.out.exists():
+        raise InputError(args.out, "already exists; choose a new output folder")
+    folds = tuple(int(f) if f.strip().isdigit() else f.strip() for f in args.folds.split(",") if f.strip())
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = load_model_folder(resolve_model_folder(args.model), folds=folds, device=device,
+                              checkpoint=args.checkpoint)
+    cases = read_dataset(args.images, with_labels=False)
+    masks = model.predict_cases(cases, progress=not args.no_progress, mirror=args.mirror)
+    with atomic_dir(args.out) as tmp:
+        for case, mask in zip(cases, masks):
+            write_mask(tmp / f"{case.name}.nii.gz", mask, like=case)
+    print(f"wrote {len(cases)} masks to {args.out}")
+    return 0

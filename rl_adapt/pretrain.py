@@ -1,0 +1,483 @@
+"""Supervised pretraining of a source nnU-Net v2 2D model, written as an nnU-Net results folder.
+
+Steps: nnU-Net's own planner (fingerprint + ``ExperimentPlanner``, 2D) on the raw dataset, optionally shrunk to
+a small CPU plan (:func:`rl_adapt.policies.nnunet.shrink_plan`); nnU-Net preprocessing of every case; training of
+the plan's network with nnU-Net's loss (soft Dice without background + cross-entropy, deep supervision weights
+1/2^i) and echo-suitable augmentation (affine, gamma, brightness/contrast, noise, blur; no flips: apex-up and
+the left/right layout of the chambers carry meaning); held-out Dice per structure in the input geometry;
+export as ``OUT/<Dataset>/nnUNetTrainer__<Plans>__2d/fold_F/checkpoint_final.pth``.
+
+Deterministic on CPU for a given seed and thread count; bf16 autocast on CUDA.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rl_adapt.config import to_dict
+from rl_adapt.errors import InputError, TrainingDiverged
+
+log = logging.getLogger(__name__)
+
+STRUCTURES = {"LV": 1, "MYO": 2, "LA": 3}
+
+
+@dataclass
+class PlanConfig:
+    """How the network and preprocessing are planned."""
+
+    kind: Literal["small", "default"] = "small"
+    """``default``: nnU-Net's 2D plan as its planner makes it; ``small``: that plan with the network below."""
+    features: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 128])
+    """Features per stage of the small plan (its length = number of stages)."""
+    patch_size: list[int] = field(default_factory=lambda: [128, 128])
+    """Small plan patch size (rows, cols), divisible by 2**(stages-1)."""
+    batch_size: int = 12
+    """Small plan batch size (the default plan keeps nnU-Net's)."""
+    n_conv_per_stage: int = 2
+    """Convolutions per encoder stage (small plan)."""
+    n_conv_per_stage_decoder: int = 2
+    """Convolutions per decoder stage (small plan)."""
+    fit_median_to_patch: bool = True
+    """Small plan: coarsen the target spacing so the median image fits one patch."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation schedule."""
+
+    epochs: int = 20
+    """Training epochs."""
+    iterations_per_epoch: int = 0
+    """Batches per epoch; 0 = one pass over the training cases."""
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    """``sgd`` (nnU-Net: momentum 0.99, Nesterov) or ``adamw``; both with nnU-Net's poly decay."""
+    lr: float = 3e-3
+    """Initial learning rate (nnU-Net's SGD uses 1e-2)."""
+    weight_decay: float = 3e-5
+    """Weight decay."""
+    momentum: float = 0.99
+    """SGD momentum."""
+    grad_clip: float = 12.0
+    """Gradient-norm clip (nnU-Net: 12)."""
+    deep_supervision: bool = True
+    """Train with nnU-Net's deep-supervision loss (the exported network has it off)."""
+    seed: int = 0
+    """Seed of the split, initialisation, batches and augmentation."""
+    val_fraction: float = 0.1
+    """Fraction of patients held out for the reported Dice."""
+    val_every: int = 5
+    """Held-out Dice every N epochs (and after the last)."""
+    fold: int = 0
+    """Fold number of the written results folder."""
+    device: str = "auto"
+    """``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``..."""
+    bf16: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)."""
+    channels_last: bool = False
+    """channels_last memory format on CUDA."""
+    num_threads: int = 2
+    """torch CPU threads (0 = leave torch's default)."""
+
+
+@dataclass
+class AugmentConfig:
+    """Echo-suitable augmentation, applied on the fly in torch (no flips)."""
+
+    p_affine: float = 0.7
+    """Probability of a random rotation/scale/translation."""
+    rotation_deg: float = 15.0
+    """Maximum absolute rotation in degrees."""
+    scale: list[float] = field(default_factory=lambda: [0.85, 1.2])
+    """Zoom range (isotropic)."""
+    translate: float = 0.08
+    """Maximum translation as a fraction of the patch."""
+    p_gamma: float = 0.3
+    """Probability of a gamma change (on the image rescaled to [0, 1])."""
+    gamma: list[float] = field(default_factory=lambda: [0.7, 1.5])
+    """Gamma range."""
+    p_brightness: float = 0.3
+    """Probability of multiplicative brightness."""
+    brightness: list[float] = field(default_factory=lambda: [0.75, 1.25])
+    """Brightness factor range."""
+    p_contrast: float = 0.3
+    """Probability of a contrast change around the mean."""
+    contrast: list[float] = field(default_factory=lambda: [0.75, 1.25])
+    """Contrast factor range."""
+    p_noise: float = 0.15
+    """Probability of additive Gaussian noise."""
+    noise_std: float = 0.1
+    """Maximum noise standard deviation (image units: z-scored)."""
+    p_blur: float = 0.15
+    """Probability of Gaussian blur."""
+    blur_sigma: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    """Blur sigma range in pixels."""
+
+
+@dataclass
+class PretrainConfig:
+    """``rl-adapt pretrain`` configuration (configs/pretrain_cpu.yaml, configs/pretrain_gpu.yaml)."""
+
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    """Planning."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Augmentation."""
+
+
+@dataclass
+class PretrainResult:
+    """What a pretraining run produced."""
+
+    model_dir: Path
+    """The written nnU-Net model folder."""
+    dice: dict[str, float]
+    """Held-out mean Dice per structure (LV, MYO, LA) and ``mean``."""
+    seconds: float
+    """Wall time of the whole run."""
+    n_train: int
+    """Training cases."""
+    n_val: int
+    """Held-out cases."""
+    history: list[dict] = field(default_factory=list)
+    """Per-epoch records (loss, lr, seconds, dice when evaluated)."""
+
+
+# ---------------------------------------------------------------------- data
+def split_cases(cases: Sequence, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Split by patient (``meta["patient"]``, else case name), seeded; at least one case each side."""
+    keys = sorted({(c.meta or {}).get("patient") or c.name for c in cases})
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(keys))
+    n_val = int(round(len(keys) * val_fraction)) if val_fraction > 0 else 0
+    if val_fraction > 0 and len(keys) > 1:
+        n_val = min(max(n_val, 1), len(keys) - 1)
+    val_keys = {keys[i] for i in order[:n_val]}
+    train = [c for c in cases if ((c.meta or {}).get("patient") or c.name) not in val_keys]
+    val = [c for c in cases if ((c.meta or {}).get("patient") or c.name) in val_keys]
+    return train, val
+
+
+def _prepare(model, cases) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Preprocess cases; pad each to at least the patch size. Returns images (1,h,w) and labels (h,w) int64."""
+    from rl_adapt.policies.inference import pad_to_min_size
+
+    images, labels = [], []
+    for c in cases:
+        data, seg, _ = model.preprocess_pair(c.image, c.label, c.spacing)
+        seg = np.where(seg < 0, 0, seg)
+        x, _ = pad_to_min_size(torch.from_numpy(data), model.patch_size, 0.0)
+        y, _ = pad_to_min_size(torch.from_numpy(seg.astype(np.int64))[None], model.patch_size, 0)
+        images.append(x.contiguous())
+        labels.append(y[0].contiguous())
+    return images, labels
+
+
+def _batch(images, labels, idx, patch, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random patch-size crops of the chosen cases -> (B,1,P0,P1) float32, (B,P0,P1) int64."""
+    xs, ys = [], []
+    for i in idx:
+        x, y = images[i], labels[i]
+        h, w = x.shape[-2:]
+        r = int(torch.randint(0, h - patch[0] + 1, (1,), generator=gen)) if h > patch[0] else 0
+        c = int(torch.randint(0, w - patch[1] + 1, (1,), generator=gen)) if w > patch[1] else 0
+        xs.append(x[:, r:r + patch[0], c:c + patch[1]])
+        ys.append(y[r:r + patch[0], c:c + patch[1]])
+    return torch.stack(xs), torch.stack(ys)
+
+
+# ---------------------------------------------------------------------- augmentation
+def _uniform(gen, n, lo, hi, device) -> torch.Tensor:
+    return (torch.rand(n, generator=gen) * (hi - lo) + lo).to(device)
+
+
+def _chosen(gen, n, p, device) -> torch.Tensor:
+    return (torch.rand(n, generator=gen) < p).to(device)
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment a batch: ``x`` (B,1,H,W) float32, ``y`` (B,H,W) int64 -> same shapes.
+
+    Random parameters are drawn from ``gen`` (CPU generator) so a seed replays the same batch.
+    """
+    b, dev = x.shape[0], x.device
+    if cfg.p_affine > 0:
+        on = _chosen(gen, b, cfg.p_affine, dev)
+        ang = _uniform(gen, b, -cfg.rotation_deg, cfg.rotation_deg, dev) * math.pi / 180 * on
+        scl = torch.where(on, _uniform(gen, b, cfg.scale[0], cfg.scale[1], dev), torch.ones(b, device=dev))
+        tx = _uniform(gen, b, -cfg.translate, cfg.translate, dev) * 2 * on
+        ty = _uniform(gen, b, -cfg.translate, cfg.translate, dev) * 2 * on
+        cos, sin = torch.cos(ang) / scl, torch.sin(ang) / scl
+        theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                          align_corners=False)[:, 0].long()
+    if cfg.p_brightness > 0:
+        f = torch.where(_chosen(gen, b, cfg.p_brightness, dev), _uniform(gen, b, *cfg.brightness, dev),
+                        torch.ones(b, device=dev))
+        x = x * f.view(b, 1, 1, 1)
+    if cfg.p_contrast > 0:
+        f = torch.where(_chosen(gen, b, cfg.p_contrast, dev), _uniform(gen, b, *cfg.contrast, dev),
+                        torch.ones(b, device=dev)).view(b, 1, 1, 1)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * f + mean
+    if cfg.p_gamma > 0:
+        on = _chosen(gen, b, cfg.p_gamma, dev)
+        g = _uniform(gen, b, *cfg.gamma, dev)
+        if bool(on.any()):
+            lo = x.amin(dim=(1, 2, 3), keepdim=True)
+            hi = x.amax(dim=(1, 2, 3), keepdim=True)
+            rng = (hi - lo).clamp_min(1e-6)
+            xg = ((x - lo) / rng).clamp(0, 1) ** g.view(b, 1, 1, 1) * rng + lo
+            x = torch.where(on.view(b, 1, 1, 1), xg, x)
+    if cfg.p_noise > 0:
+        on = _chosen(gen, b, cfg.p_noise, dev)
+        std = _uniform(gen, b, 0.0, cfg.noise_std, dev) * on
+        noise = torch.randn(x.shape, generator=gen).to(dev)
+        x = x + noise * std.view(b, 1, 1, 1)
+    if cfg.p_blur > 0:
+        on = _chosen(gen, b, cfg.p_blur, dev)
+        sig = _uniform(gen, b, *cfg.blur_sigma, dev)
+        for i in torch.nonzero(on).flatten().tolist():
+            s = float(sig[i])
+            rad = max(1, int(math.ceil(3 * s)))
+            t = torch.arange(-rad, rad + 1, dtype=x.dtype, device=dev)
+            k = torch.exp(-0.5 * (t / s) ** 2)
+            k = k / k.sum()
+            xi = F.conv2d(F.pad(x[i:i + 1], (rad, rad, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+            xi = F.conv2d(F.pad(xi, (0, 0, rad, rad), mode="replicate"), k.view(1, 1, -1, 1))
+            x = torch.cat([x[:i], xi, x[i + 1:]])
+    return x.contiguous(), y.contiguous()
+
+
+# ---------------------------------------------------------------------- loss
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool, smooth: float = 1e-5) -> torch.Tensor:
+    """nnU-Net's soft Dice loss (softmax, background excluded): ``-mean Dice`` over classes (and samples).
+
+    :param logits: (B, K, H, W); :param target: (B, H, W) int64.
+    """
+    probs = torch.softmax(logits.float(), 1)[:, 1:]
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+    axes = (0, 2, 3) if batch_dice else (2, 3)
+    inter = (probs * onehot).sum(axes)
+    denom = probs.sum(axes) + onehot.sum(axes)
+    dc = (2 * inter + smooth) / (denom + smooth).clamp_min(1e-8)
+    return -dc.mean()
+
+
+def dc_ce_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool) -> torch.Tensor:
+    """Cross-entropy + soft Dice, weights 1:1 (nnU-Net's ``DC_and_CE_loss``)."""
+    return F.cross_entropy(logits.float(), target) + soft_dice_loss(logits, target, batch_dice)
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """nnU-Net's weights: 1/2^i, lowest resolution dropped, normalised to sum 1."""
+    w = np.array([1 / (2 ** i) for i in range(n)])
+    if n > 1:
+        w[-1] = 0
+    return (w / w.sum()).tolist()
+
+
+def training_loss(outputs, target: torch.Tensor, batch_dice: bool) -> torch.Tensor:
+    """Loss for one output (B,K,H,W) or a deep-supervision list (highest resolution first)."""
+    if isinstance(outputs, torch.Tensor):
+        return dc_ce_loss(outputs, target, batch_dice)
+    weights = deep_supervision_weights(len(outputs))
+    total = 0.0
+    for w, out in zip(weights, outputs):
+        if w == 0:
+            continue
+        t = target if out.shape[-2:] == target.shape[-2:] else \
+            F.interpolate(target[:, None].float(), size=out.shape[-2:], mode="nearest")[:, 0].long()
+        total = total + w * dc_ce_loss(out, t, batch_dice)
+    return total
+
+
+# ---------------------------------------------------------------------- metrics
+def dice_per_structure(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """Dice of LV, MYO, LA for two (H, W) label maps (1.0 when a structure is absent from both)."""
+    out = {}
+    for name, v in STRUCTURES.items():
+        a, b = pred == v, gt == v
+        s = int(a.sum()) + int(b.sum())
+        out[name] = 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+    return out
+
+
+def evaluate_dice(model, cases) -> dict[str, float]:
+    """Mean held-out Dice per structure and overall ``mean``, predicted in the input geometry."""
+    if not cases:
+        return {}
+    scores = [dice_per_structure(model.predict(c.image, c.spacing), c.label) for c in cases]
+    out = {k: float(np.mean([s[k] for s in scores])) for k in STRUCTURES}
+    out["mean"] = float(np.mean([out[k] for k in STRUCTURES]))
+    return out
+
+
+# ---------------------------------------------------------------------- driver
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, f"device {name} requested but CUDA is not available")
+    return dev
+
+
+def make_plans(data_dir: str | Path, cfg: PlanConfig) -> tuple[dict, dict, dict]:
+    """nnU-Net's 2D plan for the raw dataset, shrunk when ``cfg.kind == "small"``."""
+    from rl_adapt.policies.nnunet import plan_dataset, shrink_plan
+
+    plans, dataset_json, fingerprint = plan_dataset(data_dir)
+    if cfg.kind == "small":
+        plans = shrink_plan(plans, cfg.features, cfg.patch_size, cfg.batch_size, cfg.n_conv_per_stage,
+                            cfg.n_conv_per_stage_decoder, cfg.fit_median_to_patch)
+    return plans, dataset_json, fingerprint
+
+
+def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, progress: bool = True) -> PretrainResult:
+    """Plan, train and export a source model; see the module docstring.
+
+    :param data_dir: nnU-Net raw dataset (dataset.json, imagesTr, labelsTr).
+    :param out_dir: results root; the model folder is ``out_dir/<Dataset>/nnUNetTrainer__<Plans>__2d``.
+    :raises InputError: bad dataset, or the target fold already exists (checked before training).
+    """
+    from tqdm import tqdm
+
+    from rl_adapt.data.readers import read_dataset
+    from rl_adapt.policies.nnunet import DEFAULT_TRAINER, NnUNetModel, build_network, export_model_folder
+
+    t0 = time.time()
+    tc = cfg.train
+    if tc.num_threads > 0:
+        torch.set_num_threads(tc.num_threads)
+    device = _device(tc.device)
+    plans, dataset_json, fingerprint = make_plans(data_dir, cfg.plan)
+    model = NnUNetModel.from_plans(plans, dataset_json, device="cpu", seed=tc.seed, mirror_axes=None)
+    target = Path(out_dir) / model.dataset_name / f"{DEFAULT_TRAINER}__{model.plans_name}__2d" / f"fold_{tc.fold}"
+    if target.exists():
+        raise InputError(target, "already exists; choose another --out")
+
+    cases = [c for c in read_dataset(data_dir, fmt="nnunet") if c.label is not None]
+    if len(cases) < 2:
+        raise InputError(data_dir, f"need at least 2 labelled cases, found {len(cases)}")
+    train_cases, val_cases = split_cases(cases, tc.val_fraction, tc.seed)
+    log.info("pretrain: %d training / %d held-out cases; plan %s, patch %s, spacing %s", len(train_cases),
+             len(val_cases), model.plans_name, model.patch_size, model.spacing)
+    images, labels = _prepare(model, train_cases)
+
+    torch.manual_seed(tc.seed)
+    net = build_network(model.plans_manager, model.configuration_manager, dataset_json,
+                        deep_supervision=tc.deep_supervision)
+    net.load_state_dict(model.network.state_dict())
+    net = net.to(device)
+    if device.type == "cuda" and tc.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    batch_size = int(model.configuration_manager.batch_size)
+    batch_dice = bool(model.configuration_manager.batch_dice)
+    iters = tc.iterations_per_epoch or max(1, math.ceil(len(images) / batch_size))
+    total_steps = tc.epochs * iters
+    if tc.optimizer == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=tc.lr, momentum=tc.momentum, nesterov=True,
+                              weight_decay=tc.weight_decay)
+    else:
+        opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    gen = torch.Generator().manual_seed(tc.seed)
+    use_bf16 = device.type == "cuda" and tc.bf16
+    history: list[dict] = []
+    step = 0
+
+    with tempfile.TemporaryDirectory(prefix="rl_adapt_tb_") as tb_dir:
+        writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(tb_dir)
+        except ImportError:  # pragma: no cover - tensorboard is a dependency
+            log.warning("tensorboard not installed: no training curves")
+        dice: dict[str, float] = {}
+        for epoch in range(tc.epochs):
+            net.train()
+            te = time.time()
+            perm = torch.randperm(len(images), generator=gen)
+            losses = []
+            bar = tqdm(range(iters), desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch",
+                       disable=None if progress else True, leave=False)
+            for it in bar:
+                start = (it * batch_size) % len(images)
+                idx = perm[start:start + batch_size].tolist()
+                if len(idx) < batch_size:
+                    idx += perm[:batch_size - len(idx)].tolist()
+                x, y = _batch(images, labels, idx, model.patch_size, gen)
+                x, y = augment(x, y, cfg.augment, gen)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if device.type == "cuda" and tc.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                lr = tc.lr * (1 - step / total_steps) ** 0.9
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                    out = net(x)
+                loss = training_loss(out, y, batch_dice)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, batch {it + 1}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
+                opt.step()
+                step += 1
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if writer is not None:
+                    writer.add_scalar("train/loss", losses[-1], step)
+            rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr, "seconds": time.time() - te}
+            if val_cases and ((epoch + 1) % max(1, tc.val_every) == 0 or epoch + 1 == tc.epochs):
+                model.networks[0].load_state_dict(net.state_dict())
+                model.networks[0].to(device)
+                model.device = device
+                dice = evaluate_dice(model, val_cases)
+                rec["dice"] = dice
+                if writer is not None:
+                    for k, v in dice.items():
+                        writer.add_scalar(f"val/dice_{k}", v, epoch + 1)
+            history.append(rec)
+            if writer is not None:
+                writer.add_scalar("train/epoch_loss", rec["loss"], epoch + 1)
+                writer.add_scalar("train/lr", lr, epoch + 1)
+            log.info("epoch %d/%d loss %.4f (%.1fs)%s", epoch + 1, tc.epochs, rec["loss"], rec["seconds"],
+                     f" held-out Dice {dice.get('mean', float('nan')):.3f}" if "dice" in rec else "")
+        if writer is not None:
+            writer.close()
+        seconds = time.time() - t0
+        summary = {"dice_heldout": dice, "seconds": seconds, "n_train": len(train_cases), "n_val": len(val_cases),
+                   "val_cases": [c.name for c in val_cases], "history": history, "config": to_dict(cfg),
+                   "device": str(device), "data": str(data_dir)}
+        fold = f"fold_{tc.fold}"
+        import yaml
+
+        extra = {"dataset_fingerprint.json": fingerprint, f"{fold}/pretrain_summary.json": summary,
+                 f"{fold}/pretrain_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False),
+                 f"{fold}/tensorboard": Path(tb_dir)}
+        net_cpu = net.to("cpu")
+        model_dir = export_model_folder(net_cpu.state_dict(), model, out_dir, fold=tc.fold, mirror_axes=None,
+                                        extra_meta={"epochs": tc.epochs, "source": "rl-adapt pretrain",
+                                                    "dice_heldout": dice}, extra_files=extra)
+    return PretrainResult(model_dir=model_dir, dice=dice, seconds=seconds, n_train=len(train_cases),
+                          n_val=len(val_cases), history=history)
+
+
+__all__ = ["PretrainConfig", "PlanConfig", "TrainConfig", "AugmentConfig", "PretrainResult", "pretrain",
+           "augment", "training_loss", "dice_per_structure", "evaluate_dice", "split_cases", "make_plans",
+           ]
