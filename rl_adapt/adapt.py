@@ -389,7 +389,8 @@ class Adapter:
             init = None
             if k > 0:
                 init = RewardNet.load(self.run_dir / f"iter{k - 1}" / "reward_net.pt", device=self.device)
-            reward_net, stats = train_reward_net(dataset, self.cfg.reward, device=self.device, init=init,
+            reward_cfg = dataclasses.replace(self.cfg.reward, seed=_stage_seed(self.cfg.seed, k, 3))
+            reward_net, stats = train_reward_net(dataset, reward_cfg, device=self.device, init=init,
                                                  progress=self.progress)
             reward_net.save(path)
             info = {**stats, "n_images": int(len(idx)), "seconds": time.time() - t0}
