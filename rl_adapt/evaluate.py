@@ -66,16 +66,23 @@ class EvaluateConfig:
     """Seed of the bootstrap and of the random overlay cases."""
     reliability_bins: int = 10
     """Equal-width confidence bins of the reward network's reliability diagram."""
-    workers: int = 0
-    """Processes computing metrics (0: one per CPU core, at most 4; 1: in this process)."""
+    workers: int = -1
+    """Processes computing metrics and clinical indices while prediction runs (-1: one per CPU core left
+    by ``torch_threads``, at least 1, at most 4; 0: everything in this process, after prediction)."""
+    torch_threads: int = 1
+    """Torch CPU threads for prediction (0: leave torch's setting). One thread per image is the fastest on
+    small CPUs: batch-1 forwards of small networks scale poorly across threads, and the other cores run
+    the metric workers at the same time."""
     device: str = "cpu"
     """Torch device of the models ("cpu", "cuda")."""
     report: bool = True
     """Write report.html next to the tables."""
 
     def __post_init__(self) -> None:
-        if self.overlays < 0 or self.thumb_size < 8 or self.n_bootstrap < 1 or self.workers < 0:
-            raise ValueError("overlays >= 0, thumb_size >= 8, n_bootstrap >= 1 and workers >= 0 are required")
+        if self.overlays < 0 or self.thumb_size < 8 or self.n_bootstrap < 1 or self.workers < -1 \
+                or self.torch_threads < 0:
+            raise ValueError("overlays >= 0, thumb_size >= 8, n_bootstrap >= 1, workers >= -1 and "
+                             "torch_threads >= 0 are required")
 
 
 # --------------------------------------------------------------------------------------------- numbers
@@ -437,14 +444,14 @@ def clinical_rows(cases: Sequence, preds: Mapping[str, Sequence[np.ndarray]]) ->
 
 class _Runner:
     """CPU jobs (metrics, clinical indices) in forked worker processes as soon as they are submitted, so
-    they overlap with prediction; inline when ``workers`` resolves to 1 or fork is unavailable."""
+    they overlap with prediction; inline when ``workers`` is 0 or fork is unavailable."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, torch_threads: int = 1):
         import multiprocessing as mp
 
-        n = workers or min(4, os.cpu_count() or 1)
+        n = workers if workers >= 0 else max(1, min(4, (os.cpu_count() or 1) - max(torch_threads, 1)))
         self.pool = None
-        if n > 1 and "fork" in mp.get_all_start_methods():
+        if n >= 1 and "fork" in mp.get_all_start_methods():
             self.pool = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("fork"))
 
     def submit(self, fn, *args) -> Future:
@@ -638,8 +645,11 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
     names = list(loaded)
     preds: dict[str, list[np.ndarray]] = {}
     patients = complete_patients(cases)
-    runner = _Runner(cfg.workers)
+    runner = _Runner(cfg.workers, cfg.torch_threads)
     cpu0 = _cpu_seconds()
+    threads_before = torch.get_num_threads()
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
     try:
         t0 = time.perf_counter()
         img_futs: dict[str, list[Future]] = {}
@@ -683,6 +693,7 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
         timings["clinical"] = time.perf_counter() - t0
     finally:
         runner.close()
+        torch.set_num_threads(threads_before)
     timings["cpu_predict_metrics_clinical"] = _cpu_seconds() - cpu0
 
     rel, ece = None, None

@@ -181,7 +181,7 @@ def _check_schema(s: dict, names: list[str]) -> None:
 
 def test_evaluate_tiny_run_writes_schema_tables_and_report(tiny_world, tmp_path):
     out = tmp_path / "eval"
-    cfg = EvaluateConfig(overlays=1, n_bootstrap=200, workers=2)  # forked metric workers
+    cfg = EvaluateConfig(overlays=1, n_bootstrap=200, workers=1)  # one forked worker, overlapping prediction
     s = evaluate({"src": tiny_world["src"], "other": tiny_world["other"]}, tiny_world["data"], out, config=cfg,
                  progress=False)
     text = (out / "summary.json").read_text()
@@ -210,7 +210,7 @@ def test_evaluate_tiny_run_writes_schema_tables_and_report(tiny_world, tmp_path)
 def test_evaluate_bad_inputs_leave_nothing(tiny_world, tmp_path):
     data, src = tiny_world["data"], tiny_world["src"]
     out = tmp_path / "eval"
-    cfg = EvaluateConfig(report=False, workers=1)
+    cfg = EvaluateConfig(report=False, workers=0)
     broken = tmp_path / "broken_model"
     shutil.copytree(src, broken)
     (broken / "fold_0" / "checkpoint_final.pth").write_bytes(b"not a checkpoint")
@@ -254,7 +254,7 @@ def test_evaluate_with_reward_network_reports_reliability(tiny_world, tmp_path):
     RewardNet(RewardNetConfig(features=4, depth=2)).save(run / "reward_net.pt")
     out = tmp_path / "eval"
     s = evaluate({"src": tiny_world["src"], "other": tiny_world["other"]}, tiny_world["data"], out, reward=run,
-                 config=EvaluateConfig(overlays=1, n_bootstrap=100, workers=1), progress=False)
+                 config=EvaluateConfig(overlays=1, n_bootstrap=100, workers=0), progress=False)
     assert isinstance(s["models"]["src"]["ece"], float) and 0.0 <= s["models"]["src"]["ece"] <= 1.0
     assert s["models"]["other"]["ece"] is None
     rel = json.loads((out / "reliability.json").read_text())

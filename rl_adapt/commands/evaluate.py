@@ -25,7 +25,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--mirror", action="store_true", help="test-time mirroring (slower)")
     p.add_argument("--overlays", type=int, default=4, metavar="N", help="cases per overlay group in the report")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    p.add_argument("--workers", type=int, default=0, help="processes for metrics (0: auto)")
+    p.add_argument("--workers", type=int, default=-1,
+                   help="metric processes running alongside prediction (-1: auto, 0: none, all in this process)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for prediction (0: torch's default)")
     p.add_argument("--no-report", action="store_true", help="tables and summary only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = EvaluateConfig(mirror=args.mirror, overlays=args.overlays, device=args.device, workers=args.workers,
+                             torch_threads=args.threads,
                              report=not args.no_report)
     except ValueError as exc:
         from rl_adapt.errors import ConfigError
