@@ -427,11 +427,8 @@ class Adapter:
         from rl_adapt.anatomy import is_valid
         from rl_adapt.metrics import segmentation_metrics
 
-        saved = self.model.network
-        self.model.network = net.eval()
-        if hasattr(self.model, "networks"):
-            saved_list = self.model.networks
-            self.model.networks = [net]
+        saved = self.model.networks
+        self.model.networks = [net.eval()]
         try:
             dices, valid = [], []
             for case in self.val_cases:
@@ -440,9 +437,7 @@ class Adapter:
                 dices.append(np.nanmean([m[s]["dice"] for s in ("LV", "MYO", "LA")]))
                 valid.append(is_valid(pred))
         finally:
-            self.model.network = saved
-            if hasattr(self.model, "networks"):
-                self.model.networks = saved_list
+            self.model.networks = saved
         return {"val_dice": float(np.mean(dices)), "val_validity": float(np.mean(valid))}
 
     def _export(self, net: torch.nn.Module, reward_net) -> Path:
