@@ -67,8 +67,8 @@ class EvaluateConfig:
     reliability_bins: int = 10
     """Equal-width confidence bins of the reward network's reliability diagram."""
     workers: int = -1
-    """Processes computing metrics and clinical indices while prediction runs (-1: one per CPU core left
-    by ``torch_threads``, at least 1, at most 4; 0: everything in this process, after prediction)."""
+    """Processes computing metrics and clinical indices while prediction runs (-1: one per CPU core, at
+    most 4, so every core stays busy during and after prediction; 0: everything in this process)."""
     torch_threads: int = 1
     """Torch CPU threads for prediction (0: leave torch's setting). One thread per image is the fastest on
     small CPUs: batch-1 forwards of small networks scale poorly across threads, and the other cores run
@@ -449,7 +449,7 @@ class _Runner:
     def __init__(self, workers: int, torch_threads: int = 1):
         import multiprocessing as mp
 
-        n = workers if workers >= 0 else max(1, min(4, (os.cpu_count() or 1) - max(torch_threads, 1)))
+        n = workers if workers >= 0 else max(1, min(4, os.cpu_count() or 1))
         self.pool = None
         if n >= 1 and "fork" in mp.get_all_start_methods():
             self.pool = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("fork"))
