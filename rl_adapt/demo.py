@@ -92,7 +92,8 @@ def demo_stages(cfg: DemoConfig, out: Path) -> list[tuple[str, Path, list[str]]]
     common = ["--seed", str(cfg.seed), "--size", str(cfg.image_size), "--format", "nnunet"]
     stages = [
         ("synth source", d / "source", ["synth", "--domain", "source", "--patients", str(cfg.source_patients),
-                                        "--out", str(d / "source"), *common]),
+                                        "--out", str(d / "source"), "--dataset-name", "Dataset910_SynthSource",
+                                        *common]),
         ("synth target", d / "target", ["synth", "--domain", cfg.target_domain, "--patients",
                                         str(cfg.target_patients), "--first-patient", "5001", "--no-labels",
                                         "--out", str(d / "target"), *common]),
@@ -135,13 +136,14 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
         "adapt", "--model", str(source_model), "--target", str(out / "data" / "target"), "--out", str(adapt_dir),
         "--source-data", str(out / "data" / "source"), "--config", str(_config_path(cfg.adapt_config)),
         *(["--resume"] if adapt_dir.exists() else []), *_sets(cfg, "adapt"), *np_flag])
-    models = {"source": source_model, "rl_adapted": find_model_folder(adapt_dir / "model")}
+    models = {"source": source_model}
     for method in cfg.baselines:
         bdir = out / f"baseline_{method}"
         stage(f"baseline {method}", bdir.exists(), lambda m=method, b=bdir: [
             "baseline", "--method", m, "--model", str(source_model), "--target", str(out / "data" / "target"),
             "--out", str(b), "--config", str(_config_path(cfg.baseline_config)), *_sets(cfg, "baseline"), *np_flag])
         models[method] = find_model_folder(bdir)
+    models["rl_adapted"] = find_model_folder(adapt_dir / "model")  # last: the report contrasts it with the first
     eval_dir = out / "eval"
     stage("evaluate", (eval_dir / "summary.json").exists(), lambda: [
         "evaluate", *[x for n, p in models.items() for x in ("--model", f"{n}={p}")],

@@ -68,3 +68,20 @@ def test_bad_overrides():
         load_config(_Outer, None, ["seed"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(_Outer, "/nonexistent/c.yaml")
+
+
+def test_yaml_exponent_without_dot_is_a_number():
+    assert load_config(_Outer, None, ["inner.lr=1e-3"]).inner.lr == 1e-3
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(_Outer, None, ["inner.lr=fast"])
+
+
+def test_atomic_files_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    from rl_adapt import io_utils
+
+    io_utils.write_text_atomic(tmp_path / "a.txt", "x")
+    mode = stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode)
+    assert mode == 0o666 & ~io_utils._UMASK  # as open() would create it, not mkstemp's 0600
