@@ -41,18 +41,18 @@ def _tree_digest(folder: Path) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory) -> dict:
-    """Synthetic source (labelled) + target-blur (unlabelled) at 64x64 and a briefly pretrained tiny nnU-Net."""
+    """Synthetic source (labelled) + other unlabelled patients at 96x96 (MYO-LA contact is too coarse to judge at 64) and a briefly pretrained tiny nnU-Net."""
     from rl_adapt.data.writers import write_nnunet_raw
     from rl_adapt.pretrain import PretrainConfig, pretrain
     from rl_adapt.synth import generate_domain
 
     root = tmp_path_factory.mktemp("adapt_world")
-    src = write_nnunet_raw(generate_domain("source", 6, seed=0, size=64), root / "Dataset901_Src",
+    src = write_nnunet_raw(generate_domain("source", 6, seed=0, size=96), root / "Dataset901_Src",
                            dataset_name="Dataset901_Src")
-    tgt_cases = generate_domain("target-blur", 3, seed=1, size=64)
+    tgt_cases = generate_domain("source", 3, seed=1, size=96)  # the machinery, not the gain, is tested here
     tgt = write_nnunet_raw(tgt_cases, root / "Dataset902_Tgt", dataset_name="Dataset902_Tgt", labelled=False)
     cfg = load_config(PretrainConfig, None, [
-        "plan.features=[8, 16, 32, 32]", "plan.patch_size=[64, 64]", "plan.batch_size=8",
+        "plan.features=[8, 16, 32, 32]", "plan.patch_size=[96, 96]", "plan.batch_size=8",
         "train.epochs=25", "train.device=cpu", "train.num_threads=1", "train.val_every=100", "train.lr=0.01",
     ])
     res = pretrain(src, root / "models", cfg, progress=False)
