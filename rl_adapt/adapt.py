@@ -68,6 +68,10 @@ class AdaptConfig:
     """Use at most this many target images (0: all), picked with the seed."""
     ppo_images_per_iteration: int = 512
     """Target images (one-step episodes) PPO consumes per iteration."""
+    keep_if_closer: bool = True
+    """Label-free guard against reward hacking: keep an iteration's PPO weights only if the policy's argmax
+    agrees better (mean Dice over LV/MYO/LA on the target set) with that iteration's corrected masks than
+    before PPO; otherwise the iteration keeps the previous weights (logged as ``rejected``)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Rollout settings."""
     corrector: CorrectorConfig = field(default_factory=CorrectorConfig)
@@ -150,6 +154,13 @@ def policy_outputs(
         for s in range(samples):
             sampled[start : start + len(batch), s] = dist.sample(generator=generator).cpu().numpy().astype(np.uint8)
     return argmax, sampled
+
+
+def agreement(masks: np.ndarray, corrected: np.ndarray) -> float:
+    """Mean over images of the mean Dice (LV, MYO, LA) between (N, H, W) ``masks`` and ``corrected``."""
+    from rl_adapt.corrector import mean_dice
+
+    return float(np.mean([mean_dice(a, b) for a, b in zip(masks, corrected)]))
 
 
 def _validity_rate(masks: np.ndarray) -> float:
@@ -398,11 +409,13 @@ class Adapter:
             self._log_metrics(stage, info)
         return RewardNet.load(path, device=self.device)
 
-    def _ppo(self, k: int, net: torch.nn.Module, reward_net) -> torch.nn.Module:
+    def _ppo(self, k: int, net: torch.nn.Module, reward_net, corrected: np.ndarray,
+             argmax_before: np.ndarray) -> torch.nn.Module:
         path = self.run_dir / f"iter{k}" / "policy.pt"
         stage = f"iter{k}/ppo"
         if not self.state.done(stage):
             t0 = time.time()
+            before_state = {k2: v.detach().clone() for k2, v in net.state_dict().items()}
             ppo_cfg = dataclasses.replace(self.cfg.ppo, seed=_stage_seed(self.cfg.seed, k, 4))
             net, stats = train_policy(
                 network=net, reference=self.source_network, images=self.images, reward_fn=reward_net.score,
@@ -413,8 +426,18 @@ class Adapter:
             for name, p in net.state_dict().items():
                 if torch.is_floating_point(p) and not torch.isfinite(p).all():
                     raise RLAdaptError(f"iteration {k}: non-finite weights in {name}; last good checkpoint kept")
+            gen = torch.Generator(device=self.device).manual_seed(_stage_seed(self.cfg.seed, k, 5))
+            argmax_after, _ = policy_outputs(net, self.images, 0, self.cfg.rollout.batch_size, gen)
+            agree_before = agreement(argmax_before, corrected)
+            agree_after = agreement(argmax_after, corrected)
+            rejected = bool(self.cfg.keep_if_closer and agree_after < agree_before)
+            if rejected:
+                log.warning("iteration %d: PPO moved the policy away from the corrected masks (agreement %.4f -> "
+                            "%.4f); keeping the previous weights", k, agree_before, agree_after)
+                net.load_state_dict(before_state)
             _save_torch(path, {k2: v.detach().cpu() for k2, v in net.state_dict().items()})
-            info = {**stats, "seconds": time.time() - t0}
+            info = {**stats, "agreement_before": agree_before, "agreement_after": agree_after, "rejected": rejected,
+                    "seconds": time.time() - t0}
             if self.val_cases is not None:
                 info.update(self.validate(net))
             self.state.mark(stage, info)
@@ -470,7 +493,7 @@ class Adapter:
             roll = self._rollout(k, net)
             corr = self._correct(k, roll["argmax"], prior)
             reward_net = self._reward(k, roll, corr, net)
-            net = self._ppo(k, net, reward_net)
+            net = self._ppo(k, net, reward_net, corr["corrected"], roll["argmax"])
         net = self._network_at(self.cfg.iterations)
         if reward_net is None:
             from rl_adapt.reward_net import RewardNet
