@@ -10,7 +10,6 @@ venv: $(VENV)/.installed
 # torch is installed first and pinned by constraints.txt so nnunetv2's dependencies keep the CPU wheel.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
