@@ -57,6 +57,13 @@ class TorchSegmentationVecEnv(VectorEnv):
         self._indices: torch.Tensor | None = None
         self._obs: torch.Tensor | None = None
 
+    @property
+    def current_indices(self) -> torch.Tensor | None:
+        """Indices (B,) int64 (CPU) into ``images`` of the batch being served (None before the first reset).
+
+        Lets a reward function look up per-image data (e.g. corrected masks) for the images it scores."""
+        return self._indices
+
     # ------------------------------------------------------------------ sampling
     def seed(self, seed: int | None) -> None:
         """Re-seed the image order (restarts the epoch)."""

@@ -68,6 +68,10 @@ class AdaptConfig:
     """Use at most this many target images (0: all), picked with the seed."""
     ppo_images_per_iteration: int = 512
     """Target images (one-step episodes) PPO consumes per iteration."""
+    correction_reward_weight: float = 0.0
+    """Weight w of the corrected masks in the PPO reward: per pixel r = w * 1[label == corrected] + (1 - w) *
+    reward_net, for target images whose correction is anatomically valid (w = 0 elsewhere). 0 is RL4Seg's
+    pure learned reward; see README (measured: PPO exploits a small CPU-trained reward network)."""
     keep_if_closer: bool = True
     """Label-free guard against reward hacking: keep an iteration's PPO weights only if the policy's argmax
     agrees better (mean Dice over LV/MYO/LA on the target set) with that iteration's corrected masks than
@@ -156,6 +160,34 @@ def policy_outputs(
     return argmax, sampled
 
 
+class BlendedReward:
+    """Per-pixel PPO reward mixing the corrected masks with the reward network (see
+    ``AdaptConfig.correction_reward_weight``).
+
+    :param reward_net: the :class:`~rl_adapt.reward_net.RewardNet` (its ``score`` is the learned reward).
+    :param corrected: (N, H, W) int64 corrected masks aligned with the env's images, on the device.
+    :param trusted: (N,) bool, images whose correction is anatomically valid.
+    :param weight: w in [0, 1].
+    """
+
+    def __init__(self, reward_net, corrected: torch.Tensor, trusted: torch.Tensor, weight: float):
+        self.reward_net = reward_net
+        self.corrected = corrected
+        self.trusted = trusted
+        self.weight = float(weight)
+        self.env = None  # set once the vector env exists (it tells which images are being scored)
+
+    def __call__(self, images: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) images and (B, H, W) int64 labels -> (B, H, W) reward in [0, 1]."""
+        learned = self.reward_net.score(images, actions)
+        if self.weight <= 0 or self.env is None or self.env.current_indices is None:
+            return learned
+        idx = self.env.current_indices.to(self.corrected.device)
+        w = self.weight * self.trusted[idx].to(learned.dtype)[:, None, None]
+        agree = (actions == self.corrected[idx]).to(learned.dtype)
+        return w * agree + (1 - w) * learned
+
+
 def agreement(masks: np.ndarray, corrected: np.ndarray) -> float:
     """Mean over images of the mean Dice (LV, MYO, LA) between (N, H, W) ``masks`` and ``corrected``."""
     from rl_adapt.corrector import mean_dice
@@ -198,6 +230,8 @@ def train_policy(
     model = PixelPPO.from_network(network, images, reward_fn, cfg, reference_network=reference,
                                   validity_fn=_validity_rate, tensorboard_log=tensorboard_log,
                                   device=images.device)
+    if hasattr(reward_fn, "env"):
+        reward_fn.env = model.env
     model.set_adaptation_iteration(iteration, n_iterations)
     model.learn(total_timesteps=int(total_images), tb_log_name=tb_name, progress_bar=progress)
     stats: dict = {"beta_kl": float(model.beta_kl), "ent_coef": float(model.ent_coef)}
@@ -409,16 +443,20 @@ class Adapter:
             self._log_metrics(stage, info)
         return RewardNet.load(path, device=self.device)
 
-    def _ppo(self, k: int, net: torch.nn.Module, reward_net, corrected: np.ndarray,
+    def _ppo(self, k: int, net: torch.nn.Module, reward_net, corr: dict,
              argmax_before: np.ndarray) -> torch.nn.Module:
         path = self.run_dir / f"iter{k}" / "policy.pt"
         stage = f"iter{k}/ppo"
         if not self.state.done(stage):
             t0 = time.time()
             before_state = {k2: v.detach().clone() for k2, v in net.state_dict().items()}
+            corrected = corr["corrected"]
+            reward_fn = BlendedReward(reward_net, torch.as_tensor(corrected, dtype=torch.int64, device=self.device),
+                                      torch.as_tensor(corr["valid"], device=self.device),
+                                      self.cfg.correction_reward_weight)
             ppo_cfg = dataclasses.replace(self.cfg.ppo, seed=_stage_seed(self.cfg.seed, k, 4))
             net, stats = train_policy(
-                network=net, reference=self.source_network, images=self.images, reward_fn=reward_net.score,
+                network=net, reference=self.source_network, images=self.images, reward_fn=reward_fn,
                 cfg=ppo_cfg, total_images=self.cfg.ppo_images_per_iteration, iteration=k,
                 n_iterations=self.cfg.iterations, tensorboard_log=str(self.run_dir / "tensorboard"),
                 tb_name=f"ppo_iter{k}", progress=self.progress,
@@ -493,7 +531,7 @@ class Adapter:
             roll = self._rollout(k, net)
             corr = self._correct(k, roll["argmax"], prior)
             reward_net = self._reward(k, roll, corr, net)
-            net = self._ppo(k, net, reward_net, corr["corrected"], roll["argmax"])
+            net = self._ppo(k, net, reward_net, corr, roll["argmax"])
         net = self._network_at(self.cfg.iterations)
         if reward_net is None:
             from rl_adapt.reward_net import RewardNet

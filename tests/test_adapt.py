@@ -147,3 +147,29 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_world, tmp_path):
         assert torch.equal(a[key], b[key]), key
     leftovers = [p for p in killed.rglob("*") if ".tmp-" in p.name]
     assert not leftovers
+
+
+def test_blended_reward_uses_corrections_only_where_trusted():
+    from types import SimpleNamespace
+
+    from rl_adapt.adapt import BlendedReward, agreement
+
+    class ConstNet:
+        def score(self, images, actions):
+            return torch.full(actions.shape, 0.25)
+
+    corrected = torch.tensor([[[1, 1], [0, 0]], [[2, 2], [2, 2]]])
+    trusted = torch.tensor([True, False])
+    actions = torch.tensor([[[1, 0], [0, 3]], [[2, 2], [2, 2]]])
+    images = torch.zeros(2, 1, 2, 2)
+    fn = BlendedReward(ConstNet(), corrected, trusted, weight=1.0)
+    assert torch.equal(fn(images, actions), torch.full((2, 2, 2), 0.25))  # no env attached yet: learned reward
+    fn.env = SimpleNamespace(current_indices=torch.tensor([0, 1]))
+    r = fn(images, actions)
+    assert torch.equal(r[0], torch.tensor([[1.0, 0.0], [1.0, 0.0]]))  # trusted: agreement with the correction
+    assert torch.equal(r[1], torch.full((2, 2), 0.25))  # untrusted: the reward network
+    half = BlendedReward(ConstNet(), corrected, trusted, weight=0.5)
+    half.env = SimpleNamespace(current_indices=torch.tensor([0, 0]))
+    assert torch.allclose(half(images, actions)[0], torch.tensor([[0.625, 0.125], [0.625, 0.125]]))
+    a = np.array([[[1, 1], [2, 3]]], np.uint8)
+    assert agreement(a, a) == 1.0 and agreement(a, np.zeros_like(a)) < 1.0
