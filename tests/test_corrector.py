@@ -14,26 +14,13 @@ from rl_adapt.corrector import (
 )
 from rl_adapt.errors import InputError
 
-BG, LV, MYO, LA = 0, 1, 2, 3
+from phantoms import BG, LA, LV, MYO  # noqa: E402,F401
+from phantoms import heart as phantom_heart  # noqa: E402
 
 
 def heart(size: int = 64, seed: int = 0) -> np.ndarray:
-    """Apex-up synthetic heart: LV ellipse cut at the base, MYO wall open at the base, LA below the mitral plane."""
-    rng = np.random.default_rng(seed)
-    s = size / 64
-    cy, cx = 28 * s + rng.normal(0, 1.5 * s), 32 * s + rng.normal(0, 2 * s)
-    ry, rx, t = (15 + rng.normal(0, 1.5)) * s, (9 + rng.normal(0, 1)) * s, (4 + rng.normal(0, 0.4)) * s
-    base = int(round(cy + 0.75 * ry))
-    yy, xx = np.mgrid[:size, :size]
-    lv = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1) & (yy <= base)
-    epi = (((yy - cy) / (ry + t)) ** 2 + ((xx - cx) / (rx + t)) ** 2 <= 1) & (yy <= base)
-    cols = np.flatnonzero(lv[base])
-    hw, ccx = (cols[-1] - cols[0] + 1) / 2, (cols[0] + cols[-1]) / 2
-    lar = (9 + rng.normal(0, 1)) * s
-    la = (((yy - (base + 0.5)) / lar) ** 2 + ((xx - ccx) / (hw + 0.01)) ** 2 <= 1) & (yy > base)
-    m = np.zeros((size, size), np.uint8)
-    m[epi], m[lv], m[la] = MYO, LV, LA
-    return m
+    """The shared phantom, seeded."""
+    return phantom_heart(size, np.random.default_rng(seed))
 
 
 def valid_hearts(size: int, n: int) -> list[np.ndarray]:

@@ -19,25 +19,13 @@ from rl_adapt.reward_net import (
     train_reward_net,
 )
 
-BG, LV, MYO, LA = 0, 1, 2, 3
+from phantoms import BG, LA, LV, MYO  # noqa: E402,F401
+from phantoms import heart as phantom_heart  # noqa: E402
 
 
 def heart(size: int, rng: np.random.Generator) -> np.ndarray:
-    """Apex-up synthetic heart (LV, MYO open at the base, LA below), random size and position."""
-    s = size / 64
-    cy, cx = 28 * s + rng.normal(0, 2 * s), 32 * s + rng.normal(0, 3 * s)
-    ry, rx, t = (15 + rng.normal(0, 1.5)) * s, (9 + rng.normal(0, 1)) * s, (4 + rng.normal(0, 0.4)) * s
-    base = int(round(cy + 0.75 * ry))
-    yy, xx = np.mgrid[:size, :size]
-    lv = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1) & (yy <= base)
-    epi = (((yy - cy) / (ry + t)) ** 2 + ((xx - cx) / (rx + t)) ** 2 <= 1) & (yy <= base)
-    cols = np.flatnonzero(lv[base])
-    hw, ccx = (cols[-1] - cols[0] + 1) / 2, (cols[0] + cols[-1]) / 2
-    lar = (9 + rng.normal(0, 1)) * s
-    la = (((yy - (base + 0.5)) / lar) ** 2 + ((xx - ccx) / (hw + 0.01)) ** 2 <= 1) & (yy > base)
-    m = np.zeros((size, size), np.uint8)
-    m[epi], m[lv], m[la] = MYO, LV, LA
-    return m
+    """The shared phantom with a wider position jitter."""
+    return phantom_heart(size, rng, jitter=(2.0, 3.0))
 
 
 def image_of(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
