@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY_ADAPT = [
     "device=cpu", "threads=1", "iterations=2", "ppo_images_per_iteration=16",
+    "correction_reward_weight=1.0", "keep_if_closer=false",  # 16 images: the guard would often keep the source
     "rollout.samples_per_image=1", "rollout.batch_size=8",
     "reward.features=4", "reward.depth=2", "reward.steps=20", "reward.batch_size=4",
     "ppo.n_envs=4", "ppo.n_steps=2", "ppo.batch_size=4", "ppo.n_epochs=2",

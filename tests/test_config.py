@@ -1,6 +1,8 @@
 """Typed YAML configs: defaults, file values, --set overrides, and strict errors."""
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 import pytest
 
 from rl_adapt.config import load_config, save_config
@@ -85,3 +87,15 @@ def test_atomic_files_are_readable_by_others(tmp_path):
     io_utils.write_text_atomic(tmp_path / "a.txt", "x")
     mode = stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode)
     assert mode == 0o666 & ~io_utils._UMASK  # as open() would create it, not mkstemp's 0600
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    """Each YAML in configs/ is valid for the dataclass its name says (unknown keys would fail here)."""
+    from rl_adapt.adapt import AdaptConfig
+    from rl_adapt.baselines import BaselineConfig
+    from rl_adapt.demo import DemoConfig
+    from rl_adapt.pretrain import PretrainConfig
+
+    cls = {"adapt": AdaptConfig, "baseline": BaselineConfig, "demo": DemoConfig, "pretrain": PretrainConfig}
+    load_config(cls[name.split("_")[0].split(".")[0]], Path(__file__).resolve().parents[1] / "configs" / name)
