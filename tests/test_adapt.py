@@ -174,3 +174,18 @@ def test_blended_reward_uses_corrections_only_where_trusted():
     assert torch.allclose(half(images, actions)[0], torch.tensor([[0.625, 0.125], [0.625, 0.125]]))
     a = np.array([[[1, 1], [2, 3]]], np.uint8)
     assert agreement(a, a) == 1.0 and agreement(a, np.zeros_like(a)) < 1.0
+
+
+def test_guard_keeps_the_previous_weights_when_ppo_moves_away(tiny_world, tmp_path):
+    """A destructive learning rate wrecks the policy; the label-free guard must reject it and keep the source."""
+    run = tmp_path / "run"
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"])
+    cfg = _cfg(["iterations=1", "keep_if_closer=true", "ppo.learning_rate=0.5", "ppo.max_grad_norm=1000.0"])
+    Adapter(inputs, cfg, run, progress=False).run()
+    rec = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ppo = next(r for r in rec if r["stage"] == "iter0/ppo")
+    assert ppo["rejected"] is True and ppo["agreement_after"] < ppo["agreement_before"]
+    source = torch.load(tiny_world["model"] / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    kept = torch.load(run / "iter0" / "policy.pt")
+    for key, value in kept.items():
+        assert torch.equal(value, source[key].to(value.dtype)), key
