@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import gymnasium as gym
 import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space

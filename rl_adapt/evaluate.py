@@ -21,7 +21,6 @@ mean is NaN-aware and its count is reported under ``summary["counts"]``.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import shutil
 
 import numpy as np
 import pytest

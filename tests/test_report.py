@@ -1,7 +1,6 @@
 """report.html from evaluation files: self-contained, every section present, renders in Chromium."""
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from rl_adapt.anatomy import ALL_CHECKS, AnatomyConfig, check_anatomy
 from rl_adapt.data.label_repair import interpolation_artefacts, remove_resize_artefacts  # noqa: F401

@@ -28,7 +28,6 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import configure
 
 from rl_adapt.policies.actor_critic import plain_unet
-from rl_adapt.policies.distribution import PixelCategorical
 from rl_adapt.ppo import PixelPPO, PPOConfig
 
 

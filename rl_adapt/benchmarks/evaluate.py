@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reference: bare network forward (1 thread) x{n_forward} = {bare_s:.1f} s; predict / bare = "
           f"{tim['predict'] / max(bare_s, 1e-9):.2f}x; per image: predict {1000 * tim['predict'] / n_forward:.1f} ms, "
           f"metrics {1000 * tim['metrics'] / n_forward:.1f} ms")
-    print(f"mean Dice: " + ", ".join(f"{n} {e['dice']['mean']:.3f}" for n, e in summary["models"].items()))
+    print("mean Dice: " + ", ".join(f"{n} {e['dice']['mean']:.3f}" for n, e in summary["models"].items()))
     if work_ctx:
         work_ctx.cleanup()
     return 0
