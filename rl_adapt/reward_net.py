@@ -539,7 +539,7 @@ def train_reward_net(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.steps, 1), pct_start=0.1)
     net.network.train()
     losses: list[float] = []
-    bar = tqdm(range(cfg.steps), desc="reward net", disable=not progress, leave=False)
+    bar = tqdm(range(cfg.steps), desc="reward net", disable=None if progress else True, leave=False)
     order = rng.permutation(train_pairs)
     pos = 0
     for step in bar:

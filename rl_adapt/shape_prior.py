@@ -286,7 +286,7 @@ def train_shape_prior(masks: np.ndarray, cfg: ShapePriorConfig | None = None, de
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.steps, 1), pct_start=0.1)
     net.train()
     losses: list[float] = []
-    bar = tqdm(range(cfg.steps), desc="shape prior", disable=not progress, leave=False)
+    bar = tqdm(range(cfg.steps), desc="shape prior", disable=None if progress else True, leave=False)
     for step in bar:
         idx = torch.randint(0, len(small), (cfg.batch_size,), generator=gen, device=device)
         oh = _random_affine(small[idx], cfg, gen)
