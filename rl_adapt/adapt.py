@@ -414,7 +414,7 @@ class Adapter:
         data = np.load(path)
         return {k2: data[k2] for k2 in ("corrected", "accepted", "valid", "correction_path")}
 
-    def _reward(self, k: int, roll: dict, corr: dict, net: torch.nn.Module):
+    def _reward(self, k: int, roll: dict, corr: dict):
         from rl_adapt.reward_net import RewardNet, build_reward_dataset, train_reward_net
 
         path = self.run_dir / f"iter{k}" / "reward_net.pt"
@@ -444,7 +444,8 @@ class Adapter:
         return RewardNet.load(path, device=self.device)
 
     def _ppo(self, k: int, net: torch.nn.Module, reward_net, corr: dict,
-             argmax_before: np.ndarray) -> torch.nn.Module:
+             argmax_before: np.ndarray) -> None:
+        """PPO phase of iteration ``k``; writes ``iter{k}/policy.pt`` (the next iteration reads it)."""
         path = self.run_dir / f"iter{k}" / "policy.pt"
         stage = f"iter{k}/ppo"
         if not self.state.done(stage):
@@ -480,7 +481,6 @@ class Adapter:
                 info.update(self.validate(net))
             self.state.mark(stage, info)
             self._log_metrics(stage, info)
-        return self._network_at(k + 1)
 
     # ------------------------------------------------------------------ validation / export
     def validate(self, net: torch.nn.Module) -> dict[str, float]:
@@ -522,7 +522,6 @@ class Adapter:
             self.state.mark("val_source", info)
             self._log_metrics("val_source", info)
         prior = self._shape_prior()
-        net = self._network_at(0)
         reward_net = None
         for k in range(self.cfg.iterations):
             if self.state.done(f"iter{k}/ppo"):
@@ -530,8 +529,8 @@ class Adapter:
             net = self._network_at(k)
             roll = self._rollout(k, net)
             corr = self._correct(k, roll["argmax"], prior)
-            reward_net = self._reward(k, roll, corr, net)
-            net = self._ppo(k, net, reward_net, corr, roll["argmax"])
+            reward_net = self._reward(k, roll, corr)
+            self._ppo(k, net, reward_net, corr, roll["argmax"])
         net = self._network_at(self.cfg.iterations)
         if reward_net is None:
             from rl_adapt.reward_net import RewardNet
