@@ -97,6 +97,8 @@ class AdaptInputs:
     :param source_data: optional labelled source dataset (its label maps train the shape prior).
     :param expert_dir: optional folder of expert-corrected masks named like the target cases.
     :param val_dir: optional labelled target set, only to report progress (never trained on).
+    :param shape_prior: optional trained shape prior (``shape_prior.pt`` of an earlier run on the same source
+        domain); used instead of training one from ``source_data``.
     """
 
     model_dir: Path
@@ -104,6 +106,7 @@ class AdaptInputs:
     source_data: Path | None = None
     expert_dir: Path | None = None
     val_dir: Path | None = None
+    shape_prior: Path | None = None
 
 
 def pick_device(name: str) -> torch.device:
@@ -278,10 +281,18 @@ class Adapter:
         return {k: (None if v is None else str(Path(v).resolve())) for k, v in dataclasses.asdict(self.inputs).items()}
 
     def _check_inputs(self) -> None:
-        for name in ("model_dir", "target_dir", "source_data", "expert_dir", "val_dir"):
+        for name in ("model_dir", "target_dir", "source_data", "expert_dir", "val_dir", "shape_prior"):
             p = getattr(self.inputs, name)
             if p is not None and not Path(p).exists():
                 raise InputError(p, f"{name.replace('_', ' ')} does not exist")
+        if self.inputs.shape_prior is not None:
+            from rl_adapt.shape_prior import ShapePrior
+
+            try:
+                ShapePrior.load(self.inputs.shape_prior, device="cpu")
+            except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
+                raise InputError(self.inputs.shape_prior,
+                                 f"not a shape prior saved by rl-adapt ({type(exc).__name__}: {exc})") from exc
         try:
             if self.run_dir.resolve().is_relative_to(Path(self.inputs.model_dir).resolve()):
                 raise InputError(self.run_dir, "the run folder may not be inside the source model folder")
@@ -359,7 +370,11 @@ class Adapter:
 
     # ------------------------------------------------------------------ stages
     def _shape_prior(self):
-        if self.inputs.source_data is None or not self.cfg.corrector.use_shape_prior:
+        if not self.cfg.corrector.use_shape_prior:
+            return None
+        if self.inputs.shape_prior is not None:
+            return self._given_shape_prior()
+        if self.inputs.source_data is None:
             return None
         from rl_adapt.data.readers import read_dataset
         from rl_adapt.shape_prior import ShapePrior, train_shape_prior
@@ -377,6 +392,21 @@ class Adapter:
         self.state.mark("shape_prior", {"n_masks": len(masks), "seconds": time.time() - t0})
         self._log_metrics("shape_prior", {"n_masks": len(masks), "seconds": time.time() - t0})
         return prior
+
+    def _given_shape_prior(self):
+        """The user's trained shape prior, copied into the run folder once (the run stays self-contained)."""
+        import shutil
+
+        from rl_adapt.shape_prior import ShapePrior
+
+        path = self.run_dir / "shape_prior.pt"
+        if not self.state.done("shape_prior"):
+            src = Path(self.inputs.shape_prior)
+            with atomic_path(path) as tmp:
+                shutil.copyfile(src, tmp)
+            self.state.mark("shape_prior", {"from": str(src.resolve())})
+            self._log_metrics("shape_prior", {"from": str(src.resolve())})
+        return ShapePrior.load(path, device=self.device)
 
     def _rollout(self, k: int, net: torch.nn.Module) -> dict[str, np.ndarray]:
         path = self.run_dir / f"iter{k}" / "rollout.npz"

@@ -108,6 +108,31 @@ def test_bad_inputs_are_refused_before_writing(tiny_world, tmp_path):
     inside = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"])
     with pytest.raises(InputError, match="inside the source model folder"):
         Adapter(inside, _cfg(), tiny_world["model"] / "run", progress=False)
+    junk = tmp_path / "prior.pt"
+    junk.write_bytes(b"not a checkpoint")
+    bad_prior = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"], shape_prior=junk)
+    with pytest.raises(InputError, match="prior.pt.*not a shape prior"):
+        Adapter(bad_prior, _cfg(), tmp_path / "run2", progress=False)
+    assert not (tmp_path / "run2").exists()
+
+
+def test_a_given_shape_prior_is_reused_not_retrained(tiny_world, tmp_path):
+    from rl_adapt.shape_prior import ShapePrior, ShapePriorConfig, train_shape_prior
+
+    masks = np.zeros((4, 32, 32), np.uint8)
+    masks[:, 8:24, 10:22] = 2
+    masks[:, 10:22, 12:20] = 1
+    prior = train_shape_prior(masks, ShapePriorConfig(size=32, features=4, steps=2, batch_size=2), device="cpu")
+    given = tmp_path / "given.pt"
+    prior.save(given)
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"],
+                         source_data=tiny_world["source"], shape_prior=given)
+    adapter = Adapter(inputs, _cfg(), tmp_path / "run", progress=False)
+    loaded = adapter._shape_prior()
+    assert isinstance(loaded, ShapePrior)
+    assert (tmp_path / "run" / "shape_prior.pt").read_bytes() == given.read_bytes()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == ["shape_prior"] and "n_masks" not in records[0]
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(tiny_world, tmp_path):

@@ -20,6 +20,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, type=Path, help="unlabelled target images (folder or dataset)")
     p.add_argument("--out", required=True, type=Path, help="run folder (must not exist unless --resume)")
     p.add_argument("--source-data", type=Path, help="labelled source dataset: its masks train the shape prior")
+    p.add_argument("--shape-prior", type=Path,
+                   help="trained shape prior to reuse (shape_prior.pt of an earlier run on the same source data)")
     p.add_argument("--expert", type=Path, help="folder of expert-corrected masks named like the target cases")
     p.add_argument("--val", type=Path, help="labelled target set used only to report progress")
     p.add_argument("--config", type=Path, help="YAML config (e.g. configs/adapt_cpu.yaml)")
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         cfg_path = args.out / "config.yaml"
     cfg = load_config(AdaptConfig, cfg_path, args.overrides)
     inputs = AdaptInputs(model_dir=args.model, target_dir=args.target, source_data=args.source_data,
-                         expert_dir=args.expert, val_dir=args.val)
+                         expert_dir=args.expert, val_dir=args.val, shape_prior=args.shape_prior)
     adapter = Adapter(inputs, cfg, args.out, resume=args.resume, progress=not args.no_progress)
     folder = adapter.run()
     print(f"adapted model: {folder}")
