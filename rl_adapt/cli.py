@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    # Batch jobs (--no-progress) get stage and epoch log lines instead of bars; interactive runs stay quiet.
+    quiet = logging.INFO if getattr(args, "no_progress", False) else logging.WARNING
+    level = {0: quiet, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.command:
         parser.print_help()
