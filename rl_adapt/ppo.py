@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.logger import Image
+from stable_baselines3.common.logger import Image, Logger
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from torch import nn
 
@@ -298,6 +298,9 @@ class PixelPPO(OnPolicyAlgorithm):
         SB3's loop, except that logs are dumped after each update (so the last update is logged too).
         """
         iteration = 0
+        if self.tensorboard_log is None and self.verbose == 0 and not self._custom_logger:
+            # SB3 would otherwise make an empty /tmp/SB3-<date> folder for a logger that writes nothing
+            self.set_logger(Logger(folder=None, output_formats=[]))
         total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name,
                                                       progress_bar)
         callback.on_training_start(locals(), globals())

@@ -201,3 +201,13 @@ def test_schedules_validity_and_tensorboard(data, tmp_path):
     assert seen == [(4, SIZE, SIZE)] * 2 and model.history[-1]["validity"] == 0.5
     assert model.history[-1]["beta_kl"] == pytest.approx(0.0125)
     assert list(tmp_path.rglob("events.out.tfevents*"))
+
+
+def test_learning_without_tensorboard_leaves_no_sb3_temp_folder(data, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    images, labels = data
+    model = make_model(images, labels)
+    model.learn(8)
+    assert not list(tmp_path.glob("SB3-*"))

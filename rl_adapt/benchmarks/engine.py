@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.logger import configure
+from stable_baselines3.common.logger import Logger
 
 from rl_adapt.policies.actor_critic import plain_unet
 from rl_adapt.ppo import PixelPPO, PPOConfig
@@ -143,7 +143,7 @@ def bench_device(device: torch.device, size: int, batch: int, n_steps: int, reps
 
     cfg = PPOConfig(n_envs=batch, n_steps=n_steps, batch_size=batch, n_epochs=1, learning_rate=1e-5, seed=0)
     model = PixelPPO.from_network(plain_unet(1, classes, features), images, reward_fn, cfg, device=device)
-    model.set_logger(configure(None, [""]))
+    model.set_logger(Logger(folder=None, output_formats=[]))
     bare = BareLoop(model, images, reward_fn, batch, n_steps)
     cb = _Nop()
     cb.init_callback(model)
