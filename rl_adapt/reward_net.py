@@ -536,7 +536,10 @@ def train_reward_net(
         pos_weight = torch.tensor((1 - frac_right) / frac_right, device=device)
 
     opt = torch.optim.AdamW(net.network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.steps, 1), pct_start=0.1)
+    if cfg.steps >= 20:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    else:  # OneCycleLR divides by zero when its warm-up rounds to one step (e.g. 10 steps): keep lr constant
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     net.network.train()
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="reward net", disable=None if progress else True, leave=False)

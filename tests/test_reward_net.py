@@ -166,3 +166,11 @@ def test_save_load_and_refine(trained, tmp_path):
         train_reward_net(ds, RewardNetConfig(features=4, steps=1), init=loaded)
     with pytest.raises(InputError, match="not found"):
         RewardNet.load(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 20])
+def test_any_step_count_trains(trained, steps):
+    """OneCycleLR divided by zero at 10 steps (a one-step warm-up); every small budget must train."""
+    _, _, ds = trained
+    _, stats = train_reward_net(ds, RewardNetConfig(features=4, depth=2, steps=steps, batch_size=2, seed=0))
+    assert stats["steps"] == steps and np.isfinite(stats["train_loss"])
