@@ -46,6 +46,8 @@ class DemoConfig:
     """Config shared by the baselines (same budget knobs)."""
     baselines: tuple[str, ...] = ("tent", "pseudo-label")
     """Baselines evaluated beside the source and the RL-adapted model."""
+    evaluate_device: str = "cpu"
+    """Torch device of the evaluation stage ("cpu", "cuda"), passed as ``rl-adapt evaluate --device``."""
     extra_overrides: dict[str, list[str]] = field(default_factory=dict)
     """Per-command extra ``--set`` overrides, e.g. {"adapt": ["ppo.lr=1e-4"]}."""
 
@@ -148,7 +150,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     stage("evaluate", (eval_dir / "summary.json").exists(), lambda: [
         "evaluate", *[x for n, p in models.items() for x in ("--model", f"{n}={p}")],
         "--data", str(out / "data" / "target_test"), "--out", str(eval_dir), "--reward", str(adapt_dir),
-        *np_flag])
+        "--device", cfg.evaluate_device, *np_flag])
     bar.close()
     summary = json.loads((eval_dir / "summary.json").read_text())
     log.info("demo finished in %.0f s: %s", time.time() - t0, timings)
