@@ -73,9 +73,10 @@ class AdaptConfig:
     reward_net, for target images whose correction is anatomically valid (w = 0 elsewhere). 0 is RL4Seg's
     pure learned reward; see README (measured: PPO exploits a small CPU-trained reward network)."""
     keep_if_closer: bool = True
-    """Label-free guard against reward hacking: keep an iteration's PPO weights only if the policy's argmax
-    agrees better (mean Dice over LV/MYO/LA on the target set) with that iteration's corrected masks than
-    before PPO; otherwise the iteration keeps the previous weights (logged as ``rejected``)."""
+    """Guard against reward hacking: keep an iteration's PPO weights only if the policy's argmax agrees better
+    (mean Dice over LV/MYO/LA) with that iteration's corrected masks than before PPO; otherwise the iteration
+    keeps the previous weights (logged as ``rejected``). Judged on the images with expert masks when ``--expert``
+    gives any (the masks users trust most), else on the whole target set (label-free)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Rollout settings."""
     corrector: CorrectorConfig = field(default_factory=CorrectorConfig)
@@ -497,20 +498,27 @@ class Adapter:
                     raise RLAdaptError(f"iteration {k}: non-finite weights in {name}; last good checkpoint kept")
             gen = torch.Generator(device=self.device).manual_seed(_stage_seed(self.cfg.seed, k, 5))
             argmax_after, _ = policy_outputs(net, self.images, 0, self.cfg.rollout.batch_size, gen)
-            agree_before = agreement(argmax_before, corrected)
-            agree_after = agreement(argmax_after, corrected)
+            judged = self._guard_images()
+            agree_before = agreement(argmax_before[judged], corrected[judged])
+            agree_after = agreement(argmax_after[judged], corrected[judged])
             rejected = bool(self.cfg.keep_if_closer and agree_after < agree_before)
             if rejected:
                 log.warning("iteration %d: PPO moved the policy away from the corrected masks (agreement %.4f -> "
                             "%.4f); keeping the previous weights", k, agree_before, agree_after)
                 net.load_state_dict(before_state)
             _save_torch(path, {k2: v.detach().cpu() for k2, v in net.state_dict().items()})
-            info = {**stats, "agreement_before": agree_before, "agreement_after": agree_after, "rejected": rejected,
+            info = {**stats, "agreement_before": agree_before, "agreement_after": agree_after,
+                    "guard_images": int(len(judged)), "rejected": rejected,
                     "seconds": time.time() - t0}
             if self.val_cases is not None:
                 info.update(self.validate(net))
             self.state.mark(stage, info)
             self._log_metrics(stage, info)
+
+    def _guard_images(self) -> np.ndarray:
+        """Indices of the target images the ``keep_if_closer`` guard is judged on (see :class:`AdaptConfig`)."""
+        with_expert = [i for i, c in enumerate(self.target_cases) if c.name in self.expert]
+        return np.asarray(with_expert if with_expert else range(len(self.target_cases)), dtype=np.int64)
 
     # ------------------------------------------------------------------ validation / export
     def validate(self, net: torch.nn.Module) -> dict[str, float]:

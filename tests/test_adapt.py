@@ -214,3 +214,23 @@ def test_guard_keeps_the_previous_weights_when_ppo_moves_away(tiny_world, tmp_pa
     kept = torch.load(run / "iter0" / "policy.pt")
     for key, value in kept.items():
         assert torch.equal(value, source[key].to(value.dtype)), key
+
+
+def test_guard_is_judged_on_expert_images_when_given(tiny_world, tmp_path):
+    from rl_adapt.data.readers import read_dataset
+    from rl_adapt.data.writers import write_mask
+    from rl_adapt.synth import generate_domain
+
+    target = read_dataset(tiny_world["target"], with_labels=False)
+    truth = {c.name: c.label for c in generate_domain("source", 3, seed=1, size=96)}
+    expert = tmp_path / "expert"
+    chosen = target[1]
+    write_mask(expert / f"{chosen.name}.nii.gz", truth[chosen.name], like=chosen)
+    with_expert = Adapter(AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"],
+                                      expert_dir=expert), _cfg(), tmp_path / "a", progress=False)
+    with_expert._load()
+    assert with_expert._guard_images().tolist() == [1]
+    without = Adapter(AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"]), _cfg(),
+                      tmp_path / "b", progress=False)
+    without._load()
+    assert without._guard_images().tolist() == list(range(len(target)))
