@@ -4,8 +4,8 @@ Three paths, tried in order for each image (RL4Seg, Judge et al. 2024):
 
 1. :func:`clean_mask` -- deterministic anatomy-guided morphology (largest component per structure,
    hole filling, LV--MYO / LV--LA gap closing, removal of a thin MYO seam across the
-   mitral plane, a myocardial rim where the cavity touches background,
-   tiny-structure removal);
+   mitral plane, a one-pixel separation of MYO and LA where they touch too much, a myocardial rim where
+   the cavity touches background, tiny-structure removal);
 2. if the cleaned mask still fails :func:`rl_adapt.anatomy.check_anatomy`, a shape prior
    (:class:`rl_adapt.shape_prior.ShapePrior`) projects it onto a plausible shape, then it is cleaned again;
 3. expert masks (a dict ``case name -> mask``, e.g. a cardiologist's fixes read from a folder by the
@@ -46,6 +46,9 @@ class CleanupConfig:
     """background gaps up to this many pixels wide between LV and MYO or LV and LA are closed"""
     mitral_line_px: int = 2
     """MYO seams up to this many pixels thick between LV (above) and LA (below) are given to LV/LA"""
+    myo_la_frontier_max: float | None = 0.11
+    """when the MYO-LA frontier ratio (anatomy check ``frontier_myo_la``) exceeds this, the LA pixels touching
+    the MYO become background (None: never). Default: the CAMUS anatomy threshold"""
     rim_px: int = 2
     """width of the myocardial rim added where the LV cavity touches background away from the LA"""
     la_margin_px: int = 3
@@ -201,6 +204,31 @@ def open_mitral_line(mask: np.ndarray, max_px: int = 2) -> np.ndarray:
     return mask
 
 
+def separate_myo_la(mask: np.ndarray, max_ratio: float | None = 0.11) -> np.ndarray:
+    """Detach the LA from the MYO when they share too long a border.
+
+    The border is measured as :mod:`rl_adapt.anatomy`'s ``frontier_myo_la``: MYO pixels 8-adjacent to an LA pixel,
+    divided by the number of columns the MYO spans. Above ``max_ratio``, every LA pixel 8-adjacent to the MYO becomes
+    background, which leaves a one-pixel background seam between them (ratio 0). At and below ``max_ratio`` (and
+    with ``max_ratio`` None) the mask is returned unchanged. Measured on CPU-adapted outputs: an LA wider than the
+    LV base, or a MYO hanging beside the LA, is what keeps otherwise clean masks invalid.
+
+    :param mask: (H, W) uint8; a modified copy is returned.
+    """
+    mask = mask.copy()
+    if max_ratio is None:
+        return mask
+    myo, la = mask == MYO, mask == LA
+    if not myo.any() or not la.any():
+        return mask
+    touching = np.count_nonzero(myo & ndi.binary_dilation(la, structure=_EIGHT))
+    cols = np.flatnonzero(myo.any(axis=0))
+    if touching / (cols[-1] - cols[0] + 1) <= max_ratio:
+        return mask
+    mask[la & ndi.binary_dilation(myo, structure=_EIGHT)] = BG
+    return mask
+
+
 def wrap_cavity(mask: np.ndarray, rim_px: int = 2, la_margin_px: int = 3) -> np.ndarray:
     """Add a myocardial rim outside the LV where the cavity touches background away from the LA.
 
@@ -237,9 +265,9 @@ def clean_mask(mask: np.ndarray, config: CleanupConfig | None = None) -> np.ndar
     Steps, repeated until nothing changes (at most ``config.max_rounds`` times): keep the largest
     component per structure and remove tiny structures (their pixels go to the majority label around
     them), fill holes (LV, LA, epicardium, foreground), close LV--MYO and LV--LA gaps, give a thin MYO
-    seam between LV and LA to its neighbours, and add a thin
-    myocardial rim where the LV touches background away from the LA. A mask that needs none of this
-    is returned unchanged.
+    seam between LV and LA to its neighbours, detach the LA from the MYO where they touch too much
+    (:func:`separate_myo_la`), and add a thin myocardial rim where the LV touches background away from
+    the LA. A mask that needs none of this is returned unchanged.
 
     :param mask: (H, W) integer label map with values 0..3 (bg, LV, MYO, LA).
     :param config: :class:`CleanupConfig` (defaults when None).
@@ -254,6 +282,7 @@ def clean_mask(mask: np.ndarray, config: CleanupConfig | None = None) -> np.ndar
         out = fill_holes(out)
         out = close_gaps(out, cfg.gap_px)
         out = open_mitral_line(out, cfg.mitral_line_px)
+        out = separate_myo_la(out, cfg.myo_la_frontier_max)
         out = wrap_cavity(out, cfg.rim_px, cfg.la_margin_px)
         if np.array_equal(out, before):
             break

@@ -11,6 +11,7 @@ from rl_adapt.corrector import (
     CorrectorConfig,
     clean_mask,
     mean_dice,
+    separate_myo_la,
 )
 from rl_adapt.errors import InputError
 
@@ -128,6 +129,24 @@ def test_mitral_seam_and_tiny_structures(clean):
     tiny = np.zeros_like(clean)
     tiny[40:44, 40:43] = LA                        # a 12-pixel structure, nothing else
     assert not clean_mask(tiny, CleanupConfig(min_structure_px=13)).any()
+
+
+def test_la_touching_the_myocardium_is_detached(clean):
+    m = clean.copy()
+    top = np.flatnonzero((clean == LA).any(1))[0]
+    cols = np.flatnonzero(clean[top - 1] > BG)     # the base row: LV flanked by the two MYO ends
+    m[top, cols[0] : cols[-1] + 1] = LA            # the LA's top row as wide as the epicardium: it touches the MYO
+    assert check_anatomy(m).failed == ["frontier_myo_la"]
+    out = clean_mask(m)
+    assert check_anatomy(out).valid, check_anatomy(out).failed
+    changed = out != m
+    assert changed.any() and set(np.flatnonzero(changed.any(1))) <= {top - 1, top}  # only at the mitral plane
+    assert ((m[changed] == LA) & (out[changed] == BG)).mean() > 0.8   # mostly LA pixels given to the background
+    assert mean_dice(out, clean) > 0.99
+    # at or below the threshold nothing changes; None switches the step off
+    np.testing.assert_array_equal(separate_myo_la(clean), clean)
+    np.testing.assert_array_equal(separate_myo_la(m, None), m)
+    assert check_anatomy(clean_mask(m, CleanupConfig(myo_la_frontier_max=None))).failed == ["frontier_myo_la"]
 
 
 def test_cleanup_is_deterministic_and_idempotent():
