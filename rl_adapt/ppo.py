@@ -23,7 +23,6 @@ Typical use::
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -117,6 +116,50 @@ def _num_classes_of(network: nn.Module, image: torch.Tensor) -> int:
         k = int(network(image).shape[1])
     network.train(was_training)
     return k
+
+
+class _UpdateSnapshot:
+    """Parameters and optimizer state saved at the start of a PPO update, to undo the whole update on divergence.
+
+    The copies live in buffers allocated once and refilled with one fused copy per update: a fresh clone of the
+    parameters plus a deep copy of the optimizer state cost ~25 % of the update time on a GPU (33 M parameters,
+    2 minibatches per update).
+    """
+
+    def __init__(self) -> None:
+        self._live: list[torch.Tensor] = []
+        self._saved: list[torch.Tensor] = []
+        self._fresh: list[torch.Tensor] = []  # parameters without optimizer state yet (first step)
+
+    def take(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+        """Save ``params`` and the tensors of ``optimizer.state`` for them."""
+        live = [p.detach() for p in params]
+        live += [t for p in params for t in optimizer.state.get(p, {}).values() if torch.is_tensor(t)]
+        self._fresh = [p for p in params if not optimizer.state.get(p)]
+        if [(t.shape, t.dtype, t.device) for t in live] != [(t.shape, t.dtype, t.device) for t in self._saved]:
+            self._saved = [t.clone() for t in live]
+        else:
+            _copy_all(self._saved, live)
+        self._live = live
+
+    @torch.no_grad()
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        """Put the saved values back; optimizer state created since :meth:`take` is dropped."""
+        _copy_all(self._live, self._saved)
+        for p in self._fresh:
+            optimizer.state.pop(p, None)
+
+
+@torch.no_grad()
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for all i, fused per (device, dtype) group."""
+    groups: dict[tuple, tuple[list, list]] = {}
+    for d, s in zip(dst, src):
+        pair = groups.setdefault((d.device, d.dtype), ([], []))
+        pair[0].append(d)
+        pair[1].append(s)
+    for d_list, s_list in groups.values():
+        torch._foreach_copy_(d_list, s_list)
 
 
 class PixelPPO(OnPolicyAlgorithm):
@@ -267,7 +310,8 @@ class PixelPPO(OnPolicyAlgorithm):
 
     def _excluded_save_params(self) -> list[str]:
         return super()._excluded_save_params() + ["validity_fn", "_last_obs", "_last_episode_starts",
-                                                  "_sample_gen", "_batch_gen", "_rollout_stats"]
+                                                  "_sample_gen", "_batch_gen", "_rollout_stats",
+                                                  "_snapshot"]
 
     def _setup_model(self) -> None:
         self._setup_lr_schedule()
@@ -285,6 +329,7 @@ class PixelPPO(OnPolicyAlgorithm):
         self._sample_gen.manual_seed(seed + 1)
         self._batch_gen = torch.Generator(device="cpu")
         self._batch_gen.manual_seed(seed + 2)
+        self._snapshot = _UpdateSnapshot()
 
     def set_adaptation_iteration(self, iteration: int, n_iterations: int) -> None:
         """Apply the config's beta/entropy schedules for adaptation iteration ``iteration`` (0-based)."""
@@ -397,8 +442,7 @@ class PixelPPO(OnPolicyAlgorithm):
         buf = self.rollout_buffer
         params = [p for g in policy.optimizer.param_groups for p in g["params"]]
         # snapshot so that a divergence rolls back the whole update, not only the failing step
-        saved_params = [p.detach().clone() for p in params]
-        saved_optim = copy.deepcopy(policy.optimizer.state_dict())
+        self._snapshot.take(params, policy.optimizer)
         sums = torch.zeros(6, device=self.device)  # pg, value, entropy, approx_kl, clip_frac, count
         continue_training = True
         for epoch in range(cfg.n_epochs):
@@ -419,10 +463,7 @@ class PixelPPO(OnPolicyAlgorithm):
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
                 if not bool(torch.isfinite(loss.detach() + grad_norm)):  # one sync per minibatch
                     policy.optimizer.zero_grad(set_to_none=True)
-                    with torch.no_grad():
-                        for p, saved in zip(params, saved_params):
-                            p.copy_(saved)
-                    policy.optimizer.load_state_dict(saved_optim)
+                    self._snapshot.restore(policy.optimizer)
                     raise TrainingDiverged(
                         f"non-finite PPO loss (policy {pg_loss.item()}, value {value_loss.item()}, "
                         f"entropy {entropy.item()}, grad norm {grad_norm.item()}) at epoch {epoch}; "

@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pytest
+from stable_baselines3.common.logger import Logger
 import torch
 from gymnasium import spaces
 
@@ -169,8 +170,9 @@ def test_non_finite_reward_raises_before_any_update(data):
 
 def test_non_finite_loss_rolls_back_the_whole_update(data):
     images, labels = data
-    model = make_model(images, labels)
+    model = make_model(images, labels, n_epochs=3)
     model.learn(16)
+    model.train()  # a second update: the snapshot buffers are refilled, not reallocated
     before = [p.detach().clone() for p in model.policy.parameters()]
     model.rollout_buffer.advantages[5, 0, 0] = float("inf")  # e.g. an overflow inside an update
     optim_before = model.policy.optimizer.state_dict()["state"][0]["exp_avg"].clone()
@@ -211,3 +213,29 @@ def test_learning_without_tensorboard_leaves_no_sb3_temp_folder(data, tmp_path, 
     model = make_model(images, labels)
     model.learn(8)
     assert not list(tmp_path.glob("SB3-*"))
+
+
+def test_divergence_in_the_first_update_drops_the_new_optimizer_state(data):
+    images, labels = data
+    model = make_model(images, labels)
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    model._last_obs, _ = model.env.reset()
+    model.collect_rollouts(model.env, _nop_callback(model), model.rollout_buffer, model.n_steps)
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    model.rollout_buffer.advantages[3, 0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged):
+        model.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.policy.parameters()))
+    assert not model.policy.optimizer.state_dict()["state"]
+
+
+def _nop_callback(model):
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class Nop(BaseCallback):
+        def _on_step(self) -> bool:
+            return True
+
+    cb = Nop()
+    cb.init_callback(model)
+    return cb
