@@ -724,3 +724,21 @@ def shrink_plan(plans: dict, features: Sequence[int], patch_size: Sequence[int],
     cfg["data_identifier"] = f"{plans_name}_2d"
     plans["plans_name"] = plans_name
     return plans
+
+
+# ---------------------------------------------------------------------- postprocessing (nnU-Net's pickle)
+def nnunet_postprocessing_functions(names: Sequence[str]) -> list:
+    """The callables a ``postprocessing.pkl`` stores for the step names of :mod:`rl_adapt.postprocessing`:
+    nnU-Net's own ``remove_all_but_largest_component_from_segmentation`` for that step (so that
+    ``nnUNetv2_apply_postprocessing`` runs it without rl_adapt), :func:`rl_adapt.postprocessing.anatomical_cleanup`
+    for the anatomy-guided clean-up."""
+    from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
+
+    from rl_adapt import postprocessing as pp
+
+    table = {"remove_all_but_largest_component_from_segmentation": remove_all_but_largest_component_from_segmentation,
+             "anatomical_cleanup": pp.anatomical_cleanup}
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"no nnU-Net postprocessing function for {unknown}")
+    return [table[n] for n in names]

@@ -1,0 +1,252 @@
+"""Label-free postprocessing stored with a model, in nnU-Net v2's format.
+
+nnU-Net v2 decides a postprocessing on its cross-validation predictions (``determine_postprocessing``: keep the
+largest foreground component, then the largest component per label, each step kept only if it raises Dice) and
+stores it next to the model as ``postprocessing.pkl`` (a pickled ``(functions, kwargs)`` pair that
+``nnUNetv2_apply_postprocessing -pp_pkl_file`` applies, function after function, to every predicted segmentation)
+and ``postprocessing.json`` (the same as names and kwargs, plus the figures behind the decision).
+
+The adaptation (:mod:`rl_adapt.adapt`) has no target labels, so it decides with the same greedy procedure but
+against the anatomically valid corrected masks of its last iteration (:func:`decide`), and it may also try one step
+nnU-Net does not have: the corrector's anatomy-guided clean-up (:func:`anatomical_cleanup`). It writes both files
+into the adapted model folder. ``rl-adapt predict`` and ``rl-adapt evaluate`` read the JSON (never the pickle: only
+allow-listed functions of :data:`FUNCTIONS` run) and apply the steps in order to the final label map in the input
+geometry, as nnU-Net does; ``evaluate`` applies one rule to every model it compares and reports the raw outputs
+beside the postprocessed ones.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from rl_adapt.errors import InputError
+
+log = logging.getLogger(__name__)
+
+JSON_NAME = "postprocessing.json"
+PKL_NAME = "postprocessing.pkl"
+FOREGROUND = [1, 2, 3]
+"""CAMUS foreground labels (LV, MYO, LA)."""
+
+
+def _per_slice(segmentation: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    seg = np.asarray(segmentation)
+    if seg.ndim == 2:
+        return fn(seg)
+    out = np.empty_like(seg)
+    for idx in np.ndindex(*seg.shape[:-2]):
+        out[idx] = fn(seg[idx])
+    return out
+
+
+def remove_all_but_largest_component_from_segmentation(segmentation: np.ndarray,
+                                                       labels_or_regions: int | Sequence[int],
+                                                       background_label: int = 0) -> np.ndarray:
+    """nnU-Net v2's step of the same name: the pixels of ``labels_or_regions`` (one label or a list, taken together)
+    outside their largest connected component (full connectivity: 8 in 2D) become ``background_label``.
+
+    Works on (H, W) label maps and on stacks (..., H, W) slice by slice; returns a new array.
+    """
+    labels = [labels_or_regions] if np.isscalar(labels_or_regions) else list(labels_or_regions)
+
+    def one(seg: np.ndarray) -> np.ndarray:
+        mask = np.isin(seg, labels)
+        comps, n = ndi.label(mask, structure=np.ones((3, 3), bool))
+        out = seg.copy()
+        if n > 1:
+            sizes = np.bincount(comps.ravel())[1:]
+            out[mask & (comps != int(np.argmax(sizes)) + 1)] = background_label
+        return out
+
+    return _per_slice(segmentation, one)
+
+
+def anatomical_cleanup(segmentation: np.ndarray, **cleanup: Any) -> np.ndarray:
+    """The corrector's deterministic clean-up (:func:`rl_adapt.corrector.clean_mask`) as a postprocessing step.
+
+    :param cleanup: :class:`rl_adapt.corrector.CleanupConfig` fields (defaults for the others).
+    Works on (H, W) label maps and on stacks (..., H, W) slice by slice; returns a new array of the input dtype.
+    """
+    from rl_adapt.corrector import CleanupConfig, clean_mask
+
+    cfg = CleanupConfig(**cleanup)
+    seg = np.asarray(segmentation)
+    return _per_slice(seg, lambda s: clean_mask(s, cfg).astype(seg.dtype))
+
+
+FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
+    "remove_all_but_largest_component_from_segmentation": remove_all_but_largest_component_from_segmentation,
+    "anatomical_cleanup": anatomical_cleanup,
+}
+"""The functions a ``postprocessing.json`` may name (nnU-Net's own step and ours)."""
+
+
+@dataclass
+class Postprocessing:
+    """An ordered list of postprocessing steps, each a function name of :data:`FUNCTIONS` and its kwargs."""
+
+    steps: list[tuple[str, dict]] = field(default_factory=list)
+    source: str | None = None
+    """Where the rule was read from (informational)."""
+
+    def __post_init__(self) -> None:
+        for name, _ in self.steps:
+            if name not in FUNCTIONS:
+                raise InputError(self.source, f"unknown postprocessing function {name!r} (known: {sorted(FUNCTIONS)})")
+
+    def __call__(self, segmentation: np.ndarray) -> np.ndarray:
+        """Apply every step in order (a new array; the input is not modified)."""
+        seg = np.asarray(segmentation)
+        for name, kwargs in self.steps:
+            seg = FUNCTIONS[name](seg, **kwargs)
+        return seg
+
+    def key(self) -> str:
+        """Canonical JSON text of the steps (two rules are the same rule when their keys are equal)."""
+        return json.dumps([[n, kw] for n, kw in self.steps], sort_keys=True)
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. ``anatomical_cleanup()`` or ``none``."""
+        if not self.steps:
+            return "none"
+        return " -> ".join(f"{n}({', '.join(f'{k}={v}' for k, v in kw.items())})" for n, kw in self.steps)
+
+    def to_json(self) -> dict:
+        """``{"postprocessing_fns": [...], "postprocessing_kwargs": [...]}`` as in nnU-Net's postprocessing.json."""
+        return {"postprocessing_fns": [n for n, _ in self.steps], "postprocessing_kwargs": [kw for _, kw in self.steps]}
+
+
+def _from_json_dict(data: Mapping, source: str) -> Postprocessing:
+    try:
+        names = list(data["postprocessing_fns"])
+        kwargs = list(data.get("postprocessing_kwargs") or [{}] * len(names))
+    except (KeyError, TypeError) as exc:
+        raise InputError(source, f"not a postprocessing.json (needs postprocessing_fns): {exc}") from exc
+    if len(kwargs) != len(names) or not all(isinstance(k, dict) for k in kwargs):
+        raise InputError(source, "postprocessing_kwargs must be one dict per function")
+    return Postprocessing(steps=[(str(n), dict(k)) for n, k in zip(names, kwargs)], source=source)
+
+
+def find_postprocessing_file(model_dir: str | Path) -> Path | None:
+    """``<model>/postprocessing.json``, else the single ``<model>/crossval_results_folds_*/postprocessing.json``
+    (where ``nnUNetv2_find_best_configuration`` puts it); None when there is none."""
+    model_dir = Path(model_dir)
+    if (model_dir / JSON_NAME).is_file():
+        return model_dir / JSON_NAME
+    found = sorted(model_dir.glob(f"crossval_results_folds_*/{JSON_NAME}"))
+    if len(found) > 1:
+        raise InputError(model_dir, "several crossval_results_folds_*/postprocessing.json; name one explicitly")
+    return found[0] if found else None
+
+
+def load_postprocessing(path: str | Path) -> Postprocessing | None:
+    """The rule in a ``postprocessing.json``, or in a model folder (None when the folder has none).
+
+    Only the JSON is read: the functions it names must be in :data:`FUNCTIONS` (the pickle is never loaded).
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = find_postprocessing_file(path)
+        if found is None:
+            return None
+        path = found
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"cannot read postprocessing rule: {exc}") from exc
+    return _from_json_dict(data, str(path))
+
+
+def postprocessing_files(rule: Postprocessing, decision: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``{"postprocessing.json": dict, "postprocessing.pkl": bytes}`` for a model folder (see the module doc).
+
+    The pickle holds ``(functions, kwargs)`` as nnU-Net's ``determine_postprocessing`` saves it: nnU-Net's own
+    function for the largest-component steps, :func:`anatomical_cleanup` (needs rl_adapt installed) for ours.
+    """
+    import pickle
+
+    from rl_adapt.policies.nnunet import nnunet_postprocessing_functions
+
+    fns = nnunet_postprocessing_functions([n for n, _ in rule.steps])
+    data = {**rule.to_json(), **dict(decision or {})}
+    return {JSON_NAME: data, PKL_NAME: pickle.dumps((fns, [dict(kw) for _, kw in rule.steps]))}
+
+
+# ------------------------------------------------------------------------------------------- decision
+CANDIDATES: tuple[str, ...] = ("largest_foreground", "largest_per_label", "anatomical_cleanup")
+"""Steps :func:`decide` tries, in this order: nnU-Net's two, then the corrector's clean-up."""
+
+
+def _candidate_steps(name: str, cleanup: Mapping[str, Any] | None) -> list[list[tuple[str, dict]]]:
+    """Each candidate as a list of single steps tried one after the other (per label: one step per label)."""
+    lcc = "remove_all_but_largest_component_from_segmentation"
+    if name == "largest_foreground":
+        return [[(lcc, {"labels_or_regions": list(FOREGROUND)})]]
+    if name == "largest_per_label":
+        return [[(lcc, {"labels_or_regions": lab})] for lab in FOREGROUND]
+    if name == "anatomical_cleanup":
+        return [[("anatomical_cleanup", dict(cleanup or {}))]]
+    raise ValueError(f"unknown postprocessing candidate {name!r} (known: {list(CANDIDATES)})")
+
+
+def _agreement(masks: np.ndarray, reference: np.ndarray) -> tuple[float, list[float]]:
+    """Mean over images of the per-label Dice (LV, MYO, LA) -> (mean of the three, [LV, MYO, LA])."""
+    from rl_adapt.metrics import dice
+
+    per = np.array([[dice(m == lab, r == lab) for lab in FOREGROUND] for m, r in zip(masks, reference)], float)
+    means = np.nanmean(per, axis=0) if len(per) else np.full(len(FOREGROUND), np.nan)
+    return float(np.nanmean(means)), [float(x) for x in means]
+
+
+def decide(masks: np.ndarray, reference: np.ndarray, candidates: Sequence[str] = CANDIDATES,
+           cleanup: Mapping[str, Any] | None = None) -> tuple[Postprocessing, dict]:
+    """nnU-Net's greedy ``determine_postprocessing``, label-free: ``reference`` replaces the ground truth.
+
+    Each candidate step is applied on top of the steps kept so far and kept when the mean agreement (Dice over LV,
+    MYO, LA, averaged over images) with ``reference`` rises and no label's agreement falls (nnU-Net: "if a single
+    class got worse we won't do this"; for one label's step only that label's Dice is compared, as nnU-Net does).
+
+    :param masks: (N, H, W) the model's label maps on the (unlabelled) target images.
+    :param reference: (N, H, W) trusted reference masks (the anatomically valid corrections), same images.
+    :param cleanup: kwargs of the ``anatomical_cleanup`` step (CleanupConfig fields).
+    :returns: the rule and the JSON-ready figures behind it (agreement and validity before/after, per step).
+    """
+    from rl_adapt.anatomy import is_valid
+
+    masks = np.asarray(masks)
+    reference = np.asarray(reference)
+    if masks.shape != reference.shape or masks.ndim != 3:
+        raise ValueError(f"masks {masks.shape} and reference {reference.shape} must both be (N, H, W)")
+    current = masks
+    cur_mean, cur_per = _agreement(current, reference)
+    start = {"agreement": cur_mean, "agreement_per_label": cur_per,
+             "validity": float(np.mean([is_valid(m) for m in current])) if len(current) else float("nan")}
+    kept: list[tuple[str, dict]] = []
+    trials = []
+    for cand in candidates:
+        for steps in _candidate_steps(cand, cleanup):
+            rule = Postprocessing(steps)
+            trial = np.stack([rule(m) for m in current]) if len(current) else current
+            new_mean, new_per = _agreement(trial, reference)
+            lab = steps[0][1].get("labels_or_regions")
+            if isinstance(lab, int):  # one label's step: nnU-Net compares that label only
+                i = FOREGROUND.index(lab)
+                keep = new_per[i] > cur_per[i]
+            else:
+                keep = new_mean > cur_mean and all(n >= c for n, c in zip(new_per, cur_per))
+            trials.append({"step": rule.describe(), "agreement_before": cur_mean, "agreement_after": new_mean,
+                           "kept": bool(keep)})
+            if keep:
+                kept.extend(steps)
+                current, cur_mean, cur_per = trial, new_mean, new_per
+    end = {"agreement": cur_mean, "agreement_per_label": cur_per,
+           "validity": float(np.mean([is_valid(m) for m in current])) if len(current) else float("nan")}
+    info = {"decided_on": "target images with an anatomically valid correction (no labels)",
+            "n_images": int(len(masks)), "input": start, "postprocessed": end, "trials": trials}
+    return Postprocessing(kept), info
