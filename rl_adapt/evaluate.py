@@ -13,7 +13,11 @@ into a new folder (built in a temporary sibling and renamed at the end, so a fai
 * ``summary.json`` -- the shape scripts read (see :func:`summarise`), strict JSON (undefined -> ``null``);
 * ``overlays.npz`` -- downsampled image, ground truth, each model's mask (and the reward network's
   uncertainty) of the cases the report shows; ``reliability.json`` when a reward network is given;
-  ``timings.json`` (seconds per stage); ``report.html`` (:mod:`rl_adapt.report`).
+  ``timings.json`` (seconds per stage); ``report.html`` (:mod:`rl_adapt.report`);
+* ``postprocessed/per_image.csv`` and ``postprocessed/per_patient.csv`` when a postprocessing rule applies (see
+  :attr:`EvaluateConfig.postprocessing`): the same tables for every model's outputs after that one rule, summarised
+  under ``summary["postprocessed"]`` (same shape as the raw summary, paired against the first model postprocessed
+  the same way) with the rule under ``summary["postprocessing"]``. The raw tables and summary are unchanged.
 
 Undefined metric values (an empty structure) are NaN in memory, empty cells in CSV, ``null`` in JSON; every
 mean is NaN-aware and its count is reported under ``summary["counts"]``.
@@ -76,6 +80,11 @@ class EvaluateConfig:
     """Torch device of the models ("cpu", "cuda")."""
     report: bool = True
     """Write report.html next to the tables."""
+    postprocessing: str = "auto"
+    """Postprocessing rule applied, in addition to the raw outputs, to EVERY model compared (see
+    :mod:`rl_adapt.postprocessing`): "auto" = the rule stored in the model folders (``postprocessing.json``; all
+    folders that carry one must carry the same rule; none: raw only), "none" = raw only, or the path of a
+    ``postprocessing.json`` (or of a model folder holding one)."""
 
     def __post_init__(self) -> None:
         if self.overlays < 0 or self.thumb_size < 8 or self.n_bootstrap < 1 or self.workers < -1 \
@@ -600,6 +609,36 @@ def uncertainty_map(reward_net, model, case) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- main
+def resolve_postprocessing(specs: Mapping[str, Path], choice: str):
+    """The one postprocessing rule to apply to every model (None: raw only) and where it came from.
+
+    :param choice: "none", "auto" (the models' own ``postprocessing.json``) or a path (see
+        :attr:`EvaluateConfig.postprocessing`).
+    :raises InputError: an unreadable rule, or models carrying different rules under "auto".
+    """
+    from rl_adapt.postprocessing import load_postprocessing
+
+    if choice == "none":
+        return None
+    if choice != "auto":
+        rule = load_postprocessing(Path(choice))
+        if rule is None:
+            raise InputError(Path(choice), "no postprocessing.json there")
+        return rule
+    found = {name: load_postprocessing(path) for name, path in specs.items() if Path(path).is_dir()}
+    found = {name: r for name, r in found.items() if r is not None and r.steps}  # an empty rule changes nothing
+    if not found:
+        return None
+    keys = {r.key() for r in found.values()}
+    if len(keys) > 1:
+        raise InputError(None, "the models carry different postprocessing rules ("
+                         + "; ".join(f"{n}: {r.describe()}" for n, r in found.items())
+                         + "): pass --postprocessing FILE to apply one of them to all models, or none")
+    name, rule = next(iter(found.items()))
+    rule.source = f"{rule.source} (model {name!r}; applied to every model)"
+    return rule
+
+
 def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path, out: str | Path,
              reward: str | Path | None = None, config: EvaluateConfig | None = None, overwrite: bool = False,
              progress: bool = True) -> dict:
@@ -632,6 +671,9 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
     t0 = time.perf_counter()
     cases = load_labelled(data, progress=progress)
     loaded = {name: load_model(path, cfg.device) for name, path in specs.items()}
+    post = resolve_postprocessing(specs, cfg.postprocessing)
+    if post is not None:
+        log.info("postprocessing for every model: %s (from %s)", post.describe(), post.source)
     reward_net = None
     if reward is not None:
         from rl_adapt.reward_net import RewardNet
@@ -653,6 +695,8 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
         t0 = time.perf_counter()
         img_futs: dict[str, list[Future]] = {}
         clin_futs: dict[tuple[str, str], Future] = {}
+        pp_img_futs: dict[str, list[Future]] = {}
+        pp_clin_futs: dict[tuple[str, str], Future] = {}
         for patient, idx in patients.items():
             sel = [cases[i] for i in idx]
             clin_futs[("", patient)] = runner.submit(patient_indices_or_empty, sel, [c.label for c in sel])
@@ -670,25 +714,42 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
                 for patient, idx in patients.items():
                     clin_futs[(name, patient)] = runner.submit(
                         patient_indices_or_empty, [cases[i] for i in idx], [masks[i] for i in idx])
+                if post is not None:
+                    pp_masks = [np.asarray(post(m), dtype=np.uint8) for m in masks]
+                    pp_img_futs[name] = [runner.submit(score_image, m, c.label, tuple(c.spacing))
+                                         for m, c in zip(pp_masks, cases)]
+                    for patient, idx in patients.items():
+                        pp_clin_futs[(name, patient)] = runner.submit(
+                            patient_indices_or_empty, [cases[i] for i in idx], [pp_masks[i] for i in idx])
         timings["predict"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        image_rows: list[dict] = []
-        for n in names:
-            for c, fut in zip(cases, tqdm(img_futs[n], desc=f"metrics {n}", unit="img",
-                                          disable=None if progress else True)):
-                head = {"case": c.name, "patient": c.meta.get("patient", ""), "view": c.meta.get("view", ""),
-                        "phase": c.meta.get("phase", ""), "model": n}
-                image_rows.append({**head, **fut.result()})
+        def collect_images(futures: Mapping[str, list[Future]], tag: str) -> list[dict]:
+            rows: list[dict] = []
+            for n in names:
+                for c, fut in zip(cases, tqdm(futures[n], desc=f"metrics {n}{tag}", unit="img",
+                                              disable=None if progress else True)):
+                    head = {"case": c.name, "patient": c.meta.get("patient", ""), "view": c.meta.get("view", ""),
+                            "phase": c.meta.get("phase", ""), "model": n}
+                    rows.append({**head, **fut.result()})
+            return rows
+
+        def collect_patients(futures: Mapping[tuple[str, str], Future]) -> list[dict]:
+            rows = []
+            for patient, idx in patients.items():
+                ref = clin_futs[("", patient)].result()
+                meta = {k: cases[idx[0]].meta.get(k) for k in ("EF", "EDV", "ESV")}
+                for n in names:
+                    rows.append(clinical_row(patient, n, futures[(n, patient)].result(), ref, meta))
+            return rows
+
+        image_rows = collect_images(img_futs, "")
+        pp_image_rows = collect_images(pp_img_futs, " (postprocessed)") if post is not None else []
         timings["metrics"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        patient_rows = []
-        for patient, idx in patients.items():
-            ref = clin_futs[("", patient)].result()
-            meta = {k: cases[idx[0]].meta.get(k) for k in ("EF", "EDV", "ESV")}
-            for n in names:
-                patient_rows.append(clinical_row(patient, n, clin_futs[(n, patient)].result(), ref, meta))
+        patient_rows = collect_patients(clin_futs)
+        pp_patient_rows = collect_patients(pp_clin_futs) if post is not None else []
         timings["clinical"] = time.perf_counter() - t0
     finally:
         runner.close()
@@ -705,6 +766,11 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
         timings["reward"] = time.perf_counter() - t0
 
     summary = summarise(image_rows, patient_rows, names, ece=ece, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+    if post is not None:
+        summary["postprocessed"] = summarise(pp_image_rows, pp_patient_rows, names, n_bootstrap=cfg.n_bootstrap,
+                                             seed=cfg.seed)
+        summary["postprocessing"] = {**post.to_json(), "rule": post.describe(), "source": post.source,
+                                     "applied_to": names}
 
     t0 = time.perf_counter()
     chosen = select_overlays(image_rows, [c.name for c in cases], names, cfg.overlays, cfg.seed)
@@ -721,6 +787,10 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
         tmp = Path(tmp)
         write_csv(tmp / "per_image.csv", image_rows, image_cols)
         write_csv(tmp / "per_patient.csv", patient_rows, _patient_columns())
+        if post is not None:
+            (tmp / "postprocessed").mkdir()
+            write_csv(tmp / "postprocessed" / "per_image.csv", pp_image_rows, image_cols)
+            write_csv(tmp / "postprocessed" / "per_patient.csv", pp_patient_rows, _patient_columns())
         write_json_atomic(tmp / "summary.json", json_clean(summary))
         if rel is not None:
             write_json_atomic(tmp / "reliability.json", json_clean(rel))

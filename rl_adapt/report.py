@@ -425,6 +425,18 @@ def build_report(folder: str | Path, title: str = "rl-adapt evaluation") -> str:
         parts.append(f"<section><h2>Paired comparisons (reference: {html.escape(models[0])})</h2>"
                      "<p class='note'>Per-image difference of mean Dice (LV, MYO, LA), bootstrap 95 % CI and "
                      "two-sided Wilcoxon signed-rank test on the same images.</p>" + paired_table(summary) + "</section>")
+    post = summary.get("postprocessed")
+    pp_rows_path = folder / "postprocessed" / "per_image.csv"
+    if post and pp_rows_path.is_file():
+        from rl_adapt.evaluate import read_csv
+
+        rule = summary.get("postprocessing") or {}
+        parts.append("<section><h2>Postprocessed outputs</h2><p class='note'>The tables above are the raw network "
+                     "outputs. Here every model's outputs went through the same postprocessing rule, "
+                     f"<code>{html.escape(str(rule.get('rule', '')))}</code> (from "
+                     f"<code>{html.escape(str(rule.get('source', '')))}</code>), applied as nnU-Net applies its "
+                     "postprocessing.pkl; paired differences against the first model postprocessed the same way.</p>"
+                     + summary_table(post, read_csv(pp_rows_path)) + paired_table(post) + "</section>")
     parts.append("<section><h2>Dice per structure</h2><div class='legend'>" + legend + "</div>"
                  + _img(distribution_figure(image_rows, models, "dice"), "Dice distributions") + "</section>")
     parts.append("<section><h2>HD95 per structure (mm)</h2><div class='legend'>" + legend + "</div>"

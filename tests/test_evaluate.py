@@ -264,3 +264,51 @@ def test_evaluate_with_reward_network_reports_reliability(tiny_world, tmp_path):
         u = z["uncertainty"].astype(np.float32)
         assert u.shape == z["image"].shape and 0.0 <= u.min() and u.max() <= 1.0
     assert "Reward network as uncertainty" in (out / "report.html").read_text()
+
+
+def test_evaluate_applies_one_postprocessing_rule_to_every_model(tiny_world, tmp_path):
+    from rl_adapt.anatomy import check_anatomy
+    from rl_adapt.evaluate import load_labelled, load_model
+    from rl_adapt.postprocessing import Postprocessing, postprocessing_files
+
+    src, other = tmp_path / "src", tmp_path / "other"
+    shutil.copytree(tiny_world["src"], src)
+    shutil.copytree(tiny_world["other"], other)
+    rule = Postprocessing([("remove_all_but_largest_component_from_segmentation", {"labels_or_regions": [1, 2, 3]}),
+                           ("anatomical_cleanup", {})])
+    (other / "postprocessing.json").write_text(json.dumps(postprocessing_files(rule)["postprocessing.json"]))
+    cfg = EvaluateConfig(report=True, overlays=1, n_bootstrap=100, workers=0)
+    models = {"src": src, "other": other}
+    s = evaluate(models, tiny_world["data"], tmp_path / "eval", config=cfg, progress=False)
+    raw_only = evaluate(models, tiny_world["data"], tmp_path / "eval_raw", progress=False,
+                        config=EvaluateConfig(report=False, n_bootstrap=100, workers=0, postprocessing="none"))
+    # the raw figures do not depend on the postprocessing; the postprocessed ones have the same shape
+    assert "postprocessed" not in raw_only
+    assert {k: v for k, v in s.items() if k not in ("postprocessed", "postprocessing")} == raw_only
+    _check_schema(s["postprocessed"], ["src", "other"])
+    assert s["postprocessing"]["postprocessing_fns"] == [n for n, _ in rule.steps]
+    assert s["postprocessing"]["applied_to"] == ["src", "other"] and "other" in s["postprocessing"]["source"]
+    # the source model, which carries no rule, is postprocessed with the other model's rule too
+    rows = read_csv(tmp_path / "eval" / "postprocessed" / "per_image.csv")
+    assert len(rows) == 16 and {r["model"] for r in rows} == {"src", "other"}
+    case = load_labelled(tiny_world["data"])[0]
+    pred = load_model(src).predict(case.image, case.spacing)
+    row = next(r for r in rows if r["model"] == "src" and r["case"] == case.name)
+    assert bool(row["valid"]) == check_anatomy(rule(pred)).valid
+    assert "Postprocessed outputs" in (tmp_path / "eval" / "report.html").read_text()
+    # an explicit rule file works for models that carry none
+    s2 = evaluate({"src": src}, tiny_world["data"], tmp_path / "eval2", progress=False,
+                  config=EvaluateConfig(report=False, n_bootstrap=100, workers=0,
+                                        postprocessing=str(other / "postprocessing.json")))
+    assert s2["postprocessed"]["models"]["src"] == s["postprocessed"]["models"]["src"]
+    # an empty rule (nnU-Net writes one when no step helped) changes nothing and does not conflict
+    (src / "postprocessing.json").write_text(json.dumps(postprocessing_files(Postprocessing())["postprocessing.json"]))
+    s3 = evaluate(models, tiny_world["data"], tmp_path / "eval_empty", progress=False,
+                  config=EvaluateConfig(report=False, n_bootstrap=100, workers=0))
+    assert s3["postprocessed"] == s["postprocessed"]
+    # two different rules: refused, nothing written
+    lcc = Postprocessing([("remove_all_but_largest_component_from_segmentation", {"labels_or_regions": [1, 2, 3]})])
+    (src / "postprocessing.json").write_text(json.dumps(postprocessing_files(lcc)["postprocessing.json"]))
+    with pytest.raises(InputError, match="different postprocessing rules"):
+        evaluate(models, tiny_world["data"], tmp_path / "eval3", config=cfg, progress=False)
+    assert not (tmp_path / "eval3").exists()

@@ -136,6 +136,22 @@ def test_tiny_pretrain_cli_deterministic_and_nnunet_loadable(raw, tmp_path, caps
         ours = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pred" / f.name.replace("_0000", ""))))
         np.testing.assert_array_equal(ours, ref)
 
+    # a postprocessing.json in the model folder is applied to every mask (as nnUNetv2_apply_postprocessing would)
+    from rl_adapt.postprocessing import Postprocessing, postprocessing_files
+
+    rule = Postprocessing([("anatomical_cleanup", {"rim_px": 3})])
+    (folder / "postprocessing.json").write_text(json.dumps(postprocessing_files(rule)["postprocessing.json"]))
+    assert main(["predict", "--model", str(folder), "--images", str(raw / "imagesTr"),
+                 "--out", str(tmp_path / "pred_pp"), "--no-progress"]) == 0
+    assert main(["predict", "--model", str(folder), "--images", str(raw / "imagesTr"),
+                 "--out", str(tmp_path / "pred_raw"), "--no-progress", "--postprocessing", "none"]) == 0
+    for f in sorted((tmp_path / "pred").iterdir())[:4]:
+        raw_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pred_raw" / f.name))),
+                                      raw_mask)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pred_pp" / f.name))),
+                                      rule(raw_mask))
+
 
 @pytest.mark.slow
 def test_cpu_pretrain_on_synthetic_source_reaches_dice(tmp_path):

@@ -28,6 +28,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=-1,
                    help="metric processes running alongside prediction (-1: auto, 0: none, all in this process)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for prediction (0: torch's default)")
+    p.add_argument("--postprocessing", default="auto", metavar="auto|none|FILE",
+                   help="rule applied to every model besides the raw outputs: auto = the postprocessing.json the "
+                        "model folders carry (they must agree), none, or a postprocessing.json / model folder")
     p.add_argument("--no-report", action="store_true", help="tables and summary only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = EvaluateConfig(mirror=args.mirror, overlays=args.overlays, device=args.device, workers=args.workers,
-                             torch_threads=args.threads,
+                             torch_threads=args.threads, postprocessing=args.postprocessing,
                              report=not args.no_report)
     except ValueError as exc:
         from rl_adapt.errors import ConfigError
@@ -58,14 +61,23 @@ def format_table(summary: dict) -> str:
     def f(x, d=3):
         return "   –  " if x is None else f"{x:.{d}f}"
 
-    lines = [f"{summary['n_images']} images, {summary['n_patients']} patients",
-             f"{'model':<20} {'Dice':>6} {'HD95':>7} {'valid':>7} {'EF MAE':>7}"]
-    for name, e in summary["models"].items():
-        v = e["validity_rate"]
-        lines.append(f"{name[:20]:<20} {f(e['dice']['mean'])} {f(e['hd95']['mean'], 2):>7} "
-                     f"{('   –' if v is None else f'{100 * v:5.1f}%'):>7} {f(e['ef_mae'], 2):>7}")
-    for key, st in summary.get("paired", {}).items():
-        lo, hi = st["ci95"]
-        lines.append(f"{key}: dDice {f(st['dice_mean_diff'], 4)} [{f(lo, 4)}, {f(hi, 4)}], "
-                     f"Wilcoxon p={'–' if st['wilcoxon_p'] is None else format(st['wilcoxon_p'], '.3g')}")
+    def block(s: dict) -> list[str]:
+        out = [f"{'model':<20} {'Dice':>6} {'HD95':>7} {'valid':>7} {'EF MAE':>7}"]
+        for name, e in s["models"].items():
+            v = e["validity_rate"]
+            out.append(f"{name[:20]:<20} {f(e['dice']['mean'])} {f(e['hd95']['mean'], 2):>7} "
+                       f"{('   –' if v is None else f'{100 * v:5.1f}%'):>7} {f(e['ef_mae'], 2):>7}")
+        for key, st in s.get("paired", {}).items():
+            lo, hi = st["ci95"]
+            out.append(f"{key}: dDice {f(st['dice_mean_diff'], 4)} [{f(lo, 4)}, {f(hi, 4)}], "
+                       f"Wilcoxon p={'–' if st['wilcoxon_p'] is None else format(st['wilcoxon_p'], '.3g')}")
+        return out
+
+    lines = [f"{summary['n_images']} images, {summary['n_patients']} patients"]
+    if summary.get("postprocessed"):
+        lines.append("raw network outputs:")
+    lines += block(summary)
+    if summary.get("postprocessed"):
+        lines.append(f"postprocessed, every model the same way ({summary['postprocessing']['rule']}):")
+        lines += block(summary["postprocessed"])
     return "\n".join(lines)

@@ -13,7 +13,10 @@ def register(sub) -> argparse.ArgumentParser:
         description=(
             "Predicts every image of a folder or dataset (CAMUS, nnU-Net raw, image folder) with nnU-Net's "
             "preprocessing and sliding window, and writes one mask per image with the input geometry "
-            "(OUT/<case>.nii.gz). Checkpoints are pickles: load only models you trust."
+            "(OUT/<case>.nii.gz). When the model folder carries a postprocessing.json (nnU-Net's postprocessing, "
+            "or the one an adaptation run decided), its steps are applied to every mask, as "
+            "nnUNetv2_apply_postprocessing does; --postprocessing none writes the raw masks. Checkpoints are "
+            "pickles: load only models you trust."
         ),
     )
     p.add_argument("--model", required=True, type=Path,
@@ -23,6 +26,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--folds", default="0", help="comma-separated folds to ensemble (default 0)")
     p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in fold_N/")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring over the axes the model allows")
+    p.add_argument("--postprocessing", default="auto", metavar="auto|none|FILE",
+                   help="auto: the model folder's postprocessing.json if any; none: raw masks; or a postprocessing.json")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -42,10 +47,20 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(args.out, "already exists; choose a new output folder")
     folds = tuple(int(f) if f.strip().isdigit() else f.strip() for f in args.folds.split(",") if f.strip())
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model = load_model_folder(resolve_model_folder(args.model), folds=folds, device=device,
-                              checkpoint=args.checkpoint)
+    from rl_adapt.postprocessing import load_postprocessing
+
+    folder = resolve_model_folder(args.model)
+    model = load_model_folder(folder, folds=folds, device=device, checkpoint=args.checkpoint)
+    post = None
+    if args.postprocessing != "none":
+        post = load_postprocessing(folder if args.postprocessing == "auto" else Path(args.postprocessing))
+        if post is None and args.postprocessing != "auto":
+            raise InputError(Path(args.postprocessing), "no postprocessing.json there")
     cases = read_dataset(args.images, with_labels=False)
     masks = model.predict_cases(cases, progress=not args.no_progress, mirror=args.mirror)
+    if post is not None and post.steps:
+        print(f"postprocessing: {post.describe()} (from {post.source})")
+        masks = [post(m) for m in masks]
     with atomic_dir(args.out) as tmp:
         for case, mask in zip(cases, masks):
             write_mask(tmp / f"{case.name}.nii.gz", mask, like=case)
