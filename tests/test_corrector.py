@@ -137,7 +137,8 @@ def test_la_touching_the_myocardium_is_detached(clean):
     cols = np.flatnonzero(clean[top - 1] > BG)     # the base row: LV flanked by the two MYO ends
     m[top, cols[0] : cols[-1] + 1] = LA            # the LA's top row as wide as the epicardium: it touches the MYO
     assert check_anatomy(m).failed == ["frontier_myo_la"]
-    out = clean_mask(m)
+    detach = CleanupConfig(myo_la_frontier_max=0.11)
+    out = clean_mask(m, detach)
     assert check_anatomy(out).valid, check_anatomy(out).failed
     changed = out != m
     assert changed.any() and set(np.flatnonzero(changed.any(1))) <= {top - 1, top}  # only at the mitral plane
@@ -146,7 +147,8 @@ def test_la_touching_the_myocardium_is_detached(clean):
     # at or below the threshold nothing changes; None switches the step off
     np.testing.assert_array_equal(separate_myo_la(clean), clean)
     np.testing.assert_array_equal(separate_myo_la(m, None), m)
-    assert check_anatomy(clean_mask(m, CleanupConfig(myo_la_frontier_max=None))).failed == ["frontier_myo_la"]
+    assert check_anatomy(clean_mask(m)).failed == ["frontier_myo_la"]   # off by default
+    np.testing.assert_array_equal(clean_mask(clean, detach), clean)
 
 
 def test_cleanup_is_deterministic_and_idempotent():
@@ -207,6 +209,42 @@ def test_corrector_paths_summary_and_acceptance(clean):
     s = res.summary()
     assert s["n"] == 5 and s["n_unchanged"] == 1 and s["n_cleanup"] == 2 and s["n_shape_prior"] == 1
     assert s["n_expert"] == 1 and s["validity_after"] == 1.0 and s["acceptance_rate"] == pytest.approx(0.6)
+
+
+class _RecordingPrior(_FixedPrior):
+    """Projects onto one shape and remembers what it was given."""
+
+    def project(self, masks: np.ndarray) -> np.ndarray:
+        self.seen = np.array(masks, copy=True)
+        return super().project(masks)
+
+
+def test_shape_prior_on_all_masks_from_the_raw_prediction(clean):
+    other = valid_hearts(96, 2)[1]
+    cy, cx = _centroid(clean, LV)
+    holed = clean.copy()
+    holed[_disk(clean.shape, cy, cx, 2)] = BG                # invalid, the clean-up fixes it
+    masks = np.stack([clean, holed])
+    # default: only masks still invalid after the clean-up are projected -> none here
+    prior = _RecordingPrior(other)
+    res = Corrector(CorrectorConfig(), shape_prior=prior).correct(masks)
+    assert prior.calls == 0 and res.path == ["unchanged", "cleanup"]
+    # "all": every mask is projected, and the valid projection replaces the clean-up
+    prior = _RecordingPrior(other)
+    res = Corrector(CorrectorConfig(shape_prior_on="all"), shape_prior=prior).correct(masks)
+    assert prior.calls == 2 and res.path == ["shape_prior", "shape_prior"]
+    np.testing.assert_array_equal(res.corrected[1], other)
+    np.testing.assert_array_equal(prior.seen[1], clean)        # it was given the cleaned mask ...
+    prior = _RecordingPrior(other)
+    Corrector(CorrectorConfig(shape_prior_on="all", shape_prior_input="raw"), shape_prior=prior).correct(masks)
+    np.testing.assert_array_equal(prior.seen[1], holed)        # ... or the raw prediction
+    # an invalid projection leaves the clean-up in place
+    res = Corrector(CorrectorConfig(shape_prior_on="all"), shape_prior=_FixedPrior(np.zeros_like(clean))).correct(masks)
+    assert res.path == ["unchanged", "cleanup"] and all(res.valid_after)
+    with pytest.raises(ValueError):
+        CorrectorConfig(shape_prior_on="some")
+    with pytest.raises(ValueError):
+        CorrectorConfig(shape_prior_input="cleanest")
 
 
 def test_corrector_without_prior_keeps_cleanup_and_reports_invalid(clean):
