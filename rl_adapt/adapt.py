@@ -11,7 +11,8 @@ One run folder holds everything a run produces::
     RUN/iter{k}/policy.pt      the policy network's weights after PPO of iteration k
     RUN/shape_prior.pt         the shape autoencoder (trained once on source label maps, if given)
     RUN/tensorboard/           PPO and reward-net logs
-    RUN/model/<Dataset>/nnUNetTrainer__<Plans>__2d/   the adapted model, an nnU-Net results folder
+    RUN/model/<Dataset>/nnUNetTrainer__<Plans>__2d/   the adapted model, an nnU-Net results folder (with
+                               postprocessing.json/.pkl when ``postprocessing`` names candidates)
     RUN/reward_net.pt          the final reward network (its ``1 - score`` is the uncertainty map)
 
 Every stage writes its outputs atomically and only then is marked finished, so ``--resume`` after a
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from rl_adapt.config import save_config, to_dict
-from rl_adapt.corrector import CorrectorConfig
+from rl_adapt.corrector import CleanupConfig, CorrectorConfig
 from rl_adapt.errors import InputError, RLAdaptError
 from rl_adapt.io_utils import append_jsonl, atomic_path, write_json_atomic
 from rl_adapt.ppo import PPOConfig
@@ -72,11 +73,26 @@ class AdaptConfig:
     """Weight w of the corrected masks in the PPO reward: per pixel r = w * 1[label == corrected] + (1 - w) *
     reward_net, for target images whose correction is anatomically valid (w = 0 elsewhere). 0 is RL4Seg's
     pure learned reward; see README (measured: PPO exploits a small CPU-trained reward network)."""
+    myo_la_contact_penalty: float = 0.0
+    """Subtracted from the per-pixel reward of every MYO pixel touching an LA pixel and every LA pixel touching a
+    MYO pixel (8-neighbourhood) in the sampled segmentation: the anatomy check ``frontier_myo_la`` as a
+    per-pixel penalty. 0: off."""
+    lv_bg_contact_penalty: float = 0.0
+    """Subtracted from the per-pixel reward of every LV pixel touching a background pixel (8-neighbourhood) in the
+    sampled segmentation: the anatomy check ``frontier_lv_bg`` as a per-pixel penalty. 0: off."""
     keep_if_closer: bool = True
     """Guard against reward hacking: keep an iteration's PPO weights only if the policy's argmax agrees better
     (mean Dice over LV/MYO/LA) with that iteration's corrected masks than before PPO; otherwise the iteration
     keeps the previous weights (logged as ``rejected``). Judged on the images with expert masks when ``--expert``
     gives any (the masks users trust most), else on the whole target set (label-free)."""
+    postprocessing: tuple[str, ...] = ()
+    """Postprocessing candidates (of :data:`rl_adapt.postprocessing.CANDIDATES`) tried at export, nnU-Net's greedy
+    way but label-free: a step is kept when it raises the final policy's agreement with the last iteration's
+    anatomically valid corrections (no label worse). The kept steps are stored with the adapted model as
+    ``postprocessing.json``/``.pkl`` (nnU-Net's format), which ``predict`` and ``evaluate`` apply. Empty: none."""
+    postprocessing_cleanup: CleanupConfig = field(default_factory=lambda: CleanupConfig(myo_la_frontier_max=0.11))
+    """Clean-up parameters of the ``anatomical_cleanup`` candidate (the corrector's clean-up, with the MYO-LA
+    separation on: measured, it is what leaves cleaned CPU-adapted outputs invalid otherwise)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Rollout settings."""
     corrector: CorrectorConfig = field(default_factory=CorrectorConfig)
@@ -87,6 +103,13 @@ class AdaptConfig:
     """Reward network and its training."""
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(beta_kl_final=0.0125, ent_coef_final=0.0375))
     """Pixel-wise PPO; ``beta_kl``/``ent_coef`` go linearly to ``*_final`` over the iterations (RL4Seg: 4x smaller)."""
+
+    def __post_init__(self) -> None:
+        from rl_adapt.postprocessing import CANDIDATES
+
+        unknown = [c for c in self.postprocessing if c not in CANDIDATES]
+        if unknown:
+            raise ValueError(f"postprocessing: unknown candidate(s) {unknown}; valid: {list(CANDIDATES)}")
 
 
 @dataclass
@@ -174,22 +197,41 @@ class BlendedReward:
     :param weight: w in [0, 1].
     """
 
-    def __init__(self, reward_net, corrected: torch.Tensor, trusted: torch.Tensor, weight: float):
+    def __init__(self, reward_net, corrected: torch.Tensor, trusted: torch.Tensor, weight: float,
+                 myo_la_penalty: float = 0.0, lv_bg_penalty: float = 0.0):
         self.reward_net = reward_net
         self.corrected = corrected
         self.trusted = trusted
         self.weight = float(weight)
+        self.myo_la_penalty = float(myo_la_penalty)
+        self.lv_bg_penalty = float(lv_bg_penalty)
         self.env = None  # set once the vector env exists (it tells which images are being scored)
 
     def __call__(self, images: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) images and (B, H, W) int64 labels -> (B, H, W) reward in [0, 1]."""
+        """(B, 1, H, W) images and (B, H, W) int64 labels -> (B, H, W) reward (in [0, 1] without penalty)."""
         learned = self.reward_net.score(images, actions)
         if self.weight <= 0 or self.env is None or self.env.current_indices is None:
-            return learned
-        idx = self.env.current_indices.to(self.corrected.device)
-        w = self.weight * self.trusted[idx].to(learned.dtype)[:, None, None]
-        agree = (actions == self.corrected[idx]).to(learned.dtype)
-        return w * agree + (1 - w) * learned
+            out = learned
+        else:
+            idx = self.env.current_indices.to(self.corrected.device)
+            w = self.weight * self.trusted[idx].to(learned.dtype)[:, None, None]
+            agree = (actions == self.corrected[idx]).to(learned.dtype)
+            out = w * agree + (1 - w) * learned
+        if self.myo_la_penalty > 0:
+            out = out - self.myo_la_penalty * (
+                (touching(actions, 2, 3) | touching(actions, 3, 2)).to(out.dtype))
+        if self.lv_bg_penalty > 0:
+            out = out - self.lv_bg_penalty * touching(actions, 1, 0).to(out.dtype)
+        return out
+
+
+def touching(labels: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """(B, H, W) bool: pixels of label ``a`` with a pixel of label ``b`` in their 8-neighbourhood (the image's
+    outside counts as neither), as the anatomy module's frontier checks count them."""
+    import torch.nn.functional as F
+
+    near_b = F.max_pool2d((labels == b).float()[:, None], 3, stride=1, padding=1)[:, 0] > 0
+    return (labels == a) & near_b
 
 
 def agreement(masks: np.ndarray, corrected: np.ndarray) -> float:
@@ -485,7 +527,8 @@ class Adapter:
             corrected = corr["corrected"]
             reward_fn = BlendedReward(reward_net, torch.as_tensor(corrected, dtype=torch.int64, device=self.device),
                                       torch.as_tensor(corr["valid"], device=self.device),
-                                      self.cfg.correction_reward_weight)
+                                      self.cfg.correction_reward_weight, self.cfg.myo_la_contact_penalty,
+                                      self.cfg.lv_bg_contact_penalty)
             ppo_cfg = dataclasses.replace(self.cfg.ppo, seed=_stage_seed(self.cfg.seed, k, 4))
             net, stats = train_policy(
                 network=net, reference=self.source_network, images=self.images, reward_fn=reward_fn,
@@ -539,14 +582,31 @@ class Adapter:
             self.model.networks = saved
         return {"val_dice": float(np.mean(dices)), "val_validity": float(np.mean(valid))}
 
+    def _postprocessing_files(self, net: torch.nn.Module) -> dict:
+        """Decide the postprocessing label-free (see ``AdaptConfig.postprocessing``); the files to export."""
+        from rl_adapt.postprocessing import decide, postprocessing_files
+
+        t0 = time.time()
+        last = self.run_dir / f"iter{self.cfg.iterations - 1}" / "corrected.npz"
+        corr = np.load(last)
+        trusted = np.flatnonzero(corr["valid"])
+        gen = torch.Generator(device=self.device).manual_seed(_stage_seed(self.cfg.seed, self.cfg.iterations, 6))
+        argmax, _ = policy_outputs(net, self.images, 0, self.cfg.rollout.batch_size, gen)
+        rule, info = decide(argmax[trusted], corr["corrected"][trusted], self.cfg.postprocessing,
+                            cleanup=to_dict(self.cfg.postprocessing_cleanup))
+        info = {**info, "reference": str(last.relative_to(self.run_dir)), "rule": rule.describe()}
+        self._log_metrics("postprocessing", {**info, "seconds": time.time() - t0})
+        return postprocessing_files(rule, info)
+
     def _export(self, net: torch.nn.Module, reward_net) -> Path:
         from rl_adapt.policies.nnunet import export_model_folder
 
         stage = "export"
         model_root = self.run_dir / "model"
         if not self.state.done(stage):
+            extra = self._postprocessing_files(net) if self.cfg.postprocessing else None
             out = export_model_folder(net, self.model, model_root, overwrite=True,
-                                      extra_meta={"rl_adapt_run": str(self.run_dir.resolve())})
+                                      extra_meta={"rl_adapt_run": str(self.run_dir.resolve())}, extra_files=extra)
             reward_net.save(self.run_dir / "reward_net.pt")
             self.state.mark(stage, {"model_folder": str(out)})
         return Path(self.state.info(stage)["model_folder"])

@@ -201,6 +201,42 @@ def test_blended_reward_uses_corrections_only_where_trusted():
     assert agreement(a, a) == 1.0 and agreement(a, np.zeros_like(a)) < 1.0
 
 
+def test_contact_penalties_hit_exactly_the_pixels_the_frontier_checks_count():
+    from types import SimpleNamespace
+
+    from rl_adapt.adapt import BlendedReward, touching
+    from rl_adapt.anatomy import check_anatomy
+
+    class ConstNet:
+        def score(self, images, actions):
+            return torch.full(actions.shape, 0.25)
+
+    rng = np.random.default_rng(0)
+    labels = torch.as_tensor(rng.integers(0, 4, (3, 12, 12)))
+    for m in labels.numpy():
+        myo, la = m == 2, m == 3
+        cols = np.flatnonzero(myo.any(0))
+        ratio = check_anatomy(m).values()["frontier_myo_la"]
+        assert touching(torch.as_tensor(m)[None], 2, 3)[0].sum().item() == pytest.approx(ratio * (cols[-1] - cols[0] + 1))
+    # a 1-px MYO | LA border, LV alone in the background, the image's outside ignored
+    m = torch.zeros(1, 5, 6, dtype=torch.int64)
+    m[0, :, 0] = 2
+    m[0, :, 1] = 3
+    m[0, 2, 4] = 1
+    assert touching(m, 2, 3)[0, :, 0].all() and touching(m, 3, 2)[0, :, 1].all() and touching(m, 2, 3).sum() == 5
+    assert touching(m, 1, 0).sum() == 1 and touching(m, 0, 1).sum() == 8
+    images = torch.zeros(1, 1, 5, 6)
+    fn = BlendedReward(ConstNet(), m.clone(), torch.tensor([True]), weight=1.0, myo_la_penalty=0.5,
+                       lv_bg_penalty=0.25)
+    fn.env = SimpleNamespace(current_indices=torch.tensor([0]))
+    r = fn(images, m)  # actions == corrections: agreement 1 everywhere, minus the penalties
+    assert torch.allclose(r[0, :, :2], torch.full((5, 2), 0.5)) and r[0, 2, 4].item() == 0.75
+    assert (r[0, :, 2:] == 1).sum() == 5 * 4 - 1
+    plain = BlendedReward(ConstNet(), m.clone(), torch.tensor([True]), weight=1.0)
+    plain.env = fn.env
+    assert torch.equal(plain(images, m), torch.ones(1, 5, 6))
+
+
 def test_guard_keeps_the_previous_weights_when_ppo_moves_away(tiny_world, tmp_path):
     """A destructive learning rate wrecks the policy; the label-free guard must reject it and keep the source."""
     run = tmp_path / "run"
@@ -234,3 +270,29 @@ def test_guard_is_judged_on_expert_images_when_given(tiny_world, tmp_path):
                       tmp_path / "b", progress=False)
     without._load()
     assert without._guard_images().tolist() == list(range(len(target)))
+
+
+def test_export_stores_a_label_free_postprocessing_in_nnunet_format(tiny_world, tmp_path):
+    from rl_adapt.errors import ConfigError
+    from rl_adapt.postprocessing import load_postprocessing
+
+    run = tmp_path / "run"
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"])
+    cfg = _cfg(["iterations=1", "postprocessing=[largest_foreground, largest_per_label, anatomical_cleanup]"])
+    folder = Adapter(inputs, cfg, run, progress=False).run()
+    assert (folder / "postprocessing.pkl").is_file()
+    data = json.loads((folder / "postprocessing.json").read_text())
+    rule = load_postprocessing(folder)
+    assert data["postprocessing_fns"] == [n for n, _ in rule.steps]
+    kept = [t for t in data["trials"] if t["kept"]]
+    assert len(kept) <= len(rule.steps) and len(data["trials"]) == 5  # fg, 3 labels, clean-up
+    assert data["reference"] == "iter0/corrected.npz" and data["n_images"] >= 1
+    # kept steps never lower the agreement with the trusted corrections
+    assert data["postprocessed"]["agreement"] >= data["input"]["agreement"]
+    rec = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["stage"] == "postprocessing" for r in rec)
+    # without candidates nothing is written; unknown candidates are a config error
+    folder2 = Adapter(inputs, _cfg(["iterations=1"]), tmp_path / "run2", progress=False).run()
+    assert not (folder2 / "postprocessing.json").exists()
+    with pytest.raises(ConfigError, match="unknown candidate"):
+        _cfg(["postprocessing=[fill_everything]"])
