@@ -727,6 +727,50 @@ def shrink_plan(plans: dict, features: Sequence[int], patch_size: Sequence[int],
 
 
 # ---------------------------------------------------------------------- postprocessing (nnU-Net's pickle)
+def plain_unet_plans(features: Sequence[int], patch_size: Sequence[int], spacing: float = 1.0, batch_size: int = 12,
+                     n_conv_per_stage: int = 2, ndim: int = 2, dataset_name: str = "Dataset999_Synthetic") -> dict:
+    """A plans.json dict in nnU-Net v2's schema (ExperimentPlanner's output) for a PlainConvUNet, without running the
+    planner: for benchmarks and tests that need a model folder but no dataset.
+
+    :param features: features per stage (its length = number of stages).
+    :param patch_size: patch (rows, cols) (3 values when ``ndim`` is 3), divisible by 2**(stages-1).
+    :param spacing: isotropic target spacing (mm).
+    :param ndim: 2 or 3 (a 3D "2d" configuration is only useful to test that it is refused).
+    """
+    n, conv = len(features), ("Conv2d" if ndim == 2 else "Conv3d")
+    norm = "InstanceNorm2d" if ndim == 2 else "InstanceNorm3d"
+    cfg = {
+        "data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor", "batch_size": batch_size,
+        "patch_size": list(patch_size), "median_image_size_in_voxels": [float(p) for p in patch_size],
+        "spacing": [float(spacing)] * ndim, "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
+        "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+        "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                         "arch_kwargs": {"n_stages": n, "features_per_stage": list(features),
+                                         "conv_op": f"torch.nn.modules.conv.{conv}",
+                                         "kernel_sizes": [[3] * ndim] * n, "strides": [[1] * ndim] + [[2] * ndim] * (n - 1),
+                                         "n_conv_per_stage": [n_conv_per_stage] * n,
+                                         "n_conv_per_stage_decoder": [n_conv_per_stage] * (n - 1), "conv_bias": True,
+                                         "norm_op": f"torch.nn.modules.instancenorm.{norm}",
+                                         "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
+                                         "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                                         "nonlin_kwargs": {"inplace": True}},
+                         "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
+        "batch_dice": True,
+    }
+    return {"dataset_name": dataset_name, "plans_name": "nnUNetPlans",
+            "original_median_spacing_after_transp": [999.0, float(spacing), float(spacing)],
+            "original_median_shape_after_transp": [1, *patch_size[-2:]], "image_reader_writer": "SimpleITKIO",
+            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "configurations": {"2d": cfg},
+            "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+            "foreground_intensity_properties_per_channel": {"0": {"max": 255.0, "mean": 100.0, "median": 100.0,
+                                                                  "min": 0.0, "percentile_00_5": 0.0,
+                                                                  "percentile_99_5": 255.0, "std": 50.0}}}
+
+
 def nnunet_postprocessing_functions(names: Sequence[str]) -> list:
     """The callables a ``postprocessing.pkl`` stores for the step names of :mod:`rl_adapt.postprocessing`:
     nnU-Net's own ``remove_all_but_largest_component_from_segmentation`` for that step (so that

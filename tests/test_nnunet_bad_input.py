@@ -12,41 +12,16 @@ import torch
 
 from rl_adapt.cli import main
 from rl_adapt.errors import InputError
-from rl_adapt.policies.nnunet import CAMUS_LABELS, NnUNetModel, export_model_folder, load_model_folder
+from rl_adapt.policies.nnunet import (CAMUS_LABELS, NnUNetModel, export_model_folder, load_model_folder,
+                                      plain_unet_plans)
 
 LABELS = dict(CAMUS_LABELS)
 
 
 def _plans(features=(4, 8), patch=(32, 32), ndim=2) -> dict:
-    """A minimal valid nnU-Net v2 plans.json for a 2D PlainConvUNet (schema of ExperimentPlanner's output)."""
-    n = len(features)
-    conv = "torch.nn.modules.conv.Conv2d" if ndim == 2 else "torch.nn.modules.conv.Conv3d"
-    norm = "torch.nn.modules.instancenorm.InstanceNorm2d" if ndim == 2 else "torch.nn.modules.instancenorm.InstanceNorm3d"
-    cfg = {
-        "data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-        "patch_size": list(patch), "median_image_size_in_voxels": [float(p) for p in patch],
-        "spacing": [0.3] * ndim, "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-        "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
-        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
-        "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                         "arch_kwargs": {"n_stages": n, "features_per_stage": list(features), "conv_op": conv,
-                                         "kernel_sizes": [[3] * ndim] * n, "strides": [[1] * ndim] + [[2] * ndim] * (n - 1),
-                                         "n_conv_per_stage": [1] * n, "n_conv_per_stage_decoder": [1] * (n - 1),
-                                         "conv_bias": True, "norm_op": norm, "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-                                         "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-                                         "nonlin_kwargs": {"inplace": True}},
-                         "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
-        "batch_dice": True,
-    }
-    return {"dataset_name": "Dataset902_Bad", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [999.0, 0.3, 0.3],
-            "original_median_shape_after_transp": [1, *patch], "image_reader_writer": "SimpleITKIO",
-            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "configurations": {"2d": cfg},
-            "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-            "foreground_intensity_properties_per_channel": {"0": {"max": 255.0, "mean": 100.0, "median": 100.0, "min": 0.0,
-                                                                  "percentile_00_5": 0.0, "percentile_99_5": 255.0, "std": 50.0}}}
+    """A minimal valid nnU-Net v2 plans.json for a PlainConvUNet (schema of ExperimentPlanner's output)."""
+    return plain_unet_plans(features, patch, spacing=0.3, batch_size=2, n_conv_per_stage=1, ndim=ndim,
+                            dataset_name="Dataset902_Bad")
 
 
 DATASET_JSON = {"channel_names": {"0": "US"}, "labels": LABELS, "numTraining": 1, "file_ending": ".nii.gz"}

@@ -24,37 +24,11 @@ import torch
 
 def _plans(size: int, default: bool) -> tuple[dict, dict]:
     """Synthetic 2D plans in nnU-Net's schema (no planner run needed)."""
-    from rl_adapt.policies.nnunet import shrink_plan
+    from rl_adapt.policies.nnunet import plain_unet_plans, shrink_plan
 
     n = 7 if default else 5
     feats = [min(32 * 2 ** i, 512) for i in range(n)] if default else [8, 16, 32, 64, 128]
-    base = {
-        "dataset_name": "Dataset999_Bench", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [999.0, 1.0, 1.0],
-        "original_median_shape_after_transp": [1, size, size], "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {"0": {"max": 255.0, "mean": 100.0, "median": 100.0, "min": 0.0,
-                                                              "percentile_00_5": 0.0, "percentile_99_5": 255.0, "std": 50.0}},
-        "configurations": {"2d": {
-            "data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor", "batch_size": 12,
-            "patch_size": [size, size], "median_image_size_in_voxels": [float(size)] * 2, "spacing": [1.0, 1.0],
-            "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
-            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
-            "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                             "arch_kwargs": {"n_stages": n, "features_per_stage": feats, "conv_op": "torch.nn.modules.conv.Conv2d",
-                                             "kernel_sizes": [[3, 3]] * n, "strides": [[1, 1]] + [[2, 2]] * (n - 1),
-                                             "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1),
-                                             "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
-                                             "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
-                                             "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-                                             "nonlin_kwargs": {"inplace": True}},
-                             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
-            "batch_dice": True}},
-    }
+    base = plain_unet_plans(feats, [size, size], dataset_name="Dataset999_Bench")
     dj = {"channel_names": {"0": "US"}, "labels": {"background": 0, "LV": 1, "MYO": 2, "LA": 3}, "numTraining": 1,
           "file_ending": ".nii.gz"}
     return shrink_plan(base, feats, [size, size], 12, fit_median_to_patch=False, plans_name="nnUNetPlans") \
