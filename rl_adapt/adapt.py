@@ -90,6 +90,10 @@ class AdaptConfig:
     way but label-free: a step is kept when it raises the final policy's agreement with the last iteration's
     anatomically valid corrections (no label worse). The kept steps are stored with the adapted model as
     ``postprocessing.json``/``.pkl`` (nnU-Net's format), which ``predict`` and ``evaluate`` apply. Empty: none."""
+    postprocessing_validity_tolerance: float = 0.01
+    """The ``anatomical_cleanup`` candidate is also kept when it raises the anatomical validity of the final
+    policy's outputs on all target images and no label's agreement with the trusted corrections falls by more
+    than this (Dice). 0: agreement alone decides, as nnU-Net's Dice does."""
     postprocessing_cleanup: CleanupConfig = field(default_factory=lambda: CleanupConfig(myo_la_frontier_max=0.11))
     """Clean-up parameters of the ``anatomical_cleanup`` candidate (the corrector's clean-up, with the MYO-LA
     separation on: measured, it is what leaves cleaned CPU-adapted outputs invalid otherwise)."""
@@ -593,7 +597,8 @@ class Adapter:
         gen = torch.Generator(device=self.device).manual_seed(_stage_seed(self.cfg.seed, self.cfg.iterations, 6))
         argmax, _ = policy_outputs(net, self.images, 0, self.cfg.rollout.batch_size, gen)
         rule, info = decide(argmax[trusted], corr["corrected"][trusted], self.cfg.postprocessing,
-                            cleanup=to_dict(self.cfg.postprocessing_cleanup))
+                            cleanup=to_dict(self.cfg.postprocessing_cleanup), all_masks=argmax,
+                            validity_tolerance=self.cfg.postprocessing_validity_tolerance)
         info = {**info, "reference": str(last.relative_to(self.run_dir)), "rule": rule.describe()}
         self._log_metrics("postprocessing", {**info, "seconds": time.time() - t0})
         return postprocessing_files(rule, info)

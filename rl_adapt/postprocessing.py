@@ -8,7 +8,9 @@ and ``postprocessing.json`` (the same as names and kwargs, plus the figures behi
 
 The adaptation (:mod:`rl_adapt.adapt`) has no target labels, so it decides with the same greedy procedure but
 against the anatomically valid corrected masks of its last iteration (:func:`decide`), and it may also try one step
-nnU-Net does not have: the corrector's anatomy-guided clean-up (:func:`anatomical_cleanup`). It writes both files
+nnU-Net does not have: the corrector's anatomy-guided clean-up (:func:`anatomical_cleanup`), kept when it raises
+agreement, or (``validity_tolerance``) when it raises the validity of the outputs on the whole target set at a
+bounded agreement cost. It writes both files
 into the adapted model folder. ``rl-adapt predict`` and ``rl-adapt evaluate`` read the JSON (never the pickle: only
 allow-listed functions of :data:`FUNCTIONS` run) and apply the steps in order to the final label map in the input
 geometry, as nnU-Net does; ``evaluate`` applies one rule to every model it compares and reports the raw outputs
@@ -205,16 +207,27 @@ def _agreement(masks: np.ndarray, reference: np.ndarray) -> tuple[float, list[fl
 
 
 def decide(masks: np.ndarray, reference: np.ndarray, candidates: Sequence[str] = CANDIDATES,
-           cleanup: Mapping[str, Any] | None = None) -> tuple[Postprocessing, dict]:
+           cleanup: Mapping[str, Any] | None = None, all_masks: np.ndarray | None = None,
+           validity_tolerance: float = 0.0) -> tuple[Postprocessing, dict]:
     """nnU-Net's greedy ``determine_postprocessing``, label-free: ``reference`` replaces the ground truth.
 
     Each candidate step is applied on top of the steps kept so far and kept when the mean agreement (Dice over LV,
     MYO, LA, averaged over images) with ``reference`` rises and no label's agreement falls (nnU-Net: "if a single
     class got worse we won't do this"; for one label's step only that label's Dice is compared, as nnU-Net does).
 
-    :param masks: (N, H, W) the model's label maps on the (unlabelled) target images.
+    The ``anatomical_cleanup`` step exists to make outputs anatomically valid, which the agreement with valid
+    references barely sees (the references cover the images whose correction is valid, and the clean-up moves a
+    few boundary pixels). With ``validity_tolerance > 0`` it is also kept when it raises the validity of the
+    model's outputs on every target image (``all_masks``) while no label's agreement falls by more than
+    ``validity_tolerance`` (Dice).
+
+    :param masks: (N, H, W) the model's label maps on the (unlabelled) target images with a trusted reference.
     :param reference: (N, H, W) trusted reference masks (the anatomically valid corrections), same images.
     :param cleanup: kwargs of the ``anatomical_cleanup`` step (CleanupConfig fields).
+    :param all_masks: (M, H, W) the model's label maps on all target images, for the validity rule (default:
+        ``masks``).
+    :param validity_tolerance: largest fall of any label's agreement (Dice, 0-1) accepted for a validity gain;
+        0 keeps nnU-Net's rule only.
     :returns: the rule and the JSON-ready figures behind it (agreement and validity before/after, per step).
     """
     from rl_adapt.anatomy import is_valid
@@ -223,10 +236,20 @@ def decide(masks: np.ndarray, reference: np.ndarray, candidates: Sequence[str] =
     reference = np.asarray(reference)
     if masks.shape != reference.shape or masks.ndim != 3:
         raise ValueError(f"masks {masks.shape} and reference {reference.shape} must both be (N, H, W)")
-    current = masks
+    if validity_tolerance < 0:
+        raise ValueError(f"validity_tolerance must be >= 0, got {validity_tolerance}")
+    every = masks if all_masks is None else np.asarray(all_masks)
+    if every.ndim != 3 or every.shape[1:] != masks.shape[1:]:
+        raise ValueError(f"all_masks {every.shape} must be (M, H, W) with the H, W of masks {masks.shape}")
+
+    def validity(stack: np.ndarray) -> float:
+        return float(np.mean([is_valid(m) for m in stack])) if len(stack) else float("nan")
+
+    current, cur_every = masks, every
     cur_mean, cur_per = _agreement(current, reference)
-    start = {"agreement": cur_mean, "agreement_per_label": cur_per,
-             "validity": float(np.mean([is_valid(m) for m in current])) if len(current) else float("nan")}
+    cur_valid = validity(cur_every)
+    start = {"agreement": cur_mean, "agreement_per_label": cur_per, "validity": validity(current),
+             "validity_all": cur_valid, "n_images_all": int(len(every))}
     kept: list[tuple[str, dict]] = []
     trials = []
     for cand in candidates:
@@ -240,13 +263,29 @@ def decide(masks: np.ndarray, reference: np.ndarray, candidates: Sequence[str] =
                 keep = new_per[i] > cur_per[i]
             else:
                 keep = new_mean > cur_mean and all(n >= c for n, c in zip(new_per, cur_per))
-            trials.append({"step": rule.describe(), "agreement_before": cur_mean, "agreement_after": new_mean,
-                           "kept": bool(keep)})
+            record = {"step": rule.describe(), "agreement_before": cur_mean, "agreement_after": new_mean,
+                      "validity_all_before": cur_valid}
+            trial_every = None
+            if cand == "anatomical_cleanup" and validity_tolerance > 0:
+                trial_every = np.stack([rule(m) for m in cur_every]) if len(cur_every) else cur_every
+                new_valid = validity(trial_every)
+                worst_fall = max(c - n for n, c in zip(new_per, cur_per))
+                record.update(validity_all_after=new_valid, worst_label_agreement_fall=worst_fall)
+                if not keep and new_valid > cur_valid and worst_fall <= validity_tolerance:
+                    keep = True
+                    record["kept_for"] = f"validity, agreement within {validity_tolerance}"
+            record["kept"] = bool(keep)
+            trials.append(record)
             if keep:
                 kept.extend(steps)
-                current, cur_mean, cur_per = trial, new_mean, new_per
-    end = {"agreement": cur_mean, "agreement_per_label": cur_per,
-           "validity": float(np.mean([is_valid(m) for m in current])) if len(current) else float("nan")}
-    info = {"decided_on": "target images with an anatomically valid correction (no labels)",
-            "n_images": int(len(masks)), "input": start, "postprocessed": end, "trials": trials}
+                if trial_every is None:
+                    trial_every = np.stack([rule(m) for m in cur_every]) if len(cur_every) else cur_every
+                current, cur_every, cur_mean, cur_per = trial, trial_every, new_mean, new_per
+                cur_valid = validity(cur_every)
+    end = {"agreement": cur_mean, "agreement_per_label": cur_per, "validity": validity(current),
+           "validity_all": cur_valid, "n_images_all": int(len(every))}
+    info = {"decided_on": "target images with an anatomically valid correction (no labels); validity on all "
+                          "target images",
+            "n_images": int(len(masks)), "validity_tolerance": float(validity_tolerance),
+            "input": start, "postprocessed": end, "trials": trials}
     return Postprocessing(kept), info

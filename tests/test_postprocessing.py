@@ -85,6 +85,38 @@ def test_decide_keeps_steps_that_raise_agreement_and_nothing_for_clean_masks():
         decide(clean, clean[:3])
 
 
+def with_lv_holes(masks: np.ndarray) -> np.ndarray:
+    """Each mask with a 2 x 2 background hole at the LV's centre: invalid (holes_in_lv), the clean-up fills it."""
+    out = masks.copy()
+    for m in out:
+        r, c = np.argwhere(m == LV).mean(axis=0).astype(int)
+        m[r : r + 2, c : c + 2] = 0
+    return out
+
+
+def test_decide_validity_rule_keeps_the_cleanup_only_within_the_agreement_tolerance():
+    clean = hearts(6)
+    holed = with_lv_holes(clean)
+    assert not any(check_anatomy(m).valid for m in holed)
+    every = np.concatenate([clean[:3], holed[3:]])        # the untrusted half is invalid
+    # the trusted images already agree with their references: agreement cannot rise, nnU-Net's rule keeps nothing
+    rule, info = decide(clean[:3], clean[:3], ("anatomical_cleanup",), all_masks=every)
+    assert rule.steps == [] and info["postprocessed"]["validity_all"] == 0.5
+    # the validity rule keeps it: validity on all target images 0.5 -> 1.0 at no agreement cost
+    rule, info = decide(clean[:3], clean[:3], ("anatomical_cleanup",), all_masks=every, validity_tolerance=0.01)
+    assert [n for n, _ in rule.steps] == ["anatomical_cleanup"]
+    assert info["input"]["validity_all"] == 0.5 and info["postprocessed"]["validity_all"] == 1.0
+    assert info["trials"][0]["kept_for"].startswith("validity")
+    # ... but not when it moves the trusted masks away from their references by more than the tolerance
+    rule, info = decide(holed[:3], holed[:3], ("anatomical_cleanup",), all_masks=holed, validity_tolerance=1e-4)
+    assert rule.steps == [] and info["trials"][0]["worst_label_agreement_fall"] > 1e-4
+    assert info["trials"][0]["validity_all_after"] == 1.0
+    with pytest.raises(ValueError):
+        decide(clean, clean, validity_tolerance=-0.1)
+    with pytest.raises(ValueError):
+        decide(clean, clean, all_masks=clean[:, :10])
+
+
 def test_files_are_nnunet_readable_and_json_is_the_rule(tmp_path):
     from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing
 
