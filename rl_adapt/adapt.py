@@ -85,6 +85,12 @@ class AdaptConfig:
     (mean Dice over LV/MYO/LA) with that iteration's corrected masks than before PPO; otherwise the iteration
     keeps the previous weights (logged as ``rejected``). Judged on the images with expert masks when ``--expert``
     gives any (the masks users trust most), else on the whole target set (label-free)."""
+    train_on: str = "all"
+    """Which target images the loop trains on: ``all`` (every image given as ``--target``; the expert masks, if
+    any, override the automatic corrections of their images) or ``expert`` (only the images with an expert mask;
+    needs ``--expert``). Measured on real CAMUS (CPU, small plan, low-gain shift, expert masks for 10 of 50
+    patients, Dice on the other 40): ``all`` +0.014, ``expert`` +0.046: on real images the automatic corrections
+    of the other images carry no boundary information and dilute the expert signal (results/camus_shift.md)."""
     postprocessing: tuple[str, ...] = ()
     """Postprocessing candidates (of :data:`rl_adapt.postprocessing.CANDIDATES`) tried at export, nnU-Net's greedy
     way but label-free: a step is kept when it raises the final policy's agreement with the last iteration's
@@ -111,6 +117,8 @@ class AdaptConfig:
     def __post_init__(self) -> None:
         from rl_adapt.postprocessing import CANDIDATES
 
+        if self.train_on not in ("all", "expert"):
+            raise ValueError(f"train_on must be 'all' or 'expert', got {self.train_on!r}")
         unknown = [c for c in self.postprocessing if c not in CANDIDATES]
         if unknown:
             raise ValueError(f"postprocessing: unknown candidate(s) {unknown}; valid: {list(CANDIDATES)}")
@@ -328,6 +336,8 @@ class Adapter:
         return {k: (None if v is None else str(Path(v).resolve())) for k, v in dataclasses.asdict(self.inputs).items()}
 
     def _check_inputs(self) -> None:
+        if self.cfg.train_on == "expert" and self.inputs.expert_dir is None:
+            raise InputError(self.inputs.target_dir, "train_on: expert needs expert masks (--expert DIR)")
         for name in ("model_dir", "target_dir", "source_data", "expert_dir", "val_dir", "shape_prior"):
             p = getattr(self.inputs, name)
             if p is not None and not Path(p).exists():
@@ -376,6 +386,15 @@ class Adapter:
             if not self.val_cases:
                 raise InputError(self.inputs.val_dir, "validation set has no labelled cases")
         self.expert = self._load_expert()
+        if self.cfg.train_on == "expert":
+            keep = [i for i, c in enumerate(self.target_cases) if c.name in self.expert]
+            if not keep:
+                raise InputError(self.inputs.expert_dir, "train_on: expert, but no expert mask is named like a "
+                                                         "target image")
+            log.info("train_on expert: training on the %d of %d target images with an expert mask",
+                     len(keep), len(self.target_cases))
+            self.target_cases = [self.target_cases[i] for i in keep]
+            self.images = self.images[torch.as_tensor(keep, device=self.images.device)]
 
     def _load_expert(self) -> dict[str, np.ndarray]:
         if self.inputs.expert_dir is None:

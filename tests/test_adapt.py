@@ -16,7 +16,7 @@ import torch
 
 from rl_adapt.adapt import AdaptConfig, AdaptInputs, Adapter
 from rl_adapt.config import load_config
-from rl_adapt.errors import InputError, RLAdaptError
+from rl_adapt.errors import ConfigError, InputError, RLAdaptError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -272,8 +272,41 @@ def test_guard_is_judged_on_expert_images_when_given(tiny_world, tmp_path):
     assert without._guard_images().tolist() == list(range(len(target)))
 
 
+def test_train_on_expert_keeps_only_the_images_with_an_expert_mask(tiny_world, tmp_path):
+    from rl_adapt.data.readers import read_dataset
+    from rl_adapt.data.writers import write_mask
+    from rl_adapt.synth import generate_domain
+
+    target = read_dataset(tiny_world["target"], with_labels=False)
+    truth = {c.name: c.label for c in generate_domain("source", 3, seed=1, size=96)}
+    expert = tmp_path / "expert"
+    chosen = target[2]
+    write_mask(expert / f"{chosen.name}.nii.gz", truth[chosen.name], like=chosen)
+    run = Adapter(AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"], expert_dir=expert),
+                  _cfg(["train_on=expert"]), tmp_path / "a", progress=False)
+    run._load()
+    assert [c.name for c in run.target_cases] == [chosen.name]
+    assert run.images.shape[0] == 1 and run._guard_images().tolist() == [0]
+    full = Adapter(AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"]), _cfg(),
+                   tmp_path / "b", progress=False)
+    full._load()
+    torch.testing.assert_close(run.images[0], full.images[2])
+    # no expert folder: refused before the run folder exists; a folder whose masks match no image: refused too
+    with pytest.raises(InputError, match="--expert"):
+        Adapter(AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"]),
+                _cfg(["train_on=expert"]), tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
+    other = tmp_path / "other"
+    write_mask(other / "nobody_2CH_ED.nii.gz", truth[chosen.name], like=chosen)
+    stray = Adapter(AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"], expert_dir=other),
+                    _cfg(["train_on=expert"]), tmp_path / "d", progress=False)
+    with pytest.raises(InputError, match="no expert mask is named like a target image"):
+        stray._load()
+    with pytest.raises(ConfigError, match="train_on"):
+        _cfg(["train_on=some"])
+
+
 def test_export_stores_a_label_free_postprocessing_in_nnunet_format(tiny_world, tmp_path):
-    from rl_adapt.errors import ConfigError
     from rl_adapt.postprocessing import load_postprocessing
 
     run = tmp_path / "run"
