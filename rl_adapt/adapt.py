@@ -272,6 +272,7 @@ def train_policy(
     tensorboard_log: str | None = None,
     tb_name: str = "ppo",
     progress: bool = False,
+    supervised: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """One PPO phase of the loop: fine-tune ``network`` in place against ``reward_fn``.
 
@@ -281,6 +282,7 @@ def train_policy(
     :param reward_fn: per-pixel reward ``(images, actions) -> (B, H, W)`` in [0, 1].
     :param total_images: one-step episodes (images) to consume.
     :param iteration: adaptation iteration (0-based), for the beta/entropy schedule of ``cfg``.
+    :param supervised: (M, 1, H, W) float32 images and (M, H, W) int64 masks for ``cfg.supervised_coef``.
     :returns: ``(network, stats)`` with the last update's logged values (reward, KL, entropy, clip fraction...).
     """
     from rl_adapt.ppo import PixelPPO
@@ -290,6 +292,7 @@ def train_policy(
                                   device=images.device)
     if hasattr(reward_fn, "env"):
         reward_fn.env = model.env
+    model.supervised = supervised
     model.set_adaptation_iteration(iteration, n_iterations)
     model.learn(total_timesteps=int(total_images), tb_log_name=tb_name, progress_bar=progress)
     stats: dict = {"beta_kl": float(model.beta_kl), "ent_coef": float(model.ent_coef)}
@@ -557,7 +560,7 @@ class Adapter:
                 network=net, reference=self.source_network, images=self.images, reward_fn=reward_fn,
                 cfg=ppo_cfg, total_images=self.cfg.ppo_images_per_iteration, iteration=k,
                 n_iterations=self.cfg.iterations, tensorboard_log=str(self.run_dir / "tensorboard"),
-                tb_name=f"ppo_iter{k}", progress=self.progress,
+                tb_name=f"ppo_iter{k}", progress=self.progress, supervised=self._expert_pairs(),
             )
             for name, p in net.state_dict().items():
                 if torch.is_floating_point(p) and not torch.isfinite(p).all():
@@ -580,6 +583,16 @@ class Adapter:
                 info.update(self.validate(net))
             self.state.mark(stage, info)
             self._log_metrics(stage, info)
+
+    def _expert_pairs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(M, 1, H, W) target patches with an expert mask and the (M, H, W) int64 masks, for the PPO update's
+        supervised term (``ppo.supervised_coef``); None when the term is off or no image has an expert mask."""
+        idx = [i for i, c in enumerate(self.target_cases) if c.name in self.expert]
+        if self.cfg.ppo.supervised_coef <= 0 or not idx:
+            return None
+        masks = np.stack([self.expert[self.target_cases[i].name] for i in idx])
+        return (self.images[torch.as_tensor(idx, device=self.images.device)],
+                torch.as_tensor(masks, dtype=torch.int64, device=self.images.device))
 
     def _guard_images(self) -> np.ndarray:
         """Indices of the target images the ``keep_if_closer`` guard is judged on (see :class:`AdaptConfig`)."""

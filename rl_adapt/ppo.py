@@ -78,6 +78,9 @@ class PPOConfig:
     """Entropy weight at the last adaptation iteration (linear from ent_coef; RL4Seg 0.15 -> 0.0375); None: constant."""
     vf_coef: float = 0.5
     """Weight of the per-pixel value MSE."""
+    supervised_coef: float = 0.0
+    """Weight of a cross-entropy term on supervised (image, mask) pairs added to every minibatch loss (the loop
+    passes the target images that have an expert mask); 0 or no pairs: pure PPO."""
     max_grad_norm: float = 0.5
     """Global gradient-norm clip."""
     target_kl: float | None = None
@@ -311,7 +314,7 @@ class PixelPPO(OnPolicyAlgorithm):
     def _excluded_save_params(self) -> list[str]:
         return super()._excluded_save_params() + ["validity_fn", "_last_obs", "_last_episode_starts",
                                                   "_sample_gen", "_batch_gen", "_rollout_stats",
-                                                  "_snapshot"]
+                                                  "_snapshot", "supervised"]
 
     def _setup_model(self) -> None:
         self._setup_lr_schedule()
@@ -330,6 +333,8 @@ class PixelPPO(OnPolicyAlgorithm):
         self._batch_gen = torch.Generator(device="cpu")
         self._batch_gen.manual_seed(seed + 2)
         self._snapshot = _UpdateSnapshot()
+        self.supervised: tuple[torch.Tensor, torch.Tensor] | None = None
+        """Optional (M, C, H, W) float32 images and (M, H, W) int64 masks for ``PPOConfig.supervised_coef``."""
 
     def set_adaptation_iteration(self, iteration: int, n_iterations: int) -> None:
         """Apply the config's beta/entropy schedules for adaptation iteration ``iteration`` (0-based)."""
@@ -443,7 +448,8 @@ class PixelPPO(OnPolicyAlgorithm):
         params = [p for g in policy.optimizer.param_groups for p in g["params"]]
         # snapshot so that a divergence rolls back the whole update, not only the failing step
         self._snapshot.take(params, policy.optimizer)
-        sums = torch.zeros(6, device=self.device)  # pg, value, entropy, approx_kl, clip_frac, count
+        sums = torch.zeros(7, device=self.device)  # pg, value, entropy, approx_kl, clip_frac, count, supervised
+        sup = self.supervised if cfg.supervised_coef > 0 and self.supervised is not None else None
         continue_training = True
         for epoch in range(cfg.n_epochs):
             epoch_kl = torch.zeros(2, device=self.device)
@@ -458,6 +464,13 @@ class PixelPPO(OnPolicyAlgorithm):
                 entropy = dist.entropy().mean()
                 value_loss = F.mse_loss(values, mb.returns)
                 loss = pg_loss - self.ent_coef * entropy + self.vf_coef * value_loss
+                sup_loss = torch.zeros((), device=self.device)
+                if sup is not None:
+                    pick = torch.randint(0, sup[0].shape[0], (min(cfg.batch_size, sup[0].shape[0]),),
+                                         generator=self._batch_gen).to(sup[0].device)
+                    sup_logits, _ = policy.logits_and_values(sup[0][pick], with_values=False)
+                    sup_loss = F.cross_entropy(sup_logits.float(), sup[1][pick])
+                    loss = loss + cfg.supervised_coef * sup_loss
                 policy.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
@@ -473,7 +486,7 @@ class PixelPPO(OnPolicyAlgorithm):
                     approx_kl = ((ratio - 1) - log_ratio).mean()
                     clip_frac = ((ratio - 1).abs() > clip).float().mean()
                     sums += torch.stack([pg_loss.detach(), value_loss.detach(), entropy.detach(), approx_kl,
-                                         clip_frac, torch.ones((), device=self.device)])
+                                         clip_frac, torch.ones((), device=self.device), sup_loss.detach()])
                     epoch_kl += torch.stack([approx_kl, torch.ones((), device=self.device)])
             self._n_updates += 1
             if cfg.target_kl is not None:
@@ -483,14 +496,15 @@ class PixelPPO(OnPolicyAlgorithm):
                     continue_training = False
             if not continue_training:
                 break
-        pg, vl, ent, akl, cf, cnt = (sums / sums[5].clamp(min=1)).tolist()
+        pg, vl, ent, akl, cf, cnt, sl = (sums / sums[5].clamp(min=1)).tolist()
         stats = dict(self._rollout_stats, policy_loss=pg, value_loss=vl, entropy=ent, approx_kl=akl,
-                     clip_fraction=cf, beta_kl=float(self.beta_kl), ent_coef=float(self.ent_coef),
+                     clip_fraction=cf, supervised_loss=sl, beta_kl=float(self.beta_kl),
+                     ent_coef=float(self.ent_coef),
                      learning_rate=float(self.lr_schedule(self._current_progress_remaining)),
                      images=float(self.num_timesteps))
         self.history.append(stats)
-        for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "beta_kl", "ent_coef",
-                    "learning_rate"):
+        for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "supervised_loss",
+                    "beta_kl", "ent_coef", "learning_rate"):
             self.logger.record(f"train/{key}", stats[key])
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         if self.verbose >= 1:
