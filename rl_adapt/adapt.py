@@ -89,8 +89,9 @@ class AdaptConfig:
     """Which target images the loop trains on: ``all`` (every image given as ``--target``; the expert masks, if
     any, override the automatic corrections of their images) or ``expert`` (only the images with an expert mask;
     needs ``--expert``). Measured on real CAMUS (CPU, small plan, low-gain shift, expert masks for 10 of 50
-    patients, Dice on the other 40): ``all`` +0.014, ``expert`` +0.046: on real images the automatic corrections
-    of the other images carry no boundary information and dilute the expert signal (results/camus_shift.md)."""
+    patients, Dice on the other 40): ``all`` +0.014, ``expert`` +0.046 (+0.041 / +0.077 with
+    ``ppo.supervised_coef`` 1.0): on real images the automatic corrections of the other images carry no boundary
+    information and dilute the expert signal (results/camus_shift.md)."""
     postprocessing: tuple[str, ...] = ()
     """Postprocessing candidates (of :data:`rl_adapt.postprocessing.CANDIDATES`) tried at export, nnU-Net's greedy
     way but label-free: a step is kept when it raises the final policy's agreement with the last iteration's
