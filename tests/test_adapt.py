@@ -252,16 +252,23 @@ def test_guard_keeps_the_previous_weights_when_ppo_moves_away(tiny_world, tmp_pa
         assert torch.equal(value, source[key].to(value.dtype)), key
 
 
-def test_guard_is_judged_on_expert_images_when_given(tiny_world, tmp_path):
+def _expert_folder(tiny_world, folder: Path, index: int, name: str | None = None):
+    """Write the true mask of target image ``index`` into ``folder`` (under ``name`` if given: a stray file);
+    returns (the target cases, the chosen case)."""
     from rl_adapt.data.readers import read_dataset
     from rl_adapt.data.writers import write_mask
     from rl_adapt.synth import generate_domain
 
     target = read_dataset(tiny_world["target"], with_labels=False)
     truth = {c.name: c.label for c in generate_domain("source", 3, seed=1, size=96)}
+    chosen = target[index]
+    write_mask(folder / f"{name or chosen.name}.nii.gz", truth[chosen.name], like=chosen)
+    return target, chosen
+
+
+def test_guard_is_judged_on_expert_images_when_given(tiny_world, tmp_path):
     expert = tmp_path / "expert"
-    chosen = target[1]
-    write_mask(expert / f"{chosen.name}.nii.gz", truth[chosen.name], like=chosen)
+    target, _ = _expert_folder(tiny_world, expert, 1)
     with_expert = Adapter(AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"],
                                       expert_dir=expert), _cfg(), tmp_path / "a", progress=False)
     with_expert._load()
@@ -273,15 +280,8 @@ def test_guard_is_judged_on_expert_images_when_given(tiny_world, tmp_path):
 
 
 def test_train_on_expert_keeps_only_the_images_with_an_expert_mask(tiny_world, tmp_path):
-    from rl_adapt.data.readers import read_dataset
-    from rl_adapt.data.writers import write_mask
-    from rl_adapt.synth import generate_domain
-
-    target = read_dataset(tiny_world["target"], with_labels=False)
-    truth = {c.name: c.label for c in generate_domain("source", 3, seed=1, size=96)}
     expert = tmp_path / "expert"
-    chosen = target[2]
-    write_mask(expert / f"{chosen.name}.nii.gz", truth[chosen.name], like=chosen)
+    _, chosen = _expert_folder(tiny_world, expert, 2)
     run = Adapter(AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"], expert_dir=expert),
                   _cfg(["train_on=expert"]), tmp_path / "a", progress=False)
     run._load()
@@ -297,7 +297,7 @@ def test_train_on_expert_keeps_only_the_images_with_an_expert_mask(tiny_world, t
                 _cfg(["train_on=expert"]), tmp_path / "c", progress=False)
     assert not (tmp_path / "c").exists()
     other = tmp_path / "other"
-    write_mask(other / "nobody_2CH_ED.nii.gz", truth[chosen.name], like=chosen)
+    _expert_folder(tiny_world, other, 2, name="nobody_2CH_ED")
     stray = Adapter(AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"], expert_dir=other),
                     _cfg(["train_on=expert"]), tmp_path / "d", progress=False)
     with pytest.raises(InputError, match="no expert mask is named like a target image"):
