@@ -391,7 +391,7 @@ class Adapter:
                 raise InputError(self.inputs.val_dir, "validation set has no labelled cases")
         self.expert = self._load_expert()
         if self.cfg.train_on == "expert":
-            keep = [i for i, c in enumerate(self.target_cases) if c.name in self.expert]
+            keep = self._expert_indices()
             if not keep:
                 raise InputError(self.inputs.expert_dir, "train_on: expert, but no expert mask is named like a "
                                                          "target image")
@@ -585,10 +585,14 @@ class Adapter:
             self.state.mark(stage, info)
             self._log_metrics(stage, info)
 
+    def _expert_indices(self) -> list[int]:
+        """Indices (into ``target_cases``/``images``) of the target images with an expert mask."""
+        return [i for i, c in enumerate(self.target_cases) if c.name in self.expert]
+
     def _expert_pairs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(M, 1, H, W) target patches with an expert mask and the (M, H, W) int64 masks, for the PPO update's
         supervised term (``ppo.supervised_coef``); None when the term is off or no image has an expert mask."""
-        idx = [i for i, c in enumerate(self.target_cases) if c.name in self.expert]
+        idx = self._expert_indices()
         if self.cfg.ppo.supervised_coef <= 0 or not idx:
             return None
         masks = np.stack([self.expert[self.target_cases[i].name] for i in idx])
@@ -597,7 +601,7 @@ class Adapter:
 
     def _guard_images(self) -> np.ndarray:
         """Indices of the target images the ``keep_if_closer`` guard is judged on (see :class:`AdaptConfig`)."""
-        with_expert = [i for i, c in enumerate(self.target_cases) if c.name in self.expert]
+        with_expert = self._expert_indices()
         return np.asarray(with_expert if with_expert else range(len(self.target_cases)), dtype=np.int64)
 
     # ------------------------------------------------------------------ validation / export
