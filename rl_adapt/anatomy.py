@@ -256,7 +256,12 @@ def _gap(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.count_nonzero(gap))
 
 
-def _frontier_ratio(a: np.ndarray, b: np.ndarray) -> float:
+def frontier_ratio(a: np.ndarray, b: np.ndarray) -> float:
+    """Pixels of ``a`` 8-adjacent to ``b``, divided by the number of columns ``a`` spans (the frontier checks).
+
+    :param a: (H, W) bool, non-empty.
+    :param b: (H, W) bool.
+    """
     cols = np.flatnonzero(a.any(axis=0))
     width = cols[-1] - cols[0] + 1
     touching = np.count_nonzero(a & ndimage.binary_dilation(b, _EIGHT))
@@ -299,8 +304,8 @@ _CHECKS: dict[str, tuple[tuple[str, ...], Callable[[_Ctx], float]]] = {
     "disconnected_la": (("LA",), lambda c: _disconnected(c.la)),
     "gap_lv_myo": (("LV", "MYO"), lambda c: _gap(c.lv, c.myo)),
     "gap_lv_la": (("LV", "LA"), lambda c: _gap(c.lv, c.la)),
-    "frontier_lv_bg": (("LV",), lambda c: _frontier_ratio(c.lv, c.bg)),
-    "frontier_myo_la": (("MYO", "LA"), lambda c: _frontier_ratio(c.myo, c.la)),
+    "frontier_lv_bg": (("LV",), lambda c: frontier_ratio(c.lv, c.bg)),
+    "frontier_myo_la": (("MYO", "LA"), lambda c: frontier_ratio(c.myo, c.la)),
     "width_ratio_lv_myo": (("LV", "MYO"), _width_ratio),
     "erosion_ratio_myo": (("MYO",), _erosion_ratio),
 }

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from rl_adapt.anatomy import frontier_ratio
 from rl_adapt.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -225,9 +226,7 @@ def separate_myo_la(mask: np.ndarray, max_ratio: float | None = 0.11) -> np.ndar
     myo, la = mask == MYO, mask == LA
     if not myo.any() or not la.any():
         return mask
-    touching = np.count_nonzero(myo & ndi.binary_dilation(la, structure=_EIGHT))
-    cols = np.flatnonzero(myo.any(axis=0))
-    if touching / (cols[-1] - cols[0] + 1) <= max_ratio:
+    if frontier_ratio(myo, la) <= max_ratio:
         return mask
     mask[la & ndi.binary_dilation(myo, structure=_EIGHT)] = BG
     return mask
