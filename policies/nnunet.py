@@ -726,7 +726,7 @@ def shrink_plan(plans: dict, features: Sequence[int], patch_size: Sequence[int],
     return plans
 
 
-# ---------------------------------------------------------------------- postprocessing (nnU-Net's pickle)
+# ---------------------------------------------------------------------- planner-free plans
 def plain_unet_plans(features: Sequence[int], patch_size: Sequence[int], spacing: float = 1.0, batch_size: int = 12,
                      n_conv_per_stage: int = 2, ndim: int = 2, dataset_name: str = "Dataset999_Synthetic") -> dict:
     """A plans.json dict in nnU-Net v2's schema (ExperimentPlanner's output) for a PlainConvUNet, without running the
@@ -771,6 +771,7 @@ def plain_unet_plans(features: Sequence[int], patch_size: Sequence[int], spacing
                                                                   "percentile_99_5": 255.0, "std": 50.0}}}
 
 
+# ---------------------------------------------------------------------- postprocessing (nnU-Net's pickle)
 def nnunet_postprocessing_functions(names: Sequence[str]) -> list:
     """The callables a ``postprocessing.pkl`` stores for the step names of :mod:`rl_adapt.postprocessing`:
     nnU-Net's own ``remove_all_but_largest_component_from_segmentation`` for that step (so that
