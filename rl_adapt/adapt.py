@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -585,6 +586,11 @@ class Adapter:
             self.state.mark(stage, info)
             self._log_metrics(stage, info)
 
+    def rejected_iterations(self) -> list[int]:
+        """Iterations (0-based) whose finished PPO phase the ``keep_if_closer`` guard rejected."""
+        return [k for k in range(self.cfg.iterations)
+                if self.state.done(f"iter{k}/ppo") and self.state.info(f"iter{k}/ppo").get("rejected")]
+
     def _expert_indices(self) -> list[int]:
         """Indices (into ``target_cases``/``images``) of the target images with an expert mask."""
         return [i for i, c in enumerate(self.target_cases) if c.name in self.expert]
@@ -650,8 +656,11 @@ class Adapter:
             out = export_model_folder(net, self.model, model_root, overwrite=True,
                                       extra_meta={"rl_adapt_run": str(self.run_dir.resolve())}, extra_files=extra)
             reward_net.save(self.run_dir / "reward_net.pt")
-            self.state.mark(stage, {"model_folder": str(out)})
-        return Path(self.state.info(stage)["model_folder"])
+            self.state.mark(stage, {"model_folder": str(out), "model_relpath": os.path.relpath(out, self.run_dir)})
+        info = self.state.info(stage)
+        if "model_relpath" in info:  # relative to the run folder: still right after the folder is moved
+            return self.run_dir / info["model_relpath"]
+        return Path(info["model_folder"])  # runs exported before the relative path was stored
 
     # ------------------------------------------------------------------ main
     def run(self) -> Path:
@@ -671,6 +680,13 @@ class Adapter:
             corr = self._correct(k, roll["argmax"], prior)
             reward_net = self._reward(k, roll, corr)
             self._ppo(k, net, reward_net, corr, roll["argmax"])
+        rejected = self.rejected_iterations()
+        if rejected and len(rejected) == self.cfg.iterations:
+            log.warning("every PPO phase (%d of %d) was rejected by the keep_if_closer guard: the adapted network is "
+                        "the source network, only the stored postprocessing differs. The automatic corrections "
+                        "gave PPO nothing it could agree with better; expert masks (--expert, train_on: expert) are "
+                        "what helped on real images (README, results/camus_shift.md)", len(rejected),
+                        self.cfg.iterations)
         net = self._network_at(self.cfg.iterations)
         if reward_net is None:
             from rl_adapt.reward_net import RewardNet

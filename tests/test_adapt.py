@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -92,6 +93,11 @@ def test_adapt_writes_a_loadable_model_and_leaves_the_source_alone(tiny_world, t
     mtime = (run / "iter0" / "policy.pt").stat().st_mtime_ns
     assert Adapter(inputs, _cfg(), run, resume=True, progress=False).run() == folder
     assert (run / "iter0" / "policy.pt").stat().st_mtime_ns == mtime
+    # ... and names the model inside the run folder after the folder was moved
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    again = Adapter(inputs, _cfg(), moved, resume=True, progress=False).run()
+    assert again == moved / folder.relative_to(run) and (again / "plans.json").is_file()
 
 
 def test_bad_inputs_are_refused_before_writing(tiny_world, tmp_path):
@@ -237,12 +243,16 @@ def test_contact_penalties_hit_exactly_the_pixels_the_frontier_checks_count():
     assert torch.equal(plain(images, m), torch.ones(1, 5, 6))
 
 
-def test_guard_keeps_the_previous_weights_when_ppo_moves_away(tiny_world, tmp_path):
+def test_guard_keeps_the_previous_weights_when_ppo_moves_away(tiny_world, tmp_path, caplog):
     """A destructive learning rate wrecks the policy; the label-free guard must reject it and keep the source."""
     run = tmp_path / "run"
     inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"])
     cfg = _cfg(["iterations=1", "keep_if_closer=true", "ppo.learning_rate=0.5", "ppo.max_grad_norm=1000.0"])
-    Adapter(inputs, cfg, run, progress=False).run()
+    adapter = Adapter(inputs, cfg, run, progress=False)
+    with caplog.at_level(logging.WARNING, logger="rl_adapt.adapt"):
+        adapter.run()
+    assert adapter.rejected_iterations() == [0]
+    assert any("the adapted network is the source network" in r.getMessage() for r in caplog.records)
     rec = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     ppo = next(r for r in rec if r["stage"] == "iter0/ppo")
     assert ppo["rejected"] is True and ppo["agreement_after"] < ppo["agreement_before"]

@@ -46,5 +46,9 @@ def run(args: argparse.Namespace) -> int:
     adapter = Adapter(inputs, cfg, args.out, resume=args.resume, progress=not args.no_progress)
     folder = adapter.run()
     print(f"adapted model: {folder}")
+    rejected = adapter.rejected_iterations()
+    if rejected:
+        same = " (all: the adapted network is the source network)" if len(rejected) == cfg.iterations else ""
+        print(f"guard: PPO of iteration(s) {', '.join(map(str, rejected))} rejected{same}; see metrics.jsonl")
     print(f"metrics: {args.out / 'metrics.jsonl'}   tensorboard: tensorboard --logdir {args.out / 'tensorboard'}")
     return 0
