@@ -5,6 +5,7 @@ Stages (each skipped when its output already exists, so an interrupted demo resu
     synth source (labelled)  -> OUT/data/source
     synth target (unlabelled, adaptation set) and target test (labelled, other patients)
     pretrain                 -> OUT/source_model
+    (in_domain_reference) synth labelled target patients, pretrain on them -> OUT/in_domain_model
     adapt (RL)               -> OUT/adapt
     baselines (TENT, pseudo-label) -> OUT/baseline_<method>
     evaluate all models on the target test split -> OUT/eval (summary.json, report.html)
@@ -46,6 +47,10 @@ class DemoConfig:
     """Config shared by the baselines (same budget knobs)."""
     baselines: tuple[str, ...] = ("tent", "pseudo-label")
     """Baselines evaluated beside the source and the RL-adapted model."""
+    in_domain_reference: bool = False
+    """Also train the source model's network, with labels, on ``target_patients`` other target-domain patients
+    (ids from 6001) and evaluate it beside the others as ``in_domain``: the upper bound that the issue-5 bar
+    measures the gap to. Adds one synth and one pretrain stage (66 s each preset on the 2-core CPU box)."""
     evaluate_device: str = "cpu"
     """Torch device of the evaluation stage ("cpu", "cuda"), passed as ``rl-adapt evaluate --device``."""
     extra_overrides: dict[str, list[str]] = field(default_factory=dict)
@@ -106,6 +111,16 @@ def demo_stages(cfg: DemoConfig, out: Path) -> list[tuple[str, Path, list[str]]]
                                             str(out / "source_model"), "--config",
                                             str(_config_path(cfg.pretrain_config)), *_sets(cfg, "pretrain")]),
     ]
+    if cfg.in_domain_reference:
+        stages += [
+            ("synth target in-domain", d / "target_in_domain", [
+                "synth", "--domain", cfg.target_domain, "--patients", str(cfg.target_patients), "--first-patient",
+                "6001", "--out", str(d / "target_in_domain"), "--dataset-name", "Dataset911_SynthTargetInDomain",
+                *common]),
+            ("pretrain in-domain", out / "in_domain_model", [
+                "pretrain", "--data", str(d / "target_in_domain"), "--out", str(out / "in_domain_model"),
+                "--config", str(_config_path(cfg.pretrain_config)), *_sets(cfg, "pretrain")]),
+        ]
     return stages
 
 
@@ -145,6 +160,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
             "baseline", "--method", m, "--model", str(source_model), "--target", str(out / "data" / "target"),
             "--out", str(b), "--config", str(_config_path(cfg.baseline_config)), *_sets(cfg, "baseline"), *np_flag])
         models[method] = find_model_folder(bdir)
+    if cfg.in_domain_reference:
+        models["in_domain"] = find_model_folder(out / "in_domain_model")
     models["rl_adapted"] = find_model_folder(adapt_dir / "model")  # last: the report contrasts it with the first
     eval_dir = out / "eval"
     stage("evaluate", (eval_dir / "summary.json").exists(), lambda: [
