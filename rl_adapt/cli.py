@@ -19,6 +19,7 @@ COMMANDS = {
     "shift": "Apply a synthetic target-vendor shift to a dataset (e.g. real CAMUS images).",
     "pretrain": "Train a source nnU-Net v2 model (nnU-Net results-folder layout).",
     "predict": "Segment images with an nnU-Net v2 results folder.",
+    "triage": "Rank target patients by how implausible a model's masks are (quality review, label-free).",
     "adapt": "Adapt a source model to unlabelled target images with RL (RL4Seg).",
     "evaluate": "Score models on a labelled set: metrics, anatomy, clinical indices, report.html.",
     "baseline": "Test-time adaptation baselines (TENT, entropy minimisation, pseudo-labels).",
