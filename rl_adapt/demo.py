@@ -50,7 +50,7 @@ class DemoConfig:
     in_domain_reference: bool = False
     """Also train the source model's network, with labels, on ``target_patients`` other target-domain patients
     (ids from 6001) and evaluate it beside the others as ``in_domain``: the upper bound that the issue-5 bar
-    measures the gap to. Adds one synth and one pretrain stage (66 s each preset on the 2-core CPU box)."""
+    measures the gap to. Adds one synth and one pretrain stage (about 75 s on the 2-core CPU box)."""
     evaluate_device: str = "cpu"
     """Torch device of the evaluation stage ("cpu", "cuda"), passed as ``rl-adapt evaluate --device``."""
     extra_overrides: dict[str, list[str]] = field(default_factory=dict)

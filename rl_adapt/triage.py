@@ -40,7 +40,7 @@ def patient_ranking(rows: Sequence[dict]) -> list[dict]:
     """Patients worst first: most failed checks over their images, then most invalid images, then by name.
 
     :param rows: from :func:`image_rows`.
-    :returns: rows ``rank`` (1 = correct first), ``patient``, ``images``, ``invalid_images``, ``failed_checks``
+    :returns: rows ``rank`` (1 = most implausible), ``patient``, ``images``, ``invalid_images``, ``failed_checks``
         (total count), ``cases`` (";"-joined).
     """
     by_patient: dict[str, list[dict]] = {}
