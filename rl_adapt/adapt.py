@@ -34,6 +34,7 @@ import torch
 
 from rl_adapt.config import save_config, to_dict
 from rl_adapt.corrector import CleanupConfig, CorrectorConfig
+from rl_adapt.devices import pick_device
 from rl_adapt.errors import InputError, RLAdaptError
 from rl_adapt.io_utils import append_jsonl, atomic_path, write_json_atomic
 from rl_adapt.ppo import PPOConfig
@@ -145,16 +146,6 @@ class AdaptInputs:
     expert_dir: Path | None = None
     val_dir: Path | None = None
     shape_prior: Path | None = None
-
-
-def pick_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; otherwise ``torch.device(name)``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RLAdaptError(f"device {name!r} requested but CUDA is not available")
-    return dev
 
 
 def _stage_seed(seed: int, iteration: int, stage: int) -> int:

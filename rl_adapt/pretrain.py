@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rl_adapt.config import to_dict
+from rl_adapt.devices import pick_device
 from rl_adapt.errors import InputError, TrainingDiverged
 
 log = logging.getLogger(__name__)
@@ -328,15 +329,6 @@ def evaluate_dice(model, cases) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------- driver
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(None, f"device {name} requested but CUDA is not available")
-    return dev
-
-
 def make_plans(data_dir: str | Path, cfg: PlanConfig) -> tuple[dict, dict, dict]:
     """nnU-Net's 2D plan for the raw dataset, shrunk when ``cfg.kind == "small"``."""
     from rl_adapt.policies.nnunet import plan_dataset, shrink_plan
@@ -364,7 +356,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
     tc = cfg.train
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
-    device = _device(tc.device)
+    device = pick_device(tc.device)
     plans, dataset_json, fingerprint = make_plans(data_dir, cfg.plan)
     model = NnUNetModel.from_plans(plans, dataset_json, device="cpu", seed=tc.seed, mirror_axes=None)
     target = Path(out_dir) / model.dataset_name / f"{DEFAULT_TRAINER}__{model.plans_name}__2d" / f"fold_{tc.fold}"

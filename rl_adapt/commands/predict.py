@@ -35,9 +35,8 @@ def register(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Predict and write masks; nothing is written when loading fails."""
-    import torch
-
     from rl_adapt.data.readers import read_dataset
+    from rl_adapt.devices import pick_device
     from rl_adapt.data.writers import write_mask
     from rl_adapt.errors import InputError
     from rl_adapt.io_utils import atomic_dir
@@ -46,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists():
         raise InputError(args.out, "already exists; choose a new output folder")
     folds = tuple(int(f) if f.strip().isdigit() else f.strip() for f in args.folds.split(",") if f.strip())
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = str(pick_device(args.device))
     from rl_adapt.postprocessing import load_postprocessing
 
     folder = resolve_model_folder(args.model)

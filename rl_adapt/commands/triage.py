@@ -31,10 +31,9 @@ def register(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Rank and write the two tables; nothing is written when reading or loading fails."""
-    import torch
-
     from rl_adapt.aggregate import write_csv
     from rl_adapt.data.readers import read_dataset
+    from rl_adapt.devices import pick_device
     from rl_adapt.errors import InputError
     from rl_adapt.io_utils import atomic_dir
     from rl_adapt.policies.nnunet import load_model_folder, resolve_model_folder
@@ -44,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(args.out, "already exists; choose a new output folder")
     if args.top < 1:
         raise InputError(None, f"--top must be >= 1, got {args.top}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = str(pick_device(args.device))
     model = load_model_folder(resolve_model_folder(args.model), device=device)
     cases = read_dataset(args.images, with_labels=False)
     masks = model.predict_cases(cases, progress=not args.no_progress)
