@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rl_adapt.commands import add_segmentation_args, refuse_existing
+
 
 def register(sub) -> argparse.ArgumentParser:
     """Add the ``predict`` subcommand to ``sub``."""
@@ -19,17 +21,13 @@ def register(sub) -> argparse.ArgumentParser:
             "pickles: load only models you trust."
         ),
     )
-    p.add_argument("--model", required=True, type=Path,
-                   help="model folder (<Dataset>/<Trainer>__<Plans>__2d) or a results root holding exactly one")
-    p.add_argument("--images", required=True, type=Path, help="images to segment (folder or dataset)")
-    p.add_argument("--out", required=True, type=Path, help="output folder for masks (must not exist)")
+    add_segmentation_args(p, images_help="images to segment (folder or dataset)",
+                          out_help="output folder for masks (must not exist)")
     p.add_argument("--folds", default="0", help="comma-separated folds to ensemble (default 0)")
     p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in fold_N/")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring over the axes the model allows")
     p.add_argument("--postprocessing", default="auto", metavar="auto|none|FILE",
                    help="auto: the model folder's postprocessing.json if any; none: raw masks; or a postprocessing.json")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -42,8 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from rl_adapt.io_utils import atomic_dir
     from rl_adapt.policies.nnunet import load_model_folder, resolve_model_folder
 
-    if args.out.exists():
-        raise InputError(args.out, "already exists; choose a new output folder")
+    refuse_existing(args.out)
     folds = tuple(int(f) if f.strip().isdigit() else f.strip() for f in args.folds.split(",") if f.strip())
     device = str(pick_device(args.device))
     from rl_adapt.postprocessing import load_postprocessing

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from rl_adapt.commands import add_segmentation_args, refuse_existing
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -19,13 +20,8 @@ def register(sub) -> argparse.ArgumentParser:
             "random sample did as well in our measurements.)"
         ),
     )
-    p.add_argument("--model", required=True, type=Path,
-                   help="model folder (<Dataset>/<Trainer>__<Plans>__2d) or a results root holding exactly one")
-    p.add_argument("--images", required=True, type=Path, help="target images (folder or dataset)")
-    p.add_argument("--out", required=True, type=Path, help="output folder (must not exist)")
+    add_segmentation_args(p, images_help="target images (folder or dataset)", out_help="output folder (must not exist)")
     p.add_argument("--top", type=int, default=10, help="patients to print (default 10)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -39,8 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from rl_adapt.policies.nnunet import load_model_folder, resolve_model_folder
     from rl_adapt.triage import image_rows, patient_ranking
 
-    if args.out.exists():
-        raise InputError(args.out, "already exists; choose a new output folder")
+    refuse_existing(args.out)
     if args.top < 1:
         raise InputError(None, f"--top must be >= 1, got {args.top}")
     device = str(pick_device(args.device))
