@@ -245,6 +245,9 @@ def decide(masks: np.ndarray, reference: np.ndarray, candidates: Sequence[str] =
     def validity(stack: np.ndarray) -> float:
         return float(np.mean([is_valid(m) for m in stack])) if len(stack) else float("nan")
 
+    def applied(rule: Postprocessing, stack: np.ndarray) -> np.ndarray:
+        return np.stack([rule(m) for m in stack]) if len(stack) else stack
+
     current, cur_every = masks, every
     cur_mean, cur_per = _agreement(current, reference)
     cur_valid = validity(cur_every)
@@ -255,7 +258,7 @@ def decide(masks: np.ndarray, reference: np.ndarray, candidates: Sequence[str] =
     for cand in candidates:
         for steps in _candidate_steps(cand, cleanup):
             rule = Postprocessing(steps)
-            trial = np.stack([rule(m) for m in current]) if len(current) else current
+            trial = applied(rule, current)
             new_mean, new_per = _agreement(trial, reference)
             lab = steps[0][1].get("labels_or_regions")
             if isinstance(lab, int):  # one label's step: nnU-Net compares that label only
@@ -267,7 +270,7 @@ def decide(masks: np.ndarray, reference: np.ndarray, candidates: Sequence[str] =
                       "validity_all_before": cur_valid}
             trial_every = None
             if cand == "anatomical_cleanup" and validity_tolerance > 0:
-                trial_every = np.stack([rule(m) for m in cur_every]) if len(cur_every) else cur_every
+                trial_every = applied(rule, cur_every)
                 new_valid = validity(trial_every)
                 worst_fall = max(c - n for n, c in zip(new_per, cur_per))
                 record.update(validity_all_after=new_valid, worst_label_agreement_fall=worst_fall)
@@ -279,7 +282,7 @@ def decide(masks: np.ndarray, reference: np.ndarray, candidates: Sequence[str] =
             if keep:
                 kept.extend(steps)
                 if trial_every is None:
-                    trial_every = np.stack([rule(m) for m in cur_every]) if len(cur_every) else cur_every
+                    trial_every = applied(rule, cur_every)
                 current, cur_every, cur_mean, cur_per = trial, trial_every, new_mean, new_per
                 cur_valid = validity(cur_every)
     end = {"agreement": cur_mean, "agreement_per_label": cur_per, "validity": validity(current),
