@@ -276,7 +276,8 @@ def train_policy(
     :param total_images: one-step episodes (images) to consume.
     :param iteration: adaptation iteration (0-based), for the beta/entropy schedule of ``cfg``.
     :param supervised: (M, 1, H, W) float32 images and (M, H, W) int64 masks for ``cfg.supervised_coef``.
-    :returns: ``(network, stats)`` with the last update's logged values (reward, KL, entropy, clip fraction...).
+    :returns: ``(network, stats)`` with the last update's logged values (reward, KL, entropy, clip fraction...);
+        with ``cfg.weight_average_decay`` > 0 the network holds the phase's weight average.
     """
     from rl_adapt.ppo import PixelPPO
 
@@ -289,6 +290,10 @@ def train_policy(
     model.set_adaptation_iteration(iteration, n_iterations)
     model.learn(total_timesteps=int(total_images), tb_log_name=tb_name, progress_bar=progress)
     stats: dict = {"beta_kl": float(model.beta_kl), "ent_coef": float(model.ent_coef)}
+    averaged = model.averaged_network_state()
+    if averaged is not None:  # export the weight average of the phase instead of its last iterate
+        model.policy.network.load_state_dict(averaged, strict=False)
+        stats["weight_averaged"] = 1.0
     if model.history:
         first, last = model.history[0], model.history[-1]
         stats.update({f"first_{k}": float(v) for k, v in first.items() if isinstance(v, (int, float))})

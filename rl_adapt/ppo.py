@@ -99,6 +99,10 @@ class PPOConfig:
     """Log an image/sample/reward overlay to TensorBoard every this many rollouts; 0: never."""
     validity_max_masks: int = 32
     """At most this many sampled masks per rollout are passed to validity_fn (it runs on CPU numpy)."""
+    weight_average_decay: float = 0.0
+    """Keep an exponential moving average of the policy network's parameters over the optimizer steps of a
+    ``learn`` call (decay per step, e.g. 0.95 averages over ~20 steps); :meth:`PixelPPO.averaged_network_state`
+    returns it and the adaptation loop exports it instead of the last iterate. 0: off."""
 
     def coefficients(self, iteration: int, n_iterations: int) -> tuple[float, float]:
         """(beta_kl, ent_coef) for adaptation iteration ``iteration`` of ``n_iterations`` (0-based, linear)."""
@@ -163,6 +167,29 @@ def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         pair[1].append(s)
     for d_list, s_list in groups.values():
         torch._foreach_copy_(d_list, s_list)
+
+
+class _WeightAverage:
+    """Exponential moving average of a module's floating-point parameters and buffers, updated in place."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"weight_average_decay must be in (0, 1), got {decay}")
+        self.decay = float(decay)
+        self._live = [t for t in module.state_dict(keep_vars=True).values() if torch.is_floating_point(t)]
+        self._names = [k for k, t in module.state_dict(keep_vars=True).items() if torch.is_floating_point(t)]
+        self._avg = [t.detach().clone() for t in self._live]
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """avg <- decay * avg + (1 - decay) * live, for every tracked tensor (one fused op per group)."""
+        torch._foreach_lerp_(self._avg, [t.detach() for t in self._live], 1.0 - self.decay)
+        self.steps += 1
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """{name: averaged tensor} for the tracked entries of the module's state dict."""
+        return dict(zip(self._names, self._avg))
 
 
 class PixelPPO(OnPolicyAlgorithm):
@@ -314,7 +341,7 @@ class PixelPPO(OnPolicyAlgorithm):
     def _excluded_save_params(self) -> list[str]:
         return super()._excluded_save_params() + ["validity_fn", "_last_obs", "_last_episode_starts",
                                                   "_sample_gen", "_batch_gen", "_rollout_stats",
-                                                  "_snapshot", "supervised"]
+                                                  "_snapshot", "_average", "supervised"]
 
     def _setup_model(self) -> None:
         self._setup_lr_schedule()
@@ -333,8 +360,17 @@ class PixelPPO(OnPolicyAlgorithm):
         self._batch_gen = torch.Generator(device="cpu")
         self._batch_gen.manual_seed(seed + 2)
         self._snapshot = _UpdateSnapshot()
+        self._average: _WeightAverage | None = None
         self.supervised: tuple[torch.Tensor, torch.Tensor] | None = None
         """Optional (M, C, H, W) float32 images and (M, H, W) int64 masks for ``PPOConfig.supervised_coef``."""
+
+    def averaged_network_state(self) -> dict[str, torch.Tensor] | None:
+        """The moving average of the policy network's floating-point state over the last :meth:`learn` call's
+        optimizer steps (names as in ``policy.network.state_dict()``), or None when averaging is off or no
+        step was taken."""
+        if self._average is None or self._average.steps == 0:
+            return None
+        return self._average.state()
 
     def set_adaptation_iteration(self, iteration: int, n_iterations: int) -> None:
         """Apply the config's beta/entropy schedules for adaptation iteration ``iteration`` (0-based)."""
@@ -345,9 +381,12 @@ class PixelPPO(OnPolicyAlgorithm):
               reset_num_timesteps: bool = True, progress_bar: bool = False) -> "PixelPPO":
         """Roll out and train until ``total_timesteps`` images have been rolled out (whole rollouts).
 
-        SB3's loop, except that logs are dumped after each update (so the last update is logged too).
+        SB3's loop, except that logs are dumped after each update (so the last update is logged too). With
+        ``config.weight_average_decay`` > 0 the weight average restarts from the network's current parameters.
         """
         iteration = 0
+        decay = self.config.weight_average_decay
+        self._average = _WeightAverage(self.policy.network, decay) if decay > 0 else None
         if self.tensorboard_log is None and self.verbose == 0 and not self._custom_logger:
             # SB3 would otherwise make an empty /tmp/SB3-<date> folder for a logger that writes nothing
             self.set_logger(Logger(folder=None, output_formats=[]))
@@ -482,6 +521,8 @@ class PixelPPO(OnPolicyAlgorithm):
                         f"entropy {entropy.item()}, grad norm {grad_norm.item()}) at epoch {epoch}; "
                         "parameters and optimizer state restored to their values before this update")
                 policy.optimizer.step()
+                if self._average is not None:
+                    self._average.update()
                 with torch.no_grad():
                     approx_kl = ((ratio - 1) - log_ratio).mean()
                     clip_frac = ((ratio - 1).abs() > clip).float().mean()

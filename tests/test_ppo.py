@@ -268,3 +268,39 @@ def test_supervised_term_teaches_the_masks_an_uninformative_reward_cannot(data):
     # held-out images (not among the 16 supervised ones) are segmented better only with the term on
     assert accs[1.0][1] >= accs[1.0][0] + 0.1, accs
     assert accs[1.0][1] > accs[0.0][1] + 0.1, accs
+
+
+def test_weight_average_is_the_moving_average_of_the_optimizer_iterates(data):
+    """``weight_average_decay`` keeps avg <- d * avg + (1 - d) * w after every optimizer step of a learn call,
+    starting from the weights the call began with; it does not change the training path itself."""
+    torch.set_num_threads(1)
+    images, labels = data
+    decay = 0.8
+    plain = make_model(images, labels)
+    plain.learn(32)
+    assert plain.averaged_network_state() is None  # off by default
+
+    model = make_model(images, labels, weight_average_decay=decay)
+    net = model.policy.network
+    expected = {k: v.detach().clone() for k, v in net.state_dict().items() if torch.is_floating_point(v)}
+    steps = []
+
+    def after_step(optimizer, args, kwargs):
+        live = net.state_dict()
+        for k in expected:
+            expected[k].mul_(decay).add_(live[k].detach(), alpha=1 - decay)
+        steps.append(1)
+
+    model.policy.optimizer.register_step_post_hook(after_step)
+    model.learn(32)
+    averaged = model.averaged_network_state()
+    assert len(steps) == 2 * 2 * 5  # 2 rollouts of 16 images x 2 minibatches x 5 epochs
+    assert averaged is not None and set(averaged) == set(expected)
+    for k in expected:
+        torch.testing.assert_close(averaged[k], expected[k], rtol=1e-5, atol=1e-6)
+    # the last iterate is not the average, and averaging did not alter the iterates (same seed, same path)
+    assert any(not torch.equal(averaged[k], v) for k, v in net.state_dict().items() if k in averaged)
+    for (k, a), b in zip(net.state_dict().items(), plain.policy.network.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+    with pytest.raises(ValueError, match="weight_average_decay"):
+        make_model(images, labels, weight_average_decay=1.0).learn(32)
