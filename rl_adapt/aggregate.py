@@ -10,13 +10,14 @@ Dependency-light (numpy, scipy.stats, csv). Conventions:
 """
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from rl_adapt.io_utils import write_csv
 
 TIDY_COLUMNS: tuple[str, ...] = ("model", "case", "patient", "view", "phase", "structure", "metric", "value")
 """Columns of :meth:`MetricAccumulator.rows` (one row per value)."""
@@ -271,27 +272,3 @@ class MetricAccumulator:
             write_csv(wide_path, self.wide())
         if patients_path is not None:
             write_csv(patients_path, self.patients)
-
-
-def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
-    """Write dict rows as CSV (columns: given, else the union in first-seen order); NaN/None -> empty cell."""
-    from rl_adapt.io_utils import atomic_path
-
-    if columns is None:
-        cols: dict[str, None] = {}
-        for r in rows:
-            for k in r:
-                cols.setdefault(k)
-        columns = list(cols)
-
-    def cell(v: Any) -> Any:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return ""
-        return v
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: cell(r.get(k)) for k in columns})

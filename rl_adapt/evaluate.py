@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from rl_adapt.errors import InputError
-from rl_adapt.io_utils import atomic_dir, atomic_path, write_json_atomic
+from rl_adapt.io_utils import atomic_dir, atomic_path, write_csv, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -237,33 +237,6 @@ def clinical_row(patient: str, model: str, pred: Mapping[str, Any], ref: Mapping
 
 
 # --------------------------------------------------------------------------------------------- CSV
-def _cell(v: Any) -> Any:
-    if v is None:
-        return ""
-    if isinstance(v, (bool, np.bool_)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return "" if not math.isfinite(float(v)) else f"{float(v):.8g}"
-    return v
-
-
-def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
-    """Write ``rows`` as CSV atomically; NaN/None become empty cells, booleans 0/1.
-
-    :param columns: column order; default: keys in order of first appearance.
-    """
-    if columns is None:
-        columns = []
-        for r in rows:
-            columns.extend(k for k in r if k not in columns)
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: _cell(r.get(k)) for k in columns})
-
-
 TEXT_COLUMNS: tuple[str, ...] = ("case", "patient", "view", "phase", "model", "failed_checks", "group")
 """Columns that stay strings when a table is read back (ids such as ``0001`` must not become numbers)."""
 

@@ -6,12 +6,16 @@ then ``os.replace`` (atomic on POSIX within one file system).
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -85,3 +89,33 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _csv_cell(v: Any) -> Any:
+    """None and non-finite floats -> "", booleans -> 0/1, floats -> 8 significant digits."""
+    if v is None:
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return "" if not math.isfinite(float(v)) else f"{float(v):.8g}"
+    return v
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
+    """Write dict ``rows`` as CSV atomically; NaN/None become empty cells, booleans 0/1.
+
+    :param columns: column order; default: keys in order of first appearance over the rows.
+    """
+    if columns is None:
+        seen: dict[str, None] = {}
+        for r in rows:
+            for k in r:
+                seen.setdefault(k)
+        columns = list(seen)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: _csv_cell(r.get(k)) for k in columns})

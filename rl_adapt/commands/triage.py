@@ -27,11 +27,10 @@ def register(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Rank and write the two tables; nothing is written when reading or loading fails."""
-    from rl_adapt.aggregate import write_csv
     from rl_adapt.data.readers import read_dataset
     from rl_adapt.devices import pick_device
     from rl_adapt.errors import InputError
-    from rl_adapt.io_utils import atomic_dir
+    from rl_adapt.io_utils import atomic_dir, write_csv
     from rl_adapt.policies.nnunet import load_model_folder, resolve_model_folder
     from rl_adapt.triage import image_rows, patient_ranking
 
