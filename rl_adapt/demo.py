@@ -125,7 +125,11 @@ def demo_stages(cfg: DemoConfig, out: Path) -> list[tuple[str, Path, list[str]]]
 
 
 def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
-    """Run (or resume) the demo under ``out``; returns the evaluation summary (summary.json contents)."""
+    """Run (or resume) the demo under ``out``.
+
+    :returns: ``{"summary": summary.json contents, "timings": {stage: seconds}, "eval_dir": str, "ran": [names of the
+        stages run by this call (the others were finished before)]}``.
+    """
     from tqdm import tqdm
 
     out = Path(out)
@@ -135,12 +139,14 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     bar = tqdm(total=len(stages) + 3 + len(cfg.baselines), desc="demo", unit="stage", disable=None if progress else True)
     t0 = time.time()
     timings: dict[str, float] = {}
+    ran: list[str] = []
 
     def stage(name: str, done: bool, args_fn) -> None:
         bar.set_postfix_str(name)
         t = time.time()
         if not done:
             _cli(args_fn())
+            ran.append(name)
         timings[name] = round(time.time() - t, 1)
         bar.update(1)
 
@@ -171,4 +177,4 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     bar.close()
     summary = json.loads((eval_dir / "summary.json").read_text())
     log.info("demo finished in %.0f s: %s", time.time() - t0, timings)
-    return {"summary": summary, "timings": timings, "eval_dir": str(eval_dir)}
+    return {"summary": summary, "timings": timings, "eval_dir": str(eval_dir), "ran": ran}

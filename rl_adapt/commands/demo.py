@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     cfg_path = args.config or _config_path("configs/demo_full.yaml" if args.full else "configs/demo.yaml")
     cfg = load_config(DemoConfig, cfg_path, args.overrides)
     result = run_demo(cfg, args.out, progress=not args.no_progress)
-    print(format_table(result["summary"]))
+    if "evaluate" not in result["ran"]:  # the evaluate stage prints the table when it runs
+        print(format_table(result["summary"]))
     print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in result["timings"].items()))
     print(f"report: {Path(result['eval_dir']) / 'report.html'}")
     return 0
