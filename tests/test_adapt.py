@@ -26,7 +26,7 @@ TINY_ADAPT = [
     "correction_reward_weight=1.0", "keep_if_closer=false",  # 16 images: the guard would often keep the source
     "rollout.samples_per_image=1", "rollout.batch_size=8",
     "reward.features=4", "reward.depth=2", "reward.steps=20", "reward.batch_size=4",
-    "ppo.n_envs=4", "ppo.n_steps=2", "ppo.batch_size=4", "ppo.n_epochs=2",
+    "ppo.n_envs=4", "ppo.n_steps=2", "ppo.batch_size=4", "ppo.n_epochs=2", "ppo.weight_average_decay=0.8",
     "shape_prior.steps=20", "shape_prior.size=32", "shape_prior.batch_size=8",
 ]
 
@@ -85,6 +85,9 @@ def test_adapt_writes_a_loadable_model_and_leaves_the_source_alone(tiny_world, t
         for s in ("rollout", "correct", "reward", "ppo"):
             assert f"iter{k}/{s}" in stages
     assert "shape_prior" in stages
+    ppo_records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(line)["stage"].endswith("/ppo")]
+    assert all(r.get("weight_averaged") == 1.0 for r in ppo_records)  # the phase's weight average was exported
     assert (run / "reward_net.pt").is_file() and (run / "config.yaml").is_file()
     assert any((run / "tensorboard").rglob("events.out.tfevents.*"))
     state = json.loads((run / "state.json").read_text())
