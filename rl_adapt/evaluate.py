@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from rl_adapt.errors import InputError
-from rl_adapt.io_utils import atomic_dir, atomic_path, write_csv, write_json_atomic
+from rl_adapt.io_utils import atomic_dir, write_csv, write_json_atomic
 
 log = logging.getLogger(__name__)
 

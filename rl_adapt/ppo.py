@@ -104,6 +104,10 @@ class PPOConfig:
     ``learn`` call (decay per step, e.g. 0.95 averages over ~20 steps); :meth:`PixelPPO.averaged_network_state`
     returns it and the adaptation loop exports it instead of the last iterate. 0: off."""
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight_average_decay < 1.0:
+            raise ValueError(f"weight_average_decay must be in [0, 1), got {self.weight_average_decay}")
+
     def coefficients(self, iteration: int, n_iterations: int) -> tuple[float, float]:
         """(beta_kl, ent_coef) for adaptation iteration ``iteration`` of ``n_iterations`` (0-based, linear)."""
         t = 0.0 if n_iterations <= 1 else min(max(iteration, 0), n_iterations - 1) / (n_iterations - 1)
@@ -176,8 +180,8 @@ class _WeightAverage:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"weight_average_decay must be in (0, 1), got {decay}")
         self.decay = float(decay)
-        self._live = [t for t in module.state_dict(keep_vars=True).values() if torch.is_floating_point(t)]
-        self._names = [k for k, t in module.state_dict(keep_vars=True).items() if torch.is_floating_point(t)]
+        tracked = {k: t for k, t in module.state_dict(keep_vars=True).items() if torch.is_floating_point(t)}
+        self._names, self._live = list(tracked), list(tracked.values())
         self._avg = [t.detach().clone() for t in self._live]
         self.steps = 0
 
