@@ -100,9 +100,10 @@ class PPOConfig:
     validity_max_masks: int = 32
     """At most this many sampled masks per rollout are passed to validity_fn (it runs on CPU numpy)."""
     weight_average_decay: float = 0.0
-    """Keep an exponential moving average of the policy network's floating-point state (parameters and buffers) over the optimizer steps of a
-    ``learn`` call (decay per step, e.g. 0.95 averages over ~20 steps); :meth:`PixelPPO.averaged_network_state`
-    returns it and the adaptation loop exports it instead of the last iterate. 0: off."""
+    """Keep an exponential moving average of the policy network's floating-point state (parameters and buffers)
+    over the optimizer steps of a ``learn`` call (decay per step, e.g. 0.95 averages over ~20 steps);
+    :meth:`PixelPPO.averaged_network_state` returns it and the adaptation loop exports it instead of the last
+    iterate. 0: off."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight_average_decay < 1.0:
