@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 from rl_adapt.config import save_config, to_dict
 from rl_adapt.corrector import CleanupConfig, CorrectorConfig
 from rl_adapt.devices import pick_device
-from rl_adapt.errors import InputError, RLAdaptError
+from rl_adapt.errors import ConfigError, InputError, RLAdaptError
 from rl_adapt.io_utils import append_jsonl, atomic_path, write_json_atomic
 from rl_adapt.ppo import PPOConfig
 from rl_adapt.reward_net import RewardNetConfig
@@ -87,6 +88,13 @@ class AdaptConfig:
     (mean Dice over LV/MYO/LA) with that iteration's corrected masks than before PPO; otherwise the iteration
     keeps the previous weights (logged as ``rejected``). Judged on the images with expert masks when ``--expert``
     gives any (the masks users trust most), else on the whole target set (label-free)."""
+    trusted_corrections: str = "valid"
+    """Which corrections the reward network learns from, the PPO reward blends in
+    (``correction_reward_weight``) and the export's postprocessing is decided against: ``valid`` (only the
+    anatomically valid ones; RL4Seg) or ``all`` (every correction, valid or not: for a source model whose outputs
+    the corrector cannot make valid, e.g. at a coarse patch size or briefly trained). With fewer than 2 trusted
+    corrections the first iteration stops with an error saying what to try; a later iteration keeps the previous
+    weights (recorded as ``rejected`` with the reason, as the guard does) and the run goes on."""
     train_on: str = "all"
     """Which target images the loop trains on: ``all`` (every image given as ``--target``; the expert masks, if
     any, override the automatic corrections of their images) or ``expert`` (only the images with an expert mask;
@@ -111,7 +119,8 @@ class AdaptConfig:
     corrector: CorrectorConfig = field(default_factory=CorrectorConfig)
     """Automatic correction (clean-up, shape prior, pseudo-label acceptance)."""
     shape_prior: ShapePriorConfig = field(default_factory=ShapePriorConfig)
-    """Shape autoencoder trained on source label maps (used only with ``--source-data``)."""
+    """Shape autoencoder trained on the label maps of ``--source-data`` (or read from ``--shape-prior``); a run
+    with ``corrector.use_shape_prior`` and neither input is refused before it starts."""
     reward: RewardNetConfig = field(default_factory=RewardNetConfig)
     """Reward network and its training."""
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(beta_kl_final=0.0125, ent_coef_final=0.0375))
@@ -120,6 +129,8 @@ class AdaptConfig:
     def __post_init__(self) -> None:
         from rl_adapt.postprocessing import CANDIDATES
 
+        if self.trusted_corrections not in ("valid", "all"):
+            raise ValueError(f"trusted_corrections must be 'valid' or 'all', got {self.trusted_corrections!r}")
         if self.train_on not in ("all", "expert"):
             raise ValueError(f"train_on must be 'all' or 'expert', got {self.train_on!r}")
         unknown = [c for c in self.postprocessing if c not in CANDIDATES]
@@ -266,6 +277,7 @@ def train_policy(
     tb_name: str = "ppo",
     progress: bool = False,
     supervised: tuple[torch.Tensor, torch.Tensor] | None = None,
+    seed: int = 0,
 ) -> tuple[torch.nn.Module, dict]:
     """One PPO phase of the loop: fine-tune ``network`` in place against ``reward_fn``.
 
@@ -276,6 +288,7 @@ def train_policy(
     :param total_images: one-step episodes (images) to consume.
     :param iteration: adaptation iteration (0-based), for the beta/entropy schedule of ``cfg``.
     :param supervised: (M, 1, H, W) float32 images and (M, H, W) int64 masks for ``cfg.supervised_coef``.
+    :param seed: seed of the phase's image order, action sampling and minibatches.
     :returns: ``(network, stats)`` with the last update's logged values (reward, KL, entropy, clip fraction...);
         with ``cfg.weight_average_decay`` > 0 the network holds the phase's weight average.
     """
@@ -283,7 +296,7 @@ def train_policy(
 
     model = PixelPPO.from_network(network, images, reward_fn, cfg, reference_network=reference,
                                   validity_fn=_validity_rate, tensorboard_log=tensorboard_log,
-                                  device=images.device)
+                                  device=images.device, seed=seed)
     if hasattr(reward_fn, "env"):
         reward_fn.env = model.env
     model.supervised = supervised
@@ -343,6 +356,12 @@ class Adapter:
             p = getattr(self.inputs, name)
             if p is not None and not Path(p).exists():
                 raise InputError(p, f"{name.replace('_', ' ')} does not exist")
+        if (self.cfg.corrector.use_shape_prior and self.inputs.source_data is None
+                and self.inputs.shape_prior is None):
+            raise ConfigError("the configuration corrects masks with a shape prior (corrector.use_shape_prior: true) "
+                              "but none can be had: give the labelled source dataset (--source-data DIR) or a "
+                              "trained prior (--shape-prior FILE), or turn it off (--set "
+                              "corrector.use_shape_prior=false)")
         if self.inputs.shape_prior is not None:
             from rl_adapt.shape_prior import ShapePrior
 
@@ -462,8 +481,6 @@ class Adapter:
 
     def _given_shape_prior(self):
         """The user's trained shape prior, copied into the run folder once (the run stays self-contained)."""
-        import shutil
-
         from rl_adapt.shape_prior import ShapePrior
 
         path = self.run_dir / "shape_prior.pt"
@@ -509,7 +526,28 @@ class Adapter:
             self.state.mark(stage, info)
             self._log_metrics(stage, info)
         data = np.load(path)
-        return {k2: data[k2] for k2 in ("corrected", "accepted", "valid", "correction_path")}
+        out = {k2: data[k2] for k2 in ("corrected", "accepted", "valid", "correction_path")}
+        out["trusted"] = self._trusted(out["valid"])
+        return out
+
+    def _trusted(self, valid: np.ndarray) -> np.ndarray:
+        """(N,) bool: the corrections the run trusts (see ``AdaptConfig.trusted_corrections``)."""
+        return np.asarray(valid, bool) if self.cfg.trusted_corrections == "valid" else np.ones(len(valid), bool)
+
+    def _too_few_trusted(self, k: int, trusted: np.ndarray) -> str:
+        """Why iteration ``k`` cannot train a reward network: counts, the checks failed most, what to try."""
+        info = self.state.info(f"iter{k}/correct")
+        failed = sorted(((v, c[len("failed_"):]) for c, v in info.items() if c.startswith("failed_")), reverse=True)
+        worst = ", ".join(f"{name} ({count})" for count, name in failed[:3]) or "none recorded"
+        hints = []
+        if self.inputs.source_data is None and self.inputs.shape_prior is None:
+            hints.append("a shape prior (--source-data DIR or --shape-prior FILE) makes more corrections valid")
+        hints += ["expert masks (--expert DIR) replace the automatic corrections of their images",
+                  "--set trusted_corrections=all trains on every correction, valid or not",
+                  "a source model this far from valid anatomy may need more training or a finer plan"]
+        return (f"iteration {k}: {int(trusted.sum())} of {len(trusted)} target images have an anatomically valid "
+                f"correction; at least 2 are needed to train the reward network. Checks the corrections failed "
+                f"most: {worst}. Try: " + "; ".join(hints) + ".")
 
     def _reward(self, k: int, roll: dict, corr: dict):
         from rl_adapt.reward_net import RewardNet, build_reward_dataset, train_reward_net
@@ -518,11 +556,20 @@ class Adapter:
         stage = f"iter{k}/reward"
         if not self.state.done(stage):
             t0 = time.time()
-            use = corr["valid"]
+            use = corr["trusted"]
             if use.sum() < 2:
-                raise RLAdaptError(
-                    f"iteration {k}: fewer than 2 target images have an anatomically valid correction; "
-                    "the reward network cannot be trained (check the source model and the target images)")
+                why = self._too_few_trusted(k, use)
+                if k == 0:
+                    raise RLAdaptError(why)
+                # a later iteration falls back as the guard does: the previous weights and reward network stay
+                log.warning("%s; keeping the weights of iteration %d", why, k - 1)
+                with atomic_path(path) as tmp:
+                    shutil.copyfile(self.run_dir / f"iter{k - 1}" / "reward_net.pt", tmp)
+                info = {"skipped": True, "reason": "fewer than 2 trusted corrections",
+                        "n_trusted": int(use.sum()), "seconds": time.time() - t0}
+                self.state.mark(stage, info)
+                self._log_metrics(stage, info)
+                return RewardNet.load(path, device=self.device)
             idx = np.flatnonzero(use)
             images = self.images[idx].cpu().numpy()
             segs = [roll["argmax"][idx]] + [roll["samples"][idx, s] for s in range(roll["samples"].shape[1])]
@@ -531,9 +578,8 @@ class Adapter:
             init = None
             if k > 0:
                 init = RewardNet.load(self.run_dir / f"iter{k - 1}" / "reward_net.pt", device=self.device)
-            reward_cfg = dataclasses.replace(self.cfg.reward, seed=_stage_seed(self.cfg.seed, k, 3))
-            reward_net, stats = train_reward_net(dataset, reward_cfg, device=self.device, init=init,
-                                                 progress=self.progress)
+            reward_net, stats = train_reward_net(dataset, self.cfg.reward, device=self.device, init=init,
+                                                 progress=self.progress, seed=_stage_seed(self.cfg.seed, k, 3))
             reward_net.save(path)
             info = {**stats, "n_images": int(len(idx)), "seconds": time.time() - t0}
             self.state.mark(stage, info)
@@ -547,19 +593,25 @@ class Adapter:
         stage = f"iter{k}/ppo"
         if not self.state.done(stage):
             t0 = time.time()
+            if self.state.info(f"iter{k}/reward").get("skipped"):
+                _save_torch(path, {k2: v.detach().cpu() for k2, v in net.state_dict().items()})
+                info = {"rejected": True, "reason": self.state.info(f"iter{k}/reward")["reason"],
+                        "seconds": time.time() - t0}
+                self.state.mark(stage, info)
+                self._log_metrics(stage, info)
+                return
             before_state = {k2: v.detach().clone() for k2, v in net.state_dict().items()}
             corrected = corr["corrected"]
             reward_fn = BlendedReward(reward_net, torch.as_tensor(corrected, dtype=torch.int64, device=self.device),
-                                      torch.as_tensor(corr["valid"], device=self.device),
+                                      torch.as_tensor(corr["trusted"], device=self.device),
                                       self.cfg.correction_reward_weight, self.cfg.myo_la_contact_penalty,
                                       self.cfg.lv_bg_contact_penalty)
-            ppo_cfg = dataclasses.replace(self.cfg.ppo, seed=_stage_seed(self.cfg.seed, k, 4))
             net, stats = train_policy(
                 network=net, reference=self.source_network, images=self.images, reward_fn=reward_fn,
-                cfg=ppo_cfg, total_images=self.cfg.ppo_images_per_iteration, iteration=k,
+                cfg=self.cfg.ppo, total_images=self.cfg.ppo_images_per_iteration, iteration=k,
                 n_iterations=self.cfg.iterations, tensorboard_log=str(self.run_dir / "tensorboard"),
                 tb_name=f"ppo_iter{k}", progress=self.progress, supervised=self._expert_pairs(),
-            )
+                seed=_stage_seed(self.cfg.seed, k, 4))
             for name, p in net.state_dict().items():
                 if torch.is_floating_point(p) and not torch.isfinite(p).all():
                     raise RLAdaptError(f"iteration {k}: non-finite weights in {name}; last good checkpoint kept")
@@ -632,7 +684,7 @@ class Adapter:
         t0 = time.time()
         last = self.run_dir / f"iter{self.cfg.iterations - 1}" / "corrected.npz"
         corr = np.load(last)
-        trusted = np.flatnonzero(corr["valid"])
+        trusted = np.flatnonzero(self._trusted(corr["valid"]))
         gen = torch.Generator(device=self.device).manual_seed(_stage_seed(self.cfg.seed, self.cfg.iterations, 6))
         argmax, _ = policy_outputs(net, self.images, 0, self.cfg.rollout.batch_size, gen)
         rule, info = decide(argmax[trusted], corr["corrected"][trusted], self.cfg.postprocessing,

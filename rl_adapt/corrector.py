@@ -355,7 +355,8 @@ class CorrectionResult:
     """case names, when given"""
 
     def summary(self) -> dict[str, float | int]:
-        """Counts per path, validity rates before/after, acceptance rate and mean Dice to the input."""
+        """Counts per path, validity rates before/after, acceptance rate, mean Dice to the input, and per anatomy
+        check the number of corrections that still fail it (``failed_<check>``, most frequent first)."""
         n = len(self.path)
         counts = Counter(self.path)
         out: dict[str, float | int] = {"n": n}
@@ -365,6 +366,8 @@ class CorrectionResult:
         out["validity_after"] = float(np.mean(self.valid_after)) if n else float("nan")
         out["acceptance_rate"] = float(np.mean(self.accepted)) if n else float("nan")
         out["mean_dice_to_input"] = float(np.mean(self.dice_to_input)) if n else float("nan")
+        for check, count in Counter(c for failed in self.failed_after for c in failed).most_common():
+            out[f"failed_{check}"] = int(count)  # images whose correction still fails this check
         return out
 
 

@@ -21,8 +21,12 @@ from rl_adapt.errors import ConfigError, InputError, RLAdaptError
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The machinery, not the quality, is tested here: every correction is trusted (a briefly trained tiny model's
+# corrections pass the anatomy checks or not depending on the CPU's float rounding), and the shape prior is off
+# unless a test gives source data.
 TINY_ADAPT = [
-    "device=cpu", "threads=1", "iterations=2", "ppo_images_per_iteration=16",
+    "device=cpu", "threads=1", "iterations=2", "ppo_images_per_iteration=16", "trusted_corrections=all",
+    "corrector.use_shape_prior=false",
     "correction_reward_weight=1.0", "keep_if_closer=false",  # 16 images: the guard would often keep the source
     "rollout.samples_per_image=1", "rollout.batch_size=8",
     "reward.features=4", "reward.depth=2", "reward.steps=20", "reward.batch_size=4",
@@ -72,7 +76,8 @@ def test_adapt_writes_a_loadable_model_and_leaves_the_source_alone(tiny_world, t
     run = tmp_path / "run"
     inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"],
                          source_data=tiny_world["source"])
-    folder = Adapter(inputs, _cfg(), run, progress=False).run()
+    cfg = _cfg(["corrector.use_shape_prior=true"])
+    folder = Adapter(inputs, cfg, run, progress=False).run()
     assert _tree_digest(tiny_world["model"]) == before
     adapted = load_model_folder(folder)
     source = load_model_folder(tiny_world["model"])
@@ -94,12 +99,12 @@ def test_adapt_writes_a_loadable_model_and_leaves_the_source_alone(tiny_world, t
     assert "export" in state["completed"]
     # a finished run resumes to the same folder without redoing anything
     mtime = (run / "iter0" / "policy.pt").stat().st_mtime_ns
-    assert Adapter(inputs, _cfg(), run, resume=True, progress=False).run() == folder
+    assert Adapter(inputs, cfg, run, resume=True, progress=False).run() == folder
     assert (run / "iter0" / "policy.pt").stat().st_mtime_ns == mtime
     # ... and names the model inside the run folder after the folder was moved
     moved = tmp_path / "moved"
     run.rename(moved)
-    again = Adapter(inputs, _cfg(), moved, resume=True, progress=False).run()
+    again = Adapter(inputs, cfg, moved, resume=True, progress=False).run()
     assert again == moved / folder.relative_to(run) and (again / "plans.json").is_file()
 
 
@@ -125,6 +130,62 @@ def test_bad_inputs_are_refused_before_writing(tiny_world, tmp_path):
     assert not (tmp_path / "run2").exists()
 
 
+def test_a_config_that_needs_a_shape_prior_without_one_is_refused(tiny_world, tmp_path):
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"])
+    with pytest.raises(ConfigError, match="--source-data DIR.*--shape-prior FILE.*corrector.use_shape_prior=false"):
+        Adapter(inputs, _cfg(["corrector.use_shape_prior=true"]), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    res = subprocess.run([sys.executable, "-m", "rl_adapt.cli", "adapt", "--model", str(tiny_world["model"]),
+                          "--target", str(tiny_world["target"]), "--out", str(tmp_path / "cli"),
+                          "--config", str(REPO / "configs" / "adapt_cpu.yaml")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--source-data" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "cli").exists()
+
+
+def test_too_few_valid_corrections_stop_the_first_iteration_with_what_to_try(tiny_world, tmp_path):
+    """Blank expert masks make every correction invalid by construction: the error counts and explains."""
+    from rl_adapt.data.readers import read_dataset
+    from rl_adapt.data.writers import write_mask
+
+    expert = tmp_path / "expert"
+    for case in read_dataset(tiny_world["target"], with_labels=False):
+        write_mask(expert / f"{case.name}.nii.gz", np.zeros(case.image.shape, np.uint8), like=case)
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"], expert_dir=expert)
+    adapter = Adapter(inputs, _cfg(["trusted_corrections=valid", "iterations=1"]), tmp_path / "run", progress=False)
+    with pytest.raises(RLAdaptError) as err:
+        adapter.run()
+    msg = str(err.value)
+    n = len(read_dataset(tiny_world["target"], with_labels=False))
+    assert f"0 of {n} target images have an anatomically valid correction" in msg
+    assert "failed most:" in msg and "(%d)" % n in msg  # every blank mask fails the same checks
+    assert "--shape-prior" in msg and "--set trusted_corrections=all" in msg
+
+
+def test_a_later_iteration_without_trusted_corrections_keeps_the_previous_weights(tiny_world, tmp_path, monkeypatch):
+    from rl_adapt import adapt as adapt_mod
+
+    real = adapt_mod.Adapter._trusted
+    calls = []
+
+    def trusted_only_first_time(self, valid):
+        calls.append(1)
+        out = real(self, valid)
+        return out if len(calls) == 1 else np.zeros_like(out)
+
+    monkeypatch.setattr(adapt_mod.Adapter, "_trusted", trusted_only_first_time)
+    run = tmp_path / "run"
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"])
+    adapter = Adapter(inputs, _cfg(), run, progress=False)
+    adapter.run()
+    assert adapter.rejected_iterations() == [1]
+    state = json.loads((run / "state.json").read_text())["completed"]
+    assert state["iter1/reward"]["skipped"] is True and "trusted" in state["iter1/ppo"]["reason"]
+    a, b = torch.load(run / "iter0" / "policy.pt"), torch.load(run / "iter1" / "policy.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (run / "iter1" / "reward_net.pt").read_bytes() == (run / "iter0" / "reward_net.pt").read_bytes()
+
+
 def test_a_given_shape_prior_is_reused_not_retrained(tiny_world, tmp_path):
     from rl_adapt.shape_prior import ShapePrior, ShapePriorConfig, train_shape_prior
 
@@ -136,7 +197,7 @@ def test_a_given_shape_prior_is_reused_not_retrained(tiny_world, tmp_path):
     prior.save(given)
     inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"],
                          source_data=tiny_world["source"], shape_prior=given)
-    adapter = Adapter(inputs, _cfg(), tmp_path / "run", progress=False)
+    adapter = Adapter(inputs, _cfg(["corrector.use_shape_prior=true"]), tmp_path / "run", progress=False)
     loaded = adapter._shape_prior()
     assert isinstance(loaded, ShapePrior)
     assert (tmp_path / "run" / "shape_prior.pt").read_bytes() == given.read_bytes()
@@ -250,7 +311,7 @@ def test_guard_keeps_the_previous_weights_when_ppo_moves_away(tiny_world, tmp_pa
     """A destructive learning rate wrecks the policy; the label-free guard must reject it and keep the source."""
     run = tmp_path / "run"
     inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"])
-    cfg = _cfg(["iterations=1", "keep_if_closer=true", "ppo.learning_rate=0.5", "ppo.max_grad_norm=1000.0"])
+    cfg = _cfg(["iterations=1", "keep_if_closer=true", "ppo.lr=0.5", "ppo.max_grad_norm=1000.0"])
     adapter = Adapter(inputs, cfg, run, progress=False)
     with caplog.at_level(logging.WARNING, logger="rl_adapt.adapt"):
         adapter.run()
@@ -324,7 +385,10 @@ def test_export_stores_a_label_free_postprocessing_in_nnunet_format(tiny_world, 
 
     run = tmp_path / "run"
     inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"])
-    cfg = _cfg(["iterations=1", "postprocessing=[largest_foreground, largest_per_label, anatomical_cleanup]"])
+    # tolerance 0: agreement alone decides, so a kept step can never lower it (with a tolerance the validity rule
+    # may keep the clean-up at a small agreement cost)
+    cfg = _cfg(["iterations=1", "postprocessing=[largest_foreground, largest_per_label, anatomical_cleanup]",
+                "postprocessing_validity_tolerance=0"])
     folder = Adapter(inputs, cfg, run, progress=False).run()
     assert (folder / "postprocessing.pkl").is_file()
     data = json.loads((folder / "postprocessing.json").read_text())
