@@ -56,7 +56,7 @@ _PALETTE = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 110, 240], [2
 class PPOConfig:
     """Hyperparameters of pixel-wise PPO (one-step episodes, per-pixel ratios and advantages)."""
 
-    learning_rate: float = 1e-4
+    lr: float = 1e-4
     """Adam learning rate of actor and value head (constant)."""
     n_envs: int = 8
     """Images per environment step (the vector env's batch B)."""
@@ -93,8 +93,6 @@ class PPOConfig:
     """With the shared head: keep value-loss gradients out of the actor's features (measured: learns faster)."""
     bf16: bool = True
     """bf16 autocast for the networks on CUDA (no effect on CPU)."""
-    seed: int = 0
-    """Seed of parameters initialised here, image order, action sampling and minibatch order."""
     log_images_every: int = 0
     """Log an image/sample/reward overlay to TensorBoard every this many rollouts; 0: never."""
     validity_max_masks: int = 32
@@ -210,6 +208,8 @@ class PixelPPO(OnPolicyAlgorithm):
     :param tensorboard_log: TensorBoard log folder (None: no TensorBoard).
     :param verbose: SB3 verbosity (1: print the logger table per rollout).
     :param device: "auto", "cpu", "cuda", ...
+    :param seed: seed of parameters initialised here, action sampling and minibatch order (the adaptation loop
+        derives one per PPO phase from its master seed).
     """
 
     policy: PixelActorCriticPolicy
@@ -225,6 +225,7 @@ class PixelPPO(OnPolicyAlgorithm):
         tensorboard_log: str | None = None,
         verbose: int = 0,
         device: torch.device | str = "auto",
+        seed: int = 0,
         _init_setup_model: bool = True,
     ):
         cfg = config if config is not None else PPOConfig()
@@ -235,7 +236,7 @@ class PixelPPO(OnPolicyAlgorithm):
         super().__init__(
             policy=policy,
             env=None,
-            learning_rate=cfg.learning_rate,
+            learning_rate=cfg.lr,
             n_steps=cfg.n_steps,
             gamma=1.0,
             gae_lambda=1.0,
@@ -248,7 +249,7 @@ class PixelPPO(OnPolicyAlgorithm):
             monitor_wrapper=False,
             policy_kwargs=policy_kwargs,
             verbose=verbose,
-            seed=cfg.seed,
+            seed=seed,
             device=device,
             _init_setup_model=False,
             supported_action_spaces=(spaces.MultiDiscrete,),
@@ -281,6 +282,7 @@ class PixelPPO(OnPolicyAlgorithm):
         verbose: int = 0,
         device: torch.device | str = "auto",
         policy_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
     ) -> "PixelPPO":
         """Build env + policy + algorithm around a segmentation network.
 
@@ -291,6 +293,7 @@ class PixelPPO(OnPolicyAlgorithm):
         :param network_fn: picklable builder used instead of ``network`` (then saves hold no module pickle).
         :param reference_network: frozen KL reference; default: a copy of ``network`` as given (the source).
         :param num_classes: K; inferred from the network when None.
+        :param seed: seed of the image order, the action sampling and the minibatch order.
         """
         cfg = config if config is not None else PPOConfig()
         images = torch.as_tensor(images)
@@ -302,7 +305,7 @@ class PixelPPO(OnPolicyAlgorithm):
         if num_classes is None:
             probe = network if network is not None else network_fn()  # type: ignore[misc]
             num_classes = _num_classes_of(probe, images[:1].float())
-        env = TorchSegmentationVecEnv(images, num_classes, reward_fn, num_envs=cfg.n_envs, device=dev, seed=cfg.seed)
+        env = TorchSegmentationVecEnv(images, num_classes, reward_fn, num_envs=cfg.n_envs, device=dev, seed=seed)
         kwargs = dict(policy_kwargs or {})
         if network is not None:
             kwargs["network"] = network
@@ -311,7 +314,7 @@ class PixelPPO(OnPolicyAlgorithm):
         if reference_network is not None:
             kwargs["reference_network"] = reference_network
         return cls(PixelActorCriticPolicy, env, cfg, policy_kwargs=kwargs, validity_fn=validity_fn,
-                   tensorboard_log=tensorboard_log, verbose=verbose, device=dev)
+                   tensorboard_log=tensorboard_log, verbose=verbose, device=dev, seed=seed)
 
     def _attach_env(self, env: TorchSegmentationVecEnv) -> None:
         if not isinstance(env, TorchSegmentationVecEnv):
@@ -482,7 +485,11 @@ class PixelPPO(OnPolicyAlgorithm):
         return np.concatenate([gray, over, rew], axis=1).astype(np.float32)
 
     def train(self) -> None:
-        """K epochs of minibatch updates on the stored rollout with per-pixel clipped ratios."""
+        """K epochs of minibatch updates on the stored rollout with per-pixel clipped ratios.
+
+        Every hyperparameter comes from ``self.config``; ``self.beta_kl`` and ``self.ent_coef`` are the current
+        points of its schedules (:meth:`set_adaptation_iteration`). SB3's own copies (``self.vf_coef``,
+        ``self.max_grad_norm``) are not read."""
         cfg = self.config
         policy = self.policy
         policy.set_training_mode(True)
@@ -507,7 +514,7 @@ class PixelPPO(OnPolicyAlgorithm):
                 pg_loss = -torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
                 entropy = dist.entropy().mean()
                 value_loss = F.mse_loss(values, mb.returns)
-                loss = pg_loss - self.ent_coef * entropy + self.vf_coef * value_loss
+                loss = pg_loss - self.ent_coef * entropy + cfg.vf_coef * value_loss
                 sup_loss = torch.zeros((), device=self.device)
                 if sup is not None:
                     pick = torch.randint(0, sup[0].shape[0], (min(cfg.batch_size, sup[0].shape[0]),),
@@ -517,7 +524,7 @@ class PixelPPO(OnPolicyAlgorithm):
                     loss = loss + cfg.supervised_coef * sup_loss
                 policy.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 if not bool(torch.isfinite(loss.detach() + grad_norm)):  # one sync per minibatch
                     policy.optimizer.zero_grad(set_to_none=True)
                     self._snapshot.restore(policy.optimizer)

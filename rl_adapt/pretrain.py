@@ -59,7 +59,8 @@ class TrainConfig:
     epochs: int = 20
     """Training epochs."""
     iterations_per_epoch: int = 0
-    """Batches per epoch; 0 = one pass over the training cases."""
+    """Batches per epoch (nnU-Net: 250, whatever the dataset's size); 0 = one pass over the training cases, so that
+    a smaller dataset gets fewer updates: every preset in ``configs/`` fixes it."""
     optimizer: Literal["sgd", "adamw"] = "adamw"
     """``sgd`` (nnU-Net: momentum 0.99, Nesterov) or ``adamw``; both with nnU-Net's poly decay."""
     lr: float = 3e-3

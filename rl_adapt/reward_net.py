@@ -67,8 +67,6 @@ class RewardNetConfig:
     """gradient norm clipping"""
     bf16: bool = True
     """bf16 autocast on CUDA devices (ignored on CPU)"""
-    seed: int = 0
-    """seed of the split, the batch order, the augmentation and the initial weights"""
 
 
 # ------------------------------------------------------------------------------------------------ network
@@ -487,6 +485,7 @@ def train_reward_net(
     device: str | torch.device = "cpu",
     init: RewardNet | None = None,
     progress: bool = False,
+    seed: int = 0,
 ) -> tuple[RewardNet, dict]:
     """Train (or refine, from ``init``) a reward network with per-pixel BCE, then calibrate it.
 
@@ -500,6 +499,8 @@ def train_reward_net(
     :param init: a previous :class:`RewardNet` whose weights are the starting point (its config must
         have the same architecture).
     :param progress: show a tqdm progress bar.
+    :param seed: seed of the split, the batch order, the augmentation and the initial weights (the adaptation loop
+        derives one per iteration from its master seed).
     :returns: ``(reward_net, stats)``; stats: train_loss, eval_loss, temperature, ece_before, ece_after,
         auroc, eval_error_rate, eval_mean_reward, n_pairs_* , steps, seconds.
     :raises TrainingDiverged: the loss became NaN/Inf.
@@ -507,8 +508,8 @@ def train_reward_net(
     cfg = cfg or RewardNetConfig()
     device = torch.device(device)
     t0 = time.time()
-    rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
     n_img = len(dataset.images)
     if len(dataset) == 0 or n_img == 0:
         raise InputError(None, "reward dataset is empty")

@@ -99,3 +99,51 @@ def test_every_shipped_config_loads(name):
 
     cls = {"adapt": AdaptConfig, "baseline": BaselineConfig, "demo": DemoConfig, "pretrain": PretrainConfig}
     load_config(cls[name.split("_")[0].split(".")[0]], Path(__file__).resolve().parents[1] / "configs" / name)
+
+
+def _help_text(command: str) -> str:
+    import contextlib
+    import io
+
+    from rl_adapt.cli import build_parser
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        build_parser([command, "--help"]).parse_args([command, "--help"])
+    return buf.getvalue()
+
+
+def test_every_set_example_in_the_help_and_docs_is_accepted(monkeypatch):
+    """Each ``--set KEY=VALUE`` shown in a command's --help, in the README or in a config docstring loads."""
+    import re
+
+    from rl_adapt.adapt import AdaptConfig
+    from rl_adapt.baselines import BaselineConfig
+    from rl_adapt.demo import DemoConfig
+    from rl_adapt.pretrain import PretrainConfig
+
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps help at the terminal width, splitting examples
+    classes = {"adapt": AdaptConfig, "baseline": BaselineConfig, "demo": DemoConfig, "pretrain": PretrainConfig}
+    pattern = re.compile(r"--set[ =]([a-z_][\w.]*=[^\s\]`,)'\"]+)")
+    checked = 0
+    for command, cls in classes.items():
+        examples = pattern.findall(_help_text(command))
+        assert examples, f"rl-adapt {command} --help shows no --set example"
+        for example in examples:
+            load_config(cls, None, [example])
+            checked += 1
+    repo = Path(__file__).resolve().parents[1]
+    docs = (repo / "README.md").read_text() + (repo / "rl_adapt" / "config.py").read_text()
+    for example in pattern.findall(docs) + re.findall(r'"(ppo\.[\w.]+=[^"]+)"', docs):
+        if example.split("=")[0] in ("a.b", "section.key", "section.field"):  # placeholders, not examples
+            continue
+        loaded = []
+        for cls in classes.values():
+            try:
+                load_config(cls, None, [example])
+                loaded.append(cls)
+            except ConfigError:
+                pass
+        assert loaded, f"--set {example} (documented) is refused by every config"
+        checked += 1
+    assert checked >= 6

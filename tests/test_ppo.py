@@ -56,11 +56,11 @@ def pixel_accuracy(model, images, labels):
         return float((model.policy.get_distribution(images).mode() == labels).float().mean())
 
 
-def make_model(images, labels, network=None, **cfg_kwargs):
-    cfg = dict(learning_rate=1e-3, n_envs=8, n_steps=2, batch_size=8, seed=0)
+def make_model(images, labels, network=None, seed=0, **cfg_kwargs):
+    cfg = dict(lr=1e-3, n_envs=8, n_steps=2, batch_size=8)
     cfg.update(cfg_kwargs)
     return PixelPPO.from_network(tiny_net() if network is None else network, images, oracle_reward(images, labels),
-                                 PPOConfig(**cfg), device="cpu")
+                                 PPOConfig(**cfg), device="cpu", seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_save_load_round_trip(data, tmp_path, how):
     if how == "module":
         model = make_model(images, labels)
     else:
-        cfg = PPOConfig(learning_rate=1e-3, n_envs=8, n_steps=2, batch_size=8)
+        cfg = PPOConfig(lr=1e-3, n_envs=8, n_steps=2, batch_size=8)
         model = PixelPPO.from_network(None, images, oracle_reward(images, labels), cfg, device="cpu",
                                       network_fn=functools.partial(plain_unet, 1, K, (4, 8, 16)))
     model.learn(16)
@@ -253,8 +253,8 @@ def test_supervised_term_teaches_the_masks_an_uninformative_reward_cannot(data):
     accs = {}
     for coef in (0.0, 1.0):
         model = PixelPPO.from_network(tiny_net(), images, constant,
-                                      PPOConfig(learning_rate=1e-3, n_envs=8, n_steps=2, batch_size=8, seed=0,
-                                                supervised_coef=coef), device="cpu")
+                                      PPOConfig(lr=1e-3, n_envs=8, n_steps=2, batch_size=8,
+                                                supervised_coef=coef), device="cpu", seed=0)
         model.supervised = (images[:16], labels[:16].long())
         before = pixel_accuracy(model, images[16:], labels[16:])
         model.learn(128)

@@ -113,8 +113,8 @@ def trained():
     rng = np.random.default_rng(1)
     preds = np.stack([perturb_mask(m, rng, "erode") if i % 2 else m for i, m in enumerate(masks)])
     ds = build_reward_dataset(images, [preds], masks, seed=0, n_perturbed=3, n_other_image=1)
-    cfg = RewardNetConfig(features=8, depth=3, steps=150, batch_size=16, lr=3e-3, val_fraction=0.3, seed=0)
-    net, stats = train_reward_net(ds, cfg, device="cpu")
+    cfg = RewardNetConfig(features=8, depth=3, steps=150, batch_size=16, lr=3e-3, val_fraction=0.3)
+    net, stats = train_reward_net(ds, cfg, device="cpu", seed=0)
     return net, stats, ds
 
 
@@ -159,8 +159,8 @@ def test_save_load_and_refine(trained, tmp_path):
     x = torch.from_numpy(ds.images[:2])
     a = torch.from_numpy(ds.segs[:2].astype(np.int64))
     torch.testing.assert_close(loaded.score(x, a), net.score(x, a))
-    cfg = RewardNetConfig(features=8, depth=3, steps=5, batch_size=4, seed=1)
-    refined, stats = train_reward_net(ds, cfg, init=loaded)
+    cfg = RewardNetConfig(features=8, depth=3, steps=5, batch_size=4)
+    refined, stats = train_reward_net(ds, cfg, init=loaded, seed=1)
     assert stats["steps"] == 5 and np.isfinite(stats["train_loss"])
     with pytest.raises(InputError, match="architecture"):
         train_reward_net(ds, RewardNetConfig(features=4, steps=1), init=loaded)
@@ -172,5 +172,5 @@ def test_save_load_and_refine(trained, tmp_path):
 def test_any_step_count_trains(trained, steps):
     """OneCycleLR divided by zero at 10 steps (a one-step warm-up); every small budget must train."""
     _, _, ds = trained
-    _, stats = train_reward_net(ds, RewardNetConfig(features=4, depth=2, steps=steps, batch_size=2, seed=0))
+    _, stats = train_reward_net(ds, RewardNetConfig(features=4, depth=2, steps=steps, batch_size=2), seed=0)
     assert stats["steps"] == steps and np.isfinite(stats["train_loss"])

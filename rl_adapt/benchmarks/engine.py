@@ -141,8 +141,8 @@ def bench_device(device: torch.device, size: int, batch: int, n_steps: int, reps
     def reward_fn(x, a):  # cheap, batched: agreement with fixed labels of the first images of the batch
         return (a == labels[: a.shape[0]]).float()
 
-    cfg = PPOConfig(n_envs=batch, n_steps=n_steps, batch_size=batch, n_epochs=1, learning_rate=1e-5, seed=0)
-    model = PixelPPO.from_network(plain_unet(1, classes, features), images, reward_fn, cfg, device=device)
+    cfg = PPOConfig(n_envs=batch, n_steps=n_steps, batch_size=batch, n_epochs=1, lr=1e-5)
+    model = PixelPPO.from_network(plain_unet(1, classes, features), images, reward_fn, cfg, device=device, seed=0)
     model.set_logger(Logger(folder=None, output_formats=[]))
     bare = BareLoop(model, images, reward_fn, batch, n_steps)
     cb = _Nop()
