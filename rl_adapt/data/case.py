@@ -9,6 +9,18 @@ import numpy as np
 LABELS: dict[int, str] = {0: "background", 1: "LV", 2: "MYO", 3: "LA"}
 """CAMUS label values: 0 background, 1 left-ventricle cavity, 2 myocardium, 3 left atrium."""
 
+LABEL_ALIASES: dict[int, tuple[str, ...]] = {
+    0: ("background", "bg", "bkg", "bck"),
+    1: ("LV", "left ventricle", "left ventricular cavity", "left ventricle cavity", "LV cavity", "LV blood pool",
+        "LV endo", "LV endocardium", "endocardium", "LV lumen"),
+    2: ("MYO", "myocardium", "LV myocardium", "LV myo", "LV wall", "myocardial wall", "epicardium", "LV epi",
+        "LV epicardium"),
+    3: ("LA", "left atrium", "left atrial cavity", "LA cavity", "atrium"),
+}
+"""Class names other label files use for the :data:`LABELS` classes, matched ignoring case, spaces, ``_`` and
+``-``. CAMUS itself calls 1 "LV endocardium" (the cavity inside the endocardial contour) and 2 "LV
+epicardium" (the ring between the endocardial and epicardial contours, i.e. the myocardium)."""
+
 
 @dataclass
 class Case:

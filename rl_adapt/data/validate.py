@@ -19,6 +19,18 @@ NUM_LABELS = 4
 SPACING_RTOL = 1e-3
 """Relative tolerance when comparing the spacing of an image and its label map."""
 
+SPACING_RANGE: tuple[float, float] = (0.01, 10.0)
+"""Plausible pixel spacing of a 2D echocardiogram, (lowest, highest) in mm per pixel, both included.
+
+Scanners store B-mode images at about 0.1 to 1 mm per pixel (CAMUS: 0.15 to 0.3 mm); images resampled to
+a small grid are coarser (a 180 mm sector on 32 rows is 5.6 mm per pixel) and data sets whose spacing was
+lost say 1 x 1 (Dataset501_CAMUS224). Ten micrometres is finer than any cardiac probe resolves and 10 mm
+leaves fewer than 20 pixels across a 180 mm sector, so values outside the range are header errors (a
+forgotten unit, a default 0) that would make areas, volumes and resampling silently wrong, or make later
+code allocate gigabytes (1000 mm) or divide by almost zero (1e-30 mm). Data that is truly outside the range
+can be read by passing ``spacing_range`` to the readers; there is no environment variable for it.
+"""
+
 
 def check_exists(path: str | Path, what: str = "file") -> Path:
     """Raise :class:`InputError` when ``path`` does not exist; return it as a :class:`Path`."""
@@ -79,11 +91,56 @@ def check_pair(image_shape: Sequence[int], image_spacing: Sequence[float], label
                                      f"{fmt(image_spacing)} mm" + (f" of {image_path}" if image_path else ""))
 
 
-def check_spacing(spacing: Sequence[float], path: str | Path | None) -> tuple[float, float]:
-    """Check a (row, col) spacing in mm: two finite positive numbers."""
+def check_spacing_range(spacing_range: Sequence[float]) -> tuple[float, float]:
+    """Check a ``(lowest, highest)`` spacing range in mm: ``0 < lowest <= highest`` (highest may be inf).
+
+    :raises ValueError: a malformed range (a programming error, not bad input).
+    """
+    rng = tuple(float(v) for v in spacing_range)
+    if len(rng) != 2 or not (np.isfinite(rng[0]) and 0 < rng[0] <= rng[1]):
+        raise ValueError(f"spacing_range must be (lowest, highest) mm with 0 < lowest <= highest, got {spacing_range}")
+    return rng  # type: ignore[return-value]
+
+
+_FLOAT32_RTOL = 1e-6
+"""Relative slack at the ends of a spacing range, for values that went through float32."""
+
+
+def _fmt_spacing(values: Sequence[float]) -> str:
+    return " x ".join(f"{v:g}" for v in values)
+
+
+def check_spacing_values(values: Sequence[float], path: str | Path | None,
+                         spacing_range: Sequence[float] = SPACING_RANGE, what: str = "pixel spacing") -> None:
+    """Check that every value of a spacing is finite and inside ``spacing_range``.
+
+    :param values: spacing in mm, any number of axes (e.g. from a file header, before the image is read).
+    :param spacing_range: (lowest, highest) mm, both included (with float32 rounding); see :data:`SPACING_RANGE`.
+    :param what: how the message names the values (e.g. "header pixel spacing (row x col)").
+    :raises InputError: naming ``path``, the values and the allowed range.
+    """
+    lo, hi = check_spacing_range(spacing_range)
+    vals = [float(v) for v in values]
+    slack = 1 + _FLOAT32_RTOL  # headers store float32: 0.01 comes back as 0.0099999998
+    if all(np.isfinite(v) and lo / slack <= v <= hi * slack for v in vals):
+        return
+    raise InputError(path, f"{what} {_fmt_spacing(vals)} mm is outside the plausible range for 2D echocardiography "
+                           f"(each value must be a finite number from {lo:g} to {hi:g} mm)")
+
+
+def check_spacing(spacing: Sequence[float], path: str | Path | None,
+                  spacing_range: Sequence[float] = SPACING_RANGE) -> tuple[float, float]:
+    """Check a (row, col) spacing in mm: two finite numbers inside ``spacing_range``.
+
+    :param spacing: (row, col) pixel size in mm.
+    :param spacing_range: (lowest, highest) mm, both included; defaults to :data:`SPACING_RANGE`.
+    :returns: the spacing as a tuple of two floats.
+    :raises InputError: naming ``path``, the value and the allowed range.
+    """
     sp = tuple(float(s) for s in spacing)
-    if len(sp) != 2 or not all(np.isfinite(s) and s > 0 for s in sp):
-        raise InputError(path, f"invalid pixel spacing {spacing} (expected two positive numbers in mm)")
+    if len(sp) != 2:
+        raise InputError(path, f"invalid pixel spacing {tuple(spacing)} (expected two numbers in mm: row, col)")
+    check_spacing_values(sp, path, spacing_range)
     return sp  # type: ignore[return-value]
 
 
@@ -95,11 +152,11 @@ def check_not_empty(items: Iterable, path: str | Path, what: str = "images") -> 
     return items
 
 
-def check_case(case) -> None:
+def check_case(case, spacing_range: Sequence[float] = SPACING_RANGE) -> None:
     """Check a :class:`~rl_adapt.data.case.Case` before writing it (image, label, spacing, shapes)."""
     where = case.source or case.name
     check_image_array(case.image, where)
-    check_spacing(case.spacing, where)
+    check_spacing(case.spacing, where, spacing_range)
     if case.label is not None:
         check_label_array(case.label, where)
         if case.label.shape != case.image.shape:
