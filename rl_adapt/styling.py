@@ -1,0 +1,460 @@
+"""Label-free restyling of labelled source images toward the look of an unlabelled target scanner.
+
+A source model can be fine-tuned on ``(restyle(source image), true source label)`` pairs: the geometry of
+every restyled image is the source image's (the label still fits), only its texture and grey levels follow
+the target scanner. Nothing here uses a target label. Pure numpy/scipy, no torch.
+
+Recipe (measured by the project on a real CAMUS scanner shift: a source model trained with half of its
+images restyled this way gained +0.020 Dice on the shifted target):
+
+1. :func:`estimate_style` (once, from unlabelled images): the mean 2D amplitude spectrum of the target
+   images and of the source images, each image first normalised to zero mean and unit standard deviation
+   inside its ultrasound sector (so brightness does not dominate), plus one in-sector intensity quantile
+   function per target image.
+2. :func:`restyle` (per source image): multiply the image's amplitude spectrum by
+   ``(target mean amplitude / source mean amplitude) ** strength`` (clipped, phase kept), inverse FFT, then
+   match the in-sector histogram to one target image's quantile function drawn with ``rng``. Pixels outside
+   the sector keep their original value.
+
+Conventions used throughout:
+
+* **Images** are 2D arrays ``(H, W)`` of any size, uint8 ``0..255`` or float, apex up, black outside the
+  fan. Anything that is not a non-empty, finite 2D array is refused with :class:`rl_adapt.errors.InputError`.
+* **Intensity units** (:func:`intensity_scale`): an image's *full scale* is 255 for uint8; for other
+  dtypes it is 1.0 when all values lie in ``[0, 1]``, 255 when they lie in ``[0, 255]``, else the image's
+  own maximum. Target quantiles are stored as fractions of the target image's full scale and restyled
+  pixels are returned in the source image's full scale, so uint8 in -> float32 ``0..255`` out, float
+  ``0..1`` in -> float32 ``0..1`` out.
+* **Sector** (:func:`sector_mask`): pixels above 1 % of the full scale, morphologically closed, opened,
+  holes filled, largest connected component kept, then replaced by its convex hull (an ultrasound fan is a
+  convex circular sector; the hull recovers dark in-sector regions that touch the fan edge, e.g. blood or
+  a low-gain far field). When this covers less than 5 % of the image the whole image is used.
+* **Spectra** are stored *fftshifted* (zero frequency at index ``(size // 2, size // 2)``) at a square
+  working size ``size x size``. Each normalised image is resized to the working size with bilinear
+  interpolation on pixel centres (Gaussian anti-alias pre-filter when shrinking), so a spectrum bin is
+  indexed by *cycles per image extent* (same field of view, whatever the pixel count). Amplitudes are
+  divided by ``sqrt(number of in-sector working pixels)`` so a sector's size does not change the level.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.spatial import ConvexHull, QhullError
+
+from rl_adapt.errors import InputError
+
+__all__ = ["TargetStyle", "estimate_style", "restyle", "restyle_batch", "sector_mask", "intensity_scale",
+           "DEFAULT_SIZE", "DEFAULT_QUANTILES", "RATIO_RANGE"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE = 224
+"""Working size of the spectra (CAMUS images in this project are 224 x 224, so no resampling there)."""
+DEFAULT_QUANTILES = 256
+"""Quantiles per target image's in-sector intensity distribution."""
+RATIO_RANGE = (0.2, 5.0)
+"""Default clip of the amplitude ratio, so bins where the source has almost no energy do not amplify noise."""
+SMOOTH_BINS = 1.0
+"""Default Gaussian smoothing (in working-size frequency bins) of the log amplitude ratio (averages bin noise)."""
+SECTOR_THRESHOLD = 0.01
+"""Sector pixels are above this fraction of the image's full scale (before the morphological cleaning)."""
+MIN_SECTOR_FRACTION = 0.05
+"""A sector covering less than this fraction of the image is not trusted: the whole image is used."""
+_FORMAT_VERSION = 1
+_EPS = 1e-12
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _check_image(image, what: str) -> np.ndarray:
+    """Return ``image`` as an ndarray after checking that it is a non-empty, finite, numeric 2D array."""
+    arr = np.asarray(image)
+    if arr.ndim != 2:
+        raise InputError(None, f"{what} must be a 2D array (H, W), got shape {arr.shape}")
+    if arr.size == 0 or min(arr.shape) < 2:
+        raise InputError(None, f"{what} is empty or degenerate (shape {arr.shape}); need at least 2 x 2 pixels")
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(None, f"{what} must hold integer or float intensities, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+        raise InputError(None, f"{what} contains NaN or Inf")
+    return arr
+
+
+def _check_images(images, what: str) -> list[np.ndarray]:
+    if images is None:
+        raise InputError(None, f"no {what} given")
+    if isinstance(images, np.ndarray) and images.ndim != 3:
+        raise InputError(None, f"{what} must be a sequence of 2D arrays or an (N, H, W) array, "
+                               f"got an array of shape {images.shape}")
+    out = [_check_image(im, f"{what}[{i}]") for i, im in enumerate(images)]
+    if not out:
+        raise InputError(None, f"{what} is empty: need at least one image")
+    return out
+
+
+def intensity_scale(image: np.ndarray) -> float:
+    """Full scale of an image's intensity units (see the module docstring).
+
+    :param image: ``(H, W)`` array.
+    :returns: 255.0 for uint8; otherwise 1.0 if all values are in ``[0, 1]``, 255.0 if in ``[0, 255]``, else
+        the image's maximum (at least 1e-12).
+    """
+    arr = np.asarray(image)
+    if arr.dtype == np.uint8:
+        return 255.0
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return 1.0
+    if lo >= 0.0 and hi <= 255.0:
+        return 255.0
+    return max(hi, _EPS)
+
+
+def _convex_hull_fill(mask: np.ndarray) -> np.ndarray:
+    """The set of pixel centres inside the convex hull of ``mask``'s pixel centres (a superset of ``mask``)."""
+    edge = mask & ~ndi.binary_erosion(mask, border_value=0)
+    pts = np.argwhere(edge).astype(np.float64)
+    if len(pts) < 3:
+        return mask
+    try:
+        hull = ConvexHull(pts)
+    except QhullError:  # all points collinear
+        return mask
+    rr, cc = np.nonzero(np.ones(mask.shape, dtype=bool))
+    grid = np.stack([rr, cc], axis=1).astype(np.float64)
+    inside = np.all(grid @ hull.equations[:, :2].T + hull.equations[:, 2] <= 1e-9, axis=1)
+    return inside.reshape(mask.shape) | mask
+
+
+def _disk(radius: int) -> np.ndarray:
+    r = np.arange(-radius, radius + 1)
+    return (r[:, None] ** 2 + r[None, :] ** 2) <= radius ** 2 + 0.5
+
+
+def sector_mask(image: np.ndarray, threshold: float = SECTOR_THRESHOLD, convex: bool = True,
+                min_fraction: float = MIN_SECTOR_FRACTION) -> np.ndarray:
+    """The ultrasound sector (the non-black fan) of one image, label-free.
+
+    Pixels above ``threshold * intensity_scale(image)`` are closed (disk of radius ``~min(H, W) / 64``, edge
+    padded so a fan touching the border is not eroded), opened (3 x 3), hole-filled; the largest connected
+    component is kept and, if ``convex``, replaced by the pixel centres inside its convex hull.
+
+    :param image: ``(H, W)`` array, any dtype (see :func:`intensity_scale`).
+    :param threshold: fraction of the full scale above which a pixel is "not black".
+    :param convex: fill the convex hull of the component (right for circular-sector fans).
+    :param min_fraction: below this covered fraction the whole image is returned (logged at debug level).
+    :returns: ``(H, W)`` bool mask.
+    """
+    arr = _check_image(image, "image").astype(np.float64, copy=False)
+    h, w = arr.shape
+    raw = arr > threshold * intensity_scale(arr)
+    rad = max(1, int(round(min(h, w) / 64)))
+    padded = np.pad(raw, rad + 1, mode="edge")
+    closed = ndi.binary_closing(padded, structure=_disk(rad))[rad + 1:-(rad + 1), rad + 1:-(rad + 1)]
+    cleaned = ndi.binary_opening(closed, structure=np.ones((3, 3), bool)) if min(h, w) >= 8 else closed
+    cleaned = ndi.binary_fill_holes(cleaned)
+    lab, n = ndi.label(cleaned)
+    if n == 0:
+        mask = cleaned
+    else:
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        mask = lab == int(np.argmax(sizes))
+        if convex:
+            mask = _convex_hull_fill(mask)
+    if mask.sum() < min_fraction * h * w:
+        log.debug("sector covers %.1f%% of a %dx%d image (< %.0f%%): using the whole image",
+                  100.0 * mask.mean(), h, w, 100.0 * min_fraction)
+        return np.ones((h, w), dtype=bool)
+    return mask
+
+
+def _normalise(arr: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """``(z, mean, std)``: ``z`` is zero mean / unit std inside ``mask`` and exactly 0 outside."""
+    vals = arr[mask]
+    mu = float(vals.mean())
+    sd = float(vals.std())
+    if sd < _EPS:
+        sd = 1.0
+    z = np.where(mask, (arr - mu) / sd, 0.0)
+    return z, mu, sd
+
+
+def _resize(arr: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of ``arr`` to ``(size, size)`` on pixel centres (same field of view); Gaussian
+    anti-alias pre-filter (sigma = (factor - 1) / 2 per shrunk axis) when shrinking."""
+    h, w = arr.shape
+    if (h, w) == (size, size):
+        return arr.astype(np.float64, copy=False)
+    fh, fw = h / size, w / size
+    sig = (max(0.0, (fh - 1) / 2), max(0.0, (fw - 1) / 2))
+    src = ndi.gaussian_filter(arr, sig, mode="nearest") if max(sig) > 0 else arr
+    rows = (np.arange(size) + 0.5) * fh - 0.5
+    cols = (np.arange(size) + 0.5) * fw - 0.5
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    return ndi.map_coordinates(src.astype(np.float64, copy=False), [rr, cc], order=1, mode="nearest")
+
+
+def _amplitude(z: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
+    """fftshifted amplitude spectrum of the normalised image at the working size, per sqrt(sector pixel)."""
+    zr = _resize(z, size)
+    n_in = max(1.0, float(_resize(mask.astype(np.float64), size).sum()))
+    return np.fft.fftshift(np.abs(np.fft.fft2(zr))) / np.sqrt(n_in)
+
+
+# ----------------------------------------------------------------------------------------------- style
+@dataclass
+class TargetStyle:
+    """What :func:`estimate_style` learns about a target scanner, label-free.
+
+    :ivar target_amplitude: ``(size, size)`` float32, mean amplitude spectrum of the per-image normalised
+        target images, fftshifted (zero frequency at ``(size // 2, size // 2)``), bins in cycles per image.
+    :ivar source_amplitude: ``(size, size)`` float32, the same for the source images.
+    :ivar target_quantiles: ``(n_target, n_quantiles)`` float32, each row the in-sector intensity quantile
+        function of one target image at probabilities ``linspace(0, 1, n_quantiles)``, as fractions of that
+        image's full scale (non-decreasing).
+    :ivar n_source: number of source images behind ``source_amplitude``.
+    """
+
+    target_amplitude: np.ndarray
+    source_amplitude: np.ndarray
+    target_quantiles: np.ndarray
+    n_source: int
+
+    def __post_init__(self):
+        self.target_amplitude = np.asarray(self.target_amplitude, dtype=np.float32)
+        self.source_amplitude = np.asarray(self.source_amplitude, dtype=np.float32)
+        self.target_quantiles = np.asarray(self.target_quantiles, dtype=np.float32)
+        self.n_source = int(self.n_source)
+        ta, sa, q = self.target_amplitude, self.source_amplitude, self.target_quantiles
+        if ta.ndim != 2 or ta.shape[0] != ta.shape[1] or ta.shape != sa.shape or ta.shape[0] < 2:
+            raise InputError(None, f"style spectra must be two equal square arrays, got {ta.shape} and {sa.shape}")
+        if q.ndim != 2 or q.shape[0] < 1 or q.shape[1] < 2:
+            raise InputError(None, f"style target_quantiles must be (n_target >= 1, n_quantiles >= 2), got {q.shape}")
+        if not (np.all(np.isfinite(ta)) and np.all(np.isfinite(sa)) and np.all(np.isfinite(q))):
+            raise InputError(None, "style contains NaN or Inf")
+        if np.any(np.diff(q, axis=1) < -1e-6):
+            raise InputError(None, "style target_quantiles rows must be non-decreasing")
+
+    @property
+    def size(self) -> int:
+        """Working size of the spectra."""
+        return int(self.target_amplitude.shape[0])
+
+    @property
+    def n_target(self) -> int:
+        """Number of target images (rows of the quantile bank)."""
+        return int(self.target_quantiles.shape[0])
+
+    @property
+    def n_quantiles(self) -> int:
+        return int(self.target_quantiles.shape[1])
+
+    def log_ratio(self, smooth_bins: float = SMOOTH_BINS, ratio_range: tuple[float, float] = RATIO_RANGE
+                  ) -> np.ndarray:
+        """``(size, size)`` float64, fftshifted ``log(target / source)`` amplitude ratio at the working size:
+        clipped to ``log(ratio_range)``, Gaussian-smoothed by ``smooth_bins`` (periodic), clipped again; 0 at
+        the zero frequency (the per-image mean is handled by the intensity steps)."""
+        lo, hi = float(np.log(ratio_range[0])), float(np.log(ratio_range[1]))
+        t = self.target_amplitude.astype(np.float64)
+        s = self.source_amplitude.astype(np.float64)
+        floor = _EPS + 1e-6 * max(float(t.mean()), float(s.mean()))
+        lr = np.clip(np.log((t + floor) / (s + floor)), lo, hi)
+        c = self.size // 2
+        lr[c, c] = 0.0
+        if smooth_bins > 0:
+            lr = ndi.gaussian_filter(lr, smooth_bins, mode="wrap")
+            lr[c, c] = 0.0
+        return np.clip(lr, lo, hi)
+
+    def amplitude_ratio(self, shape: tuple[int, int], strength: float = 1.0,
+                        ratio_range: tuple[float, float] = RATIO_RANGE, smooth_bins: float = SMOOTH_BINS
+                        ) -> np.ndarray:
+        """The multiplicative amplitude filter for an image of ``shape``, in numpy's *unshifted* FFT order.
+
+        Bin ``k`` (cycles per image) of the image reads bin ``k`` of the working grid (bilinear, clamped to
+        the edge beyond the working Nyquist), made Hermitian-symmetric, raised to ``strength``.
+
+        :param shape: ``(H, W)`` of the image to filter.
+        :param strength: exponent in ``[0, 1]``; 0 gives all ones, 1 the full (clipped) ratio.
+        :returns: ``(H, W)`` float64, values within ``ratio_range`` (1 at zero frequency).
+        """
+        h, w = int(shape[0]), int(shape[1])
+        lr = self.log_ratio(smooth_bins=smooth_bins, ratio_range=ratio_range)
+        c = self.size // 2
+        ki = np.fft.fftfreq(h) * h + c
+        kj = np.fft.fftfreq(w) * w + c
+        rr, cc = np.meshgrid(ki, kj, indexing="ij")
+        img_lr = ndi.map_coordinates(lr, [rr, cc], order=1, mode="nearest")
+        sym = img_lr[(-np.arange(h)) % h][:, (-np.arange(w)) % w]
+        img_lr = 0.5 * (img_lr + sym)
+        img_lr[0, 0] = 0.0
+        return np.exp(float(strength) * img_lr)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the style as a compressed ``.npz`` (a few hundred kB at size 224) and return its path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:  # an open file keeps numpy from appending ".npz" to the name
+            np.savez_compressed(fh, format_version=np.int64(_FORMAT_VERSION), fftshifted=np.bool_(True),
+                                target_amplitude=self.target_amplitude, source_amplitude=self.source_amplitude,
+                                target_quantiles=self.target_quantiles, n_source=np.int64(self.n_source))
+        log.info("saved target style (size %d, %d target images, %d quantiles) to %s",
+                 self.size, self.n_target, self.n_quantiles, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TargetStyle":
+        """Read a style written by :meth:`save`; a missing, unreadable or inconsistent file is an
+        :class:`InputError` naming the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(path, "target style file not found")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except Exception as exc:  # noqa: BLE001 - any read failure is the file's fault
+            raise InputError(path, f"cannot read target style ({exc})") from exc
+        missing = {"format_version", "target_amplitude", "source_amplitude", "target_quantiles",
+                   "n_source"} - set(data)
+        if missing:
+            raise InputError(path, f"not a target style file: missing {sorted(missing)}")
+        if int(data["format_version"]) != _FORMAT_VERSION:
+            raise InputError(path, f"target style format {int(data['format_version'])} is not supported "
+                                   f"(expected {_FORMAT_VERSION})")
+        try:
+            return cls(target_amplitude=data["target_amplitude"], source_amplitude=data["source_amplitude"],
+                       target_quantiles=data["target_quantiles"], n_source=int(data["n_source"]))
+        except InputError as exc:
+            raise InputError(path, exc.problem) from exc
+
+
+def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[np.ndarray],
+                   size: int = DEFAULT_SIZE, n_quantiles: int = DEFAULT_QUANTILES) -> TargetStyle:
+    """Estimate a :class:`TargetStyle` from unlabelled source and target images (no labels needed).
+
+    Per image: the sector (:func:`sector_mask`), normalisation to zero mean / unit std inside it (0 outside),
+    resize to ``size x size`` (bilinear, anti-aliased), amplitude spectrum; the spectra are averaged per set.
+    For target images also the in-sector quantile function (``n_quantiles`` probabilities evenly spaced in
+    ``[0, 1]``, as fractions of the image's full scale).
+
+    :param source_images: sequence (or ``(N, H, W)`` array) of 2D source images, any size/dtype.
+    :param target_images: the same for the target scanner.
+    :param size: working size of the spectra (>= 8).
+    :param n_quantiles: quantiles per target image (>= 2).
+    :raises InputError: empty input or a non-2D / empty / non-finite image.
+    """
+    if int(size) < 8:
+        raise ValueError(f"size must be >= 8, got {size}")
+    if int(n_quantiles) < 2:
+        raise ValueError(f"n_quantiles must be >= 2, got {n_quantiles}")
+    size, n_quantiles = int(size), int(n_quantiles)
+    src = _check_images(source_images, "source_images")
+    tgt = _check_images(target_images, "target_images")
+    probs = np.linspace(0.0, 1.0, n_quantiles)
+
+    def mean_amplitude(images: list[np.ndarray], quantiles: list | None) -> np.ndarray:
+        acc = np.zeros((size, size), dtype=np.float64)
+        for im in images:
+            arr = im.astype(np.float64)
+            mask = sector_mask(im)
+            z, _, _ = _normalise(arr, mask)
+            acc += _amplitude(z, mask, size)
+            if quantiles is not None:
+                quantiles.append(np.quantile(arr[mask], probs) / intensity_scale(im))
+        return acc / len(images)
+
+    qbank: list[np.ndarray] = []
+    source_amp = mean_amplitude(src, None)
+    target_amp = mean_amplitude(tgt, qbank)
+    style = TargetStyle(target_amplitude=target_amp, source_amplitude=source_amp,
+                        target_quantiles=np.stack(qbank), n_source=len(src))
+    ratio = np.exp(style.log_ratio())
+    log.info("estimated target style from %d source / %d target images at %dx%d: amplitude ratio %.2f..%.2f "
+             "(median %.2f), target in-sector median %.3f of full scale", len(src), len(tgt), size, size,
+             float(ratio.min()), float(ratio.max()), float(np.median(ratio)),
+             float(np.median(style.target_quantiles[:, n_quantiles // 2])))
+    return style
+
+
+# ----------------------------------------------------------------------------------------------- restyle
+def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | int,
+            spectrum_strength: float = 1.0, histogram: bool = True,
+            ratio_range: tuple[float, float] = RATIO_RANGE, smooth_bins: float = SMOOTH_BINS) -> np.ndarray:
+    """Restyle one source image toward the target scanner; its label stays valid unchanged.
+
+    Steps: sector mask; normalise to zero mean / unit std inside the sector (0 outside); multiply the FFT by
+    :meth:`TargetStyle.amplitude_ratio` (phase kept) and inverse FFT; then either (``histogram=True``) map
+    the in-sector pixels by rank onto one target quantile function drawn with ``rng``, or
+    (``histogram=False``) re-standardise in-sector and restore the image's own in-sector mean and std
+    (texture changes only), clipped to ``[0, full scale]``. Pixels outside the sector keep their value.
+
+    :param image: ``(H, W)`` source image, uint8 ``0..255`` or float.
+    :param style: from :func:`estimate_style` or :meth:`TargetStyle.load`.
+    :param rng: ``np.random.Generator`` (or an int seed); used once, to draw the target quantile function.
+        The same seed gives the same output.
+    :param spectrum_strength: in ``[0, 1]``; the ratio is raised to this power (0 = no spectral change).
+    :param histogram: match the in-sector histogram to a target image's.
+    :param ratio_range: clip of the amplitude ratio.
+    :param smooth_bins: Gaussian smoothing of the log ratio, in working-size frequency bins.
+    :returns: ``(H, W)`` float32 in the input's intensity units (0..255 for uint8 input, see
+        :func:`intensity_scale`).
+    :raises InputError: ``image`` is not a non-empty finite 2D array or ``style`` is not a TargetStyle.
+    """
+    arr_in = _check_image(image, "image")
+    if not isinstance(style, TargetStyle):
+        raise InputError(None, f"style must be a TargetStyle, got {type(style).__name__}")
+    if not 0.0 <= float(spectrum_strength) <= 1.0:
+        raise ValueError(f"spectrum_strength must be in [0, 1], got {spectrum_strength}")
+    if not 0.0 < ratio_range[0] <= 1.0 <= ratio_range[1]:
+        raise ValueError(f"ratio_range must satisfy 0 < low <= 1 <= high, got {ratio_range}")
+    rng = np.random.default_rng(rng)
+    scale = intensity_scale(arr_in)
+    arr = arr_in.astype(np.float64)
+    mask = sector_mask(arr_in)
+    z, mu, sd = _normalise(arr, mask)
+
+    if spectrum_strength > 0:
+        ratio = style.amplitude_ratio(arr.shape, spectrum_strength, ratio_range, smooth_bins)
+        zf = np.fft.ifft2(np.fft.fft2(z) * ratio).real
+    else:
+        zf = z
+    vals = zf[mask]
+    out = arr.copy()
+    if histogram:
+        k = int(rng.integers(style.n_target))
+        qf = style.target_quantiles[k].astype(np.float64)
+        order = np.argsort(vals, kind="stable")
+        ranks = np.empty(vals.size, dtype=np.float64)
+        ranks[order] = np.arange(vals.size)
+        p = ranks / max(vals.size - 1, 1)
+        out[mask] = np.interp(p, np.linspace(0.0, 1.0, qf.size), qf) * scale
+    else:
+        vsd = float(vals.std())
+        vals = (vals - vals.mean()) / (vsd if vsd > _EPS else 1.0)
+        lo = 0.0 if float(arr.min()) >= 0 else float(arr.min())
+        out[mask] = np.clip(vals * sd + mu, lo, max(scale, float(arr.max())))
+    return out.astype(np.float32)
+
+
+def restyle_batch(images: Sequence[np.ndarray], style: TargetStyle, seed: int,
+                  spectrum_strength: float = 1.0, histogram: bool = True, **kwargs) -> list[np.ndarray]:
+    """:func:`restyle` every image; image ``i`` uses its own generator spawned from ``SeedSequence(seed)``,
+    so its result depends only on ``(seed, i)``.
+
+    :param images: sequence (or ``(N, H, W)`` array) of 2D images, sizes may differ.
+    :param kwargs: ``ratio_range`` / ``smooth_bins`` passed on to :func:`restyle`.
+    :returns: list of ``(H_i, W_i)`` float32 arrays in each input's intensity units.
+    :raises InputError: empty input or a bad image.
+    """
+    ims = _check_images(images, "images")
+    children = np.random.SeedSequence(int(seed)).spawn(len(ims))
+    out = [restyle(im, style, np.random.default_rng(ch), spectrum_strength, histogram, **kwargs)
+           for im, ch in zip(ims, children)]
+    log.info("restyled %d images toward the target style (strength %.2f, histogram %s)",
+             len(out), float(spectrum_strength), histogram)
+    return out

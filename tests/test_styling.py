@@ -1,0 +1,217 @@
+"""rl_adapt.styling: label-free restyling of source images toward a target scanner (spectrum + histogram).
+
+Self-contained synthetic "echo-like" images: a fan (circular sector, apex at top centre) filled with
+Rayleigh-like speckle over a bright wall and a dark cavity, black outside. The target scanner is darker and
+blurrier than the source.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from rl_adapt.errors import InputError
+from rl_adapt.styling import (TargetStyle, estimate_style, intensity_scale, restyle, restyle_batch,
+                              sector_mask)
+
+
+def fan_mask(shape, half_angle=0.6, radius=0.95):
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(float)
+    dx = xx - (w - 1) / 2.0
+    r = np.hypot(yy, dx)
+    return (r <= radius * h) & (np.abs(np.arctan2(dx, yy + 1e-9)) <= half_angle)
+
+
+def echo_image(shape, seed, brightness=1.0, blur=0.0, as_float=False):
+    """uint8 (or float 0..1) fan image: speckle x (wall / cavity) echogenicity, optional extra blur."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    inside = fan_mask(shape)
+    a = ndi.gaussian_filter(rng.normal(size=shape), 0.7)
+    b = ndi.gaussian_filter(rng.normal(size=shape), 0.7)
+    speckle = np.hypot(a, b)
+    speckle /= speckle.mean()
+    yy, xx = np.mgrid[0:h, 0:w].astype(float)
+    cavity = ((yy - 0.5 * h) / (0.25 * h)) ** 2 + ((xx - 0.5 * w) / (0.12 * w)) ** 2 < 1
+    echo = np.where(cavity, 0.15, 0.6)
+    img = 160.0 * brightness * echo * speckle
+    if blur > 0:
+        img = ndi.gaussian_filter(img, blur)
+    img = np.clip(img, 0, 255) * inside
+    img = np.where(inside, np.maximum(img, 1.0), 0.0)  # Real fans are rarely exactly 0 inside.
+    if as_float:
+        return (img / 255.0).astype(np.float32)
+    return img.astype(np.uint8)
+
+
+def sources(n, shape=(64, 64), first=0):
+    return [echo_image(shape, 1000 + first + i) for i in range(n)]
+
+
+def targets(n, shape=(64, 64)):
+    return [echo_image(shape, 5000 + i, brightness=0.45, blur=1.3) for i in range(n)]
+
+
+def hf_fraction(image):
+    """Share of spectral power above 0.25 cycles/pixel of the in-sector normalised image (DC excluded)."""
+    arr = np.asarray(image, dtype=float)
+    m = fan_mask(arr.shape)
+    z = np.where(m, (arr - arr[m].mean()) / arr[m].std(), 0.0)
+    p = np.abs(np.fft.fft2(z)) ** 2
+    fy = np.fft.fftfreq(arr.shape[0])[:, None]
+    fx = np.fft.fftfreq(arr.shape[1])[None, :]
+    p[0, 0] = 0.0
+    return float(p[np.hypot(fy, fx) > 0.25].sum() / p.sum())
+
+
+def in_sector_stats(image):
+    arr = np.asarray(image, dtype=float)
+    vals = arr[fan_mask(arr.shape)]
+    return np.array([vals.mean(), *np.percentile(vals, [10, 50, 90])])
+
+
+@pytest.fixture(scope="module")
+def shifted_style():
+    return estimate_style(sources(10), targets(10), size=64, n_quantiles=128)
+
+
+def test_sector_mask_finds_the_fan_even_when_dark():
+    for img in (echo_image((64, 64), 1), echo_image((64, 64), 2, brightness=0.3, blur=1.3)):
+        truth = fan_mask(img.shape)
+        got = sector_mask(img)
+        iou = (got & truth).sum() / (got | truth).sum()
+        assert iou > 0.95
+    # A tiny blob is not a sector: the whole image is used.
+    blob = np.zeros((40, 50), np.uint8)
+    blob[5:8, 5:8] = 200
+    assert sector_mask(blob).all()
+    assert intensity_scale(blob) == 255.0 and intensity_scale(blob / 255.0) == 1.0
+
+
+def test_restyle_moves_intensities_and_texture_toward_the_target(shifted_style):
+    tgt = targets(10)
+    src = sources(6, first=50)  # not used for the estimate
+    out = restyle_batch(src, shifted_style, seed=3)
+    s_stats = np.mean([in_sector_stats(im) for im in src], axis=0)
+    r_stats = np.mean([in_sector_stats(im) for im in out], axis=0)
+    t_stats = np.mean([in_sector_stats(im) for im in tgt], axis=0)
+    # Mean and 10/50/90th percentiles: the remaining gap is a small part of the original one.
+    assert np.all(np.abs(r_stats - t_stats) < 0.25 * np.abs(s_stats - t_stats)), (s_stats, r_stats, t_stats)
+    s_hf = np.mean([hf_fraction(im) for im in src])
+    r_hf = np.mean([hf_fraction(im) for im in out])
+    t_hf = np.mean([hf_fraction(im) for im in tgt])
+    assert t_hf < s_hf  # the target is blurrier
+    assert abs(r_hf - t_hf) < 0.5 * abs(s_hf - t_hf), (s_hf, r_hf, t_hf)
+    # Spectrum only (histogram=False): texture moves, in-sector mean and std stay the source's.
+    spec = [restyle(im, shifted_style, 0, histogram=False) for im in src]
+    assert abs(np.mean([hf_fraction(im) for im in spec]) - t_hf) < 0.5 * abs(s_hf - t_hf)
+    for a, b in zip(src, spec):
+        m = fan_mask(a.shape)
+        assert abs(float(b[m].mean()) - float(a[m].mean())) < 0.05 * float(a[m].mean()) + 1.0
+    # Half strength lies in between.
+    half = np.mean([hf_fraction(restyle(im, shifted_style, 0, spectrum_strength=0.5)) for im in src])
+    assert r_hf < half < s_hf
+
+
+def test_identity_style_leaves_images_nearly_unchanged():
+    imgs = sources(8)
+    style = estimate_style(imgs, np.stack(imgs), size=64, n_quantiles=256)  # an (N, H, W) array works too
+    np.testing.assert_allclose(style.amplitude_ratio((64, 64)), 1.0, atol=1e-9)
+    for i, img in enumerate(imgs[:4]):
+        m = fan_mask(img.shape)
+        spec_only = restyle(img, style, i, histogram=False)
+        assert np.max(np.abs(spec_only - img.astype(np.float32))) < 1e-3
+        full = restyle(img, style, i)  # histogram matched to another image of the same distribution
+        rel = np.abs(full[m] - img[m]).mean() / img[m].mean()
+        assert rel < 0.05, rel
+
+
+def test_pixels_outside_the_sector_are_unchanged(shifted_style):
+    for img in sources(3, first=70) + [echo_image((64, 64), 7, as_float=True)]:
+        out = restyle(img, shifted_style, 1)
+        outside = ~sector_mask(img)
+        assert outside.sum() > 0.2 * img.size
+        np.testing.assert_array_equal(out[outside], img[outside].astype(np.float32))
+        far = ~ndi.binary_dilation(fan_mask(img.shape), iterations=2)
+        assert np.all(out[far] == 0)
+
+
+def test_seeded_determinism(shifted_style):
+    img = sources(1, first=80)[0]
+    a = restyle(img, shifted_style, np.random.default_rng(11))
+    b = restyle(img, shifted_style, np.random.default_rng(11))
+    np.testing.assert_array_equal(a, b)
+    others = [restyle(img, shifted_style, np.random.default_rng(s)) for s in range(12, 20)]
+    assert any(not np.array_equal(a, o) for o in others)
+    batch = sources(3, first=90)
+    x = restyle_batch(batch, shifted_style, seed=5)
+    y = restyle_batch(batch, shifted_style, seed=5)
+    z = restyle_batch(batch, shifted_style, seed=6)
+    assert all(np.array_equal(p, q) for p, q in zip(x, y))
+    assert any(not np.array_equal(p, q) for p, q in zip(x, z))
+
+
+def test_save_load_round_trip(shifted_style, tmp_path):
+    path = shifted_style.save(tmp_path / "sub" / "style.npz")
+    assert path.is_file() and path.stat().st_size < 200_000
+    back = TargetStyle.load(path)
+    np.testing.assert_array_equal(back.target_amplitude, shifted_style.target_amplitude)
+    np.testing.assert_array_equal(back.source_amplitude, shifted_style.source_amplitude)
+    np.testing.assert_array_equal(back.target_quantiles, shifted_style.target_quantiles)
+    assert (back.size, back.n_target, back.n_quantiles, back.n_source) == (64, 10, 128, 10)
+    img = sources(1, first=95)[0]
+    np.testing.assert_array_equal(restyle(img, back, 4), restyle(img, shifted_style, 4))
+    with pytest.raises(InputError):
+        TargetStyle.load(tmp_path / "missing.npz")
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, something=np.zeros(3))
+    with pytest.raises(InputError, match="missing"):
+        TargetStyle.load(bad)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(InputError):
+        TargetStyle.load(tmp_path / "junk.npz")
+
+
+def test_odd_sizes_and_dtypes():
+    src = [echo_image((97, 130), 1), echo_image((64, 64), 2), echo_image((71, 50), 3)]
+    tgt = [echo_image((80, 90), 10 + i, brightness=0.5, blur=1.0) for i in range(3)]
+    style = estimate_style(src, tgt, size=48, n_quantiles=64)
+    assert style.target_amplitude.shape == (48, 48) and style.target_quantiles.shape == (3, 64)
+    outs = restyle_batch(src, style, seed=0)
+    for a, b in zip(src, outs):
+        assert b.shape == a.shape and b.dtype == np.float32
+        assert b.min() >= 0 and b.max() <= 255
+    r = style.amplitude_ratio((97, 130))
+    assert r.shape == (97, 130) and r.min() >= 0.2 - 1e-9 and r.max() <= 5 + 1e-9
+    # Float 0..1 input -> float32 0..1 output, close to the uint8 result / 255.
+    f = echo_image((97, 130), 1, as_float=True)
+    out_f = restyle(f, style, 3)
+    assert out_f.dtype == np.float32 and out_f.shape == (97, 130) and 0 <= out_f.min() and out_f.max() <= 1.0
+    np.testing.assert_allclose(out_f, restyle(src[0], style, 3) / 255.0, atol=0.02)
+
+
+def test_bad_input_is_refused(shifted_style):
+    good = sources(2)
+    with pytest.raises(InputError):
+        estimate_style([], good)
+    with pytest.raises(InputError):
+        estimate_style(good, [])
+    with pytest.raises(InputError):
+        estimate_style(good + [np.zeros((8, 8, 3), np.uint8)], good)
+    with pytest.raises(InputError):
+        estimate_style(good, [np.zeros(10)])
+    with pytest.raises(InputError):
+        estimate_style(good[0], good)  # one 2D image is not a sequence of images
+    with pytest.raises(InputError):
+        restyle(np.zeros((0, 5)), shifted_style, 0)
+    with pytest.raises(InputError):
+        restyle(np.zeros((4, 4, 3)), shifted_style, 0)
+    with pytest.raises(InputError):
+        restyle(np.full((8, 8), np.nan), shifted_style, 0)
+    with pytest.raises(InputError):
+        restyle(good[0], "not a style", 0)
+    with pytest.raises(InputError):
+        restyle_batch([], shifted_style, seed=0)
+    with pytest.raises(ValueError):
+        restyle(good[0], shifted_style, 0, spectrum_strength=1.5)
