@@ -6,7 +6,11 @@ Gymnasium and stable-baselines3 environment checkers; the training path uses the
 
 Reward contract (everywhere in the project)::
 
-    reward_fn(images (B, 1, H, W) float32 tensor, actions (B, H, W) int64 tensor) -> (B, H, W) float in [0, 1]
+    reward_fn(images (B, 1, H, W) float32 tensor, actions (B, H, W) int64 tensor,
+              indices (B,) int64 tensor: which images of the set these are) -> (B, H, W) float in [0, 1]
+
+The indices let a reward look up per-image data (e.g. the corrected mask of each image) without reaching into
+the environment.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 #: bound of the observation Box: preprocessed (z-scored) intensities stay far inside +-1e4.
@@ -81,7 +85,8 @@ class SegmentationEnv(gym.Env):
         image = torch.from_numpy(self.images[self._index : self._index + 1]).to(self.device)
         labels = torch.as_tensor(np.asarray(action), dtype=torch.int64, device=self.device).reshape(1, h, w)
         with torch.no_grad():
-            reward_map = self.reward_fn(image, labels)[0].float().cpu().numpy()
+            index = torch.tensor([self._index], dtype=torch.int64, device=self.device)
+            reward_map = self.reward_fn(image, labels, index)[0].float().cpu().numpy()
         obs = self.images[self._index].copy()
         info = {"reward_map": reward_map, "index": self._index}
         self._index = None

@@ -24,7 +24,8 @@ class TorchSegmentationVecEnv(VectorEnv):
 
     :param images: image set, (N, 1, H, W) float32 tensor (or array), already normalised; moved to ``device``.
     :param num_classes: K, labels per pixel.
-    :param reward_fn: ``(images (B,1,H,W) float32, actions (B,H,W) int64) -> (B,H,W) float in [0, 1]``.
+    :param reward_fn: ``(images (B,1,H,W) float32, actions (B,H,W) int64, indices (B,) int64) -> (B,H,W) float in
+        [0, 1]`` (the indices of the scored images in ``images``, on ``device``).
     :param num_envs: B, images per step.
     :param device: where images, actions and rewards live.
     :param seed: seed of the image order (also settable through ``reset(seed=...)``).
@@ -55,13 +56,6 @@ class TorchSegmentationVecEnv(VectorEnv):
         self._cursor = 0
         self._indices: torch.Tensor | None = None
         self._obs: torch.Tensor | None = None
-
-    @property
-    def current_indices(self) -> torch.Tensor | None:
-        """Indices (B,) int64 (CPU) into ``images`` of the batch being served (None before the first reset).
-
-        Lets a reward function look up per-image data (e.g. corrected masks) for the images it scores."""
-        return self._indices
 
     # ------------------------------------------------------------------ sampling
     def seed(self, seed: int | None) -> None:
@@ -110,7 +104,7 @@ class TorchSegmentationVecEnv(VectorEnv):
         images, indices = self._obs, self._indices
         _, _, h, w = images.shape
         labels = torch.as_tensor(actions, device=self.device).reshape(self.num_envs, h, w).long()
-        reward_map = self.reward_fn(images, labels).float()
+        reward_map = self.reward_fn(images, labels, indices.to(self.device)).float()
         if reward_map.shape != labels.shape:
             raise ValueError(f"reward_fn returned shape {tuple(reward_map.shape)}, expected {tuple(labels.shape)}")
         reward = reward_map.mean(dim=(1, 2))

@@ -12,7 +12,7 @@ nnU-Net ``PlainConvUNet`` (deep supervision off). Actions are one label per pixe
 
 The SB3 action space is ``MultiDiscrete([K] * H * W)`` (1-D, as SB3's checkers want); internally actions
 are (B, H, W). SB3-shaped methods (``forward``, ``evaluate_actions``, ``predict_values``) reduce over
-pixels (joint log-prob = sum, value = mean) for compatibility; :class:`rl_adapt.ppo.PixelPPO` uses the
+pixels (joint log-prob = sum, value = mean) for compatibility; :class:`rl_adapt.engine.ppo.PixelPPO` uses the
 per-pixel methods (:meth:`PixelActorCriticPolicy.act`, :meth:`PixelActorCriticPolicy.evaluate`).
 
 A frozen copy of the source network (``reference_network``: no gradients, always in eval mode) gives the

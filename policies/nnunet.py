@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -772,17 +773,13 @@ def plain_unet_plans(features: Sequence[int], patch_size: Sequence[int], spacing
 
 
 # ---------------------------------------------------------------------- postprocessing (nnU-Net's pickle)
-def nnunet_postprocessing_functions(names: Sequence[str]) -> list:
+def nnunet_postprocessing_functions(names: Sequence[str], ours: Mapping[str, Any]) -> list:
     """The callables a ``postprocessing.pkl`` stores for the step names of :mod:`rl_adapt.postprocessing`:
     nnU-Net's own ``remove_all_but_largest_component_from_segmentation`` for that step (so that
-    ``nnUNetv2_apply_postprocessing`` runs it without rl_adapt), :func:`rl_adapt.postprocessing.anatomical_cleanup`
-    for the anatomy-guided clean-up."""
-    from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
-
-    from rl_adapt import postprocessing as pp
-
+    ``nnUNetv2_apply_postprocessing`` runs it without rl_adapt), and ``ours[name]`` for the project's own steps
+    (the anatomy-guided clean-up; passed in by the caller so that this module does not import it back)."""
     table = {"remove_all_but_largest_component_from_segmentation": remove_all_but_largest_component_from_segmentation,
-             "anatomical_cleanup": pp.anatomical_cleanup}
+             **ours}
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"no nnU-Net postprocessing function for {unknown}")

@@ -81,6 +81,21 @@ def write_json_atomic(path: str | Path, obj: Any, indent: int = 2) -> None:
     write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` to one compressed ``.npz`` at ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+
+def save_torch(path: str | Path, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (torch is imported only here, when called)."""
+    import torch  # io_utils stays importable without torch (``rl-adapt info`` does not pay for it)
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one JSON line to ``path`` and fsync, so a completed record survives a kill."""
     path = Path(path)

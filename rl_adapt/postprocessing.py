@@ -6,7 +6,7 @@ stores it next to the model as ``postprocessing.pkl`` (a pickled ``(functions, k
 ``nnUNetv2_apply_postprocessing -pp_pkl_file`` applies, function after function, to every predicted segmentation)
 and ``postprocessing.json`` (the same as names and kwargs, plus the figures behind the decision).
 
-The adaptation (:mod:`rl_adapt.adapt`) has no target labels, so it decides with the same greedy procedure but
+The adaptation (:mod:`rl_adapt.engine.loop`) has no target labels, so it decides with the same greedy procedure but
 against the anatomically valid corrected masks of its last iteration (:func:`decide`), and it may also try one step
 nnU-Net does not have: the corrector's anatomy-guided clean-up (:func:`anatomical_cleanup`), kept when it raises
 agreement, or (``validity_tolerance``) when it raises the validity of the outputs on the whole target set at a
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -27,13 +28,18 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from rl_adapt.cleanup import CleanupConfig, clean_mask
 from rl_adapt.errors import InputError
+from rl_adapt.labels import STRUCTURES
+from rl_adapt.measures.anatomy import is_valid
+from rl_adapt.measures.metrics import dice_per_label
+from rl_adapt.policies.nnunet import nnunet_postprocessing_functions
 
 log = logging.getLogger(__name__)
 
 JSON_NAME = "postprocessing.json"
 PKL_NAME = "postprocessing.pkl"
-FOREGROUND = [1, 2, 3]
+FOREGROUND = list(STRUCTURES)
 """CAMUS foreground labels (LV, MYO, LA)."""
 
 
@@ -70,13 +76,11 @@ def remove_all_but_largest_component_from_segmentation(segmentation: np.ndarray,
 
 
 def anatomical_cleanup(segmentation: np.ndarray, **cleanup: Any) -> np.ndarray:
-    """The corrector's deterministic clean-up (:func:`rl_adapt.corrector.clean_mask`) as a postprocessing step.
+    """The deterministic clean-up (:func:`rl_adapt.cleanup.clean_mask`) as a postprocessing step.
 
-    :param cleanup: :class:`rl_adapt.corrector.CleanupConfig` fields (defaults for the others).
+    :param cleanup: :class:`rl_adapt.cleanup.CleanupConfig` fields (defaults for the others).
     Works on (H, W) label maps and on stacks (..., H, W) slice by slice; returns a new array of the input dtype.
     """
-    from rl_adapt.corrector import CleanupConfig, clean_mask
-
     cfg = CleanupConfig(**cleanup)
     seg = np.asarray(segmentation)
     return _per_slice(seg, lambda s: clean_mask(s, cfg).astype(seg.dtype))
@@ -171,11 +175,7 @@ def postprocessing_files(rule: Postprocessing, decision: Mapping[str, Any] | Non
     The pickle holds ``(functions, kwargs)`` as nnU-Net's ``determine_postprocessing`` saves it: nnU-Net's own
     function for the largest-component steps, :func:`anatomical_cleanup` (needs rl_adapt installed) for ours.
     """
-    import pickle
-
-    from rl_adapt.policies.nnunet import nnunet_postprocessing_functions
-
-    fns = nnunet_postprocessing_functions([n for n, _ in rule.steps])
+    fns = nnunet_postprocessing_functions([n for n, _ in rule.steps], ours={"anatomical_cleanup": anatomical_cleanup})
     data = {**rule.to_json(), **dict(decision or {})}
     return {JSON_NAME: data, PKL_NAME: pickle.dumps((fns, [dict(kw) for _, kw in rule.steps]))}
 
@@ -199,9 +199,7 @@ def _candidate_steps(name: str, cleanup: Mapping[str, Any] | None) -> list[list[
 
 def _agreement(masks: np.ndarray, reference: np.ndarray) -> tuple[float, list[float]]:
     """Mean over images of the per-label Dice (LV, MYO, LA) -> (mean of the three, [LV, MYO, LA])."""
-    from rl_adapt.metrics import dice
-
-    per = np.array([[dice(m == lab, r == lab) for lab in FOREGROUND] for m, r in zip(masks, reference)], float)
+    per = np.array([dice_per_label(m, r, FOREGROUND) for m, r in zip(masks, reference)], float)
     means = np.nanmean(per, axis=0) if len(per) else np.full(len(FOREGROUND), np.nan)
     return float(np.nanmean(means)), [float(x) for x in means]
 
@@ -230,8 +228,6 @@ def decide(masks: np.ndarray, reference: np.ndarray, candidates: Sequence[str] =
         0 keeps nnU-Net's rule only.
     :returns: the rule and the JSON-ready figures behind it (agreement and validity before/after, per step).
     """
-    from rl_adapt.anatomy import is_valid
-
     masks = np.asarray(masks)
     reference = np.asarray(reference)
     if masks.shape != reference.shape or masks.ndim != 3:

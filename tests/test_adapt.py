@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from rl_adapt.adapt import AdaptConfig, AdaptInputs, Adapter
+from rl_adapt.engine.loop import AdaptConfig, AdaptInputs, Adapter
 from rl_adapt.config import load_config
 from rl_adapt.errors import ConfigError, InputError, RLAdaptError
 
@@ -49,8 +49,8 @@ def _tree_digest(folder: Path) -> str:
 def tiny_world(tmp_path_factory) -> dict:
     """Synthetic source (labelled) + other unlabelled patients at 96x96 (MYO-LA contact is too coarse to judge at 64) and a briefly pretrained tiny nnU-Net."""
     from rl_adapt.data.writers import write_nnunet_raw
-    from rl_adapt.pretrain import PretrainConfig, pretrain
-    from rl_adapt.synth import generate_domain
+    from rl_adapt.training.pretrain import PretrainConfig, pretrain
+    from rl_adapt.synth.domains import generate_domain
 
     root = tmp_path_factory.mktemp("adapt_world")
     src = write_nnunet_raw(generate_domain("source", 6, seed=0, size=96), root / "Dataset901_Src",
@@ -163,7 +163,7 @@ def test_too_few_valid_corrections_stop_the_first_iteration_with_what_to_try(tin
 
 
 def test_a_later_iteration_without_trusted_corrections_keeps_the_previous_weights(tiny_world, tmp_path, monkeypatch):
-    from rl_adapt import adapt as adapt_mod
+    from rl_adapt.engine import loop as adapt_mod
 
     real = adapt_mod.Adapter._trusted
     calls = []
@@ -187,7 +187,7 @@ def test_a_later_iteration_without_trusted_corrections_keeps_the_previous_weight
 
 
 def test_a_given_shape_prior_is_reused_not_retrained(tiny_world, tmp_path):
-    from rl_adapt.shape_prior import ShapePrior, ShapePriorConfig, train_shape_prior
+    from rl_adapt.engine.shape_prior import ShapePrior, ShapePriorConfig, train_shape_prior
 
     masks = np.zeros((4, 32, 32), np.uint8)
     masks[:, 8:24, 10:22] = 2
@@ -246,9 +246,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_world, tmp_path):
 
 
 def test_blended_reward_uses_corrections_only_where_trusted():
-    from types import SimpleNamespace
-
-    from rl_adapt.adapt import BlendedReward, agreement
+    from rl_adapt.engine.guard import agreement
+    from rl_adapt.engine.reward.blend import BlendedReward
 
     class ConstNet:
         def score(self, images, actions):
@@ -259,23 +258,23 @@ def test_blended_reward_uses_corrections_only_where_trusted():
     actions = torch.tensor([[[1, 0], [0, 3]], [[2, 2], [2, 2]]])
     images = torch.zeros(2, 1, 2, 2)
     fn = BlendedReward(ConstNet(), corrected, trusted, weight=1.0)
-    assert torch.equal(fn(images, actions), torch.full((2, 2, 2), 0.25))  # no env attached yet: learned reward
-    fn.env = SimpleNamespace(current_indices=torch.tensor([0, 1]))
-    r = fn(images, actions)
+    pure = BlendedReward(ConstNet(), corrected, trusted, weight=0.0)
+    assert torch.equal(pure(images, actions, torch.tensor([0, 1])), torch.full((2, 2, 2), 0.25))  # learned only
+    r = fn(images, actions, torch.tensor([0, 1]))
     assert torch.equal(r[0], torch.tensor([[1.0, 0.0], [1.0, 0.0]]))  # trusted: agreement with the correction
     assert torch.equal(r[1], torch.full((2, 2), 0.25))  # untrusted: the reward network
     half = BlendedReward(ConstNet(), corrected, trusted, weight=0.5)
-    half.env = SimpleNamespace(current_indices=torch.tensor([0, 0]))
-    assert torch.allclose(half(images, actions)[0], torch.tensor([[0.625, 0.125], [0.625, 0.125]]))
+    assert torch.allclose(half(images, actions, torch.tensor([0, 0]))[0],
+                          torch.tensor([[0.625, 0.125], [0.625, 0.125]]))
+    # the indices say which correction each image is compared with: swapped, image 0 is judged untrusted
+    assert torch.equal(fn(images, actions, torch.tensor([1, 0]))[0], torch.full((2, 2), 0.25))
     a = np.array([[[1, 1], [2, 3]]], np.uint8)
     assert agreement(a, a) == 1.0 and agreement(a, np.zeros_like(a)) < 1.0
 
 
 def test_contact_penalties_hit_exactly_the_pixels_the_frontier_checks_count():
-    from types import SimpleNamespace
-
-    from rl_adapt.adapt import BlendedReward, touching
-    from rl_adapt.anatomy import check_anatomy
+    from rl_adapt.engine.reward.blend import BlendedReward, touching
+    from rl_adapt.measures.anatomy import check_anatomy
 
     class ConstNet:
         def score(self, images, actions):
@@ -298,13 +297,11 @@ def test_contact_penalties_hit_exactly_the_pixels_the_frontier_checks_count():
     images = torch.zeros(1, 1, 5, 6)
     fn = BlendedReward(ConstNet(), m.clone(), torch.tensor([True]), weight=1.0, myo_la_penalty=0.5,
                        lv_bg_penalty=0.25)
-    fn.env = SimpleNamespace(current_indices=torch.tensor([0]))
-    r = fn(images, m)  # actions == corrections: agreement 1 everywhere, minus the penalties
+    r = fn(images, m, torch.tensor([0]))  # actions == corrections: agreement 1 everywhere, minus the penalties
     assert torch.allclose(r[0, :, :2], torch.full((5, 2), 0.5)) and r[0, 2, 4].item() == 0.75
     assert (r[0, :, 2:] == 1).sum() == 5 * 4 - 1
     plain = BlendedReward(ConstNet(), m.clone(), torch.tensor([True]), weight=1.0)
-    plain.env = fn.env
-    assert torch.equal(plain(images, m), torch.ones(1, 5, 6))
+    assert torch.equal(plain(images, m, torch.tensor([0])), torch.ones(1, 5, 6))
 
 
 def test_guard_keeps_the_previous_weights_when_ppo_moves_away(tiny_world, tmp_path, caplog):
@@ -313,7 +310,7 @@ def test_guard_keeps_the_previous_weights_when_ppo_moves_away(tiny_world, tmp_pa
     inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"])
     cfg = _cfg(["iterations=1", "keep_if_closer=true", "ppo.lr=0.5", "ppo.max_grad_norm=1000.0"])
     adapter = Adapter(inputs, cfg, run, progress=False)
-    with caplog.at_level(logging.WARNING, logger="rl_adapt.adapt"):
+    with caplog.at_level(logging.WARNING, logger="rl_adapt.engine.loop"):
         adapter.run()
     assert adapter.rejected_iterations() == [0]
     assert any("the adapted network is the source network" in r.getMessage() for r in caplog.records)
@@ -331,7 +328,7 @@ def _expert_folder(tiny_world, folder: Path, index: int, name: str | None = None
     returns (the target cases, the chosen case)."""
     from rl_adapt.data.readers import read_dataset
     from rl_adapt.data.writers import write_mask
-    from rl_adapt.synth import generate_domain
+    from rl_adapt.synth.domains import generate_domain
 
     target = read_dataset(tiny_world["target"], with_labels=False)
     truth = {c.name: c.label for c in generate_domain("source", 3, seed=1, size=96)}

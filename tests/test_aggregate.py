@@ -7,16 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from rl_adapt.aggregate import (
+from rl_adapt.measures.aggregate import (
     TIDY_COLUMNS,
     MetricAccumulator,
     clinical_errors,
     paired_difference,
     summarize,
 )
-from rl_adapt.anatomy import check_anatomy
+from rl_adapt.measures.anatomy import check_anatomy
 from rl_adapt.data.case import Case
-from rl_adapt.metrics import segmentation_metrics
+from rl_adapt.measures.metrics import segmentation_metrics
 
 
 def test_summarize_counts_nans_and_is_seeded():

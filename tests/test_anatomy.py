@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from rl_adapt.anatomy import ALL_CHECKS, LA_CHECKS, AnatomyConfig, check_anatomy, is_valid
+from rl_adapt.measures.anatomy import ALL_CHECKS, LA_CHECKS, AnatomyConfig, check_anatomy, is_valid
 
 
 def heart(size=256, lx=25.0, ly=70.0, t=9.0, la_rx=None, la_ry=50.0):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from rl_adapt.baselines import (IGNORE, METHODS, BaselineConfig, adapt_network, entropy_loss, norm_parameters,
+from rl_adapt.evaluation.baselines import (IGNORE, METHODS, BaselineConfig, adapt_network, entropy_loss, norm_parameters,
                                 pseudo_label_loss, pseudo_labels, run_baseline)
 from rl_adapt.errors import ConfigError, InputError
 from test_evaluate import build_tiny_world

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from rl_adapt.clinical import (
+from rl_adapt.measures.clinical import (
     area_length_volume,
     lv_geometry,
     patient_indices,

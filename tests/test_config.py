@@ -92,10 +92,10 @@ def test_atomic_files_are_readable_by_others(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
 def test_every_shipped_config_loads(name):
     """Each YAML in configs/ is valid for the dataclass its name says (unknown keys would fail here)."""
-    from rl_adapt.adapt import AdaptConfig
-    from rl_adapt.baselines import BaselineConfig
+    from rl_adapt.engine.loop import AdaptConfig
+    from rl_adapt.evaluation.baselines import BaselineConfig
     from rl_adapt.demo import DemoConfig
-    from rl_adapt.pretrain import PretrainConfig
+    from rl_adapt.training.pretrain import PretrainConfig
 
     cls = {"adapt": AdaptConfig, "baseline": BaselineConfig, "demo": DemoConfig, "pretrain": PretrainConfig}
     load_config(cls[name.split("_")[0].split(".")[0]], Path(__file__).resolve().parents[1] / "configs" / name)
@@ -117,10 +117,10 @@ def test_every_set_example_in_the_help_and_docs_is_accepted(monkeypatch):
     """Each ``--set KEY=VALUE`` shown in a command's --help, in the README or in a config docstring loads."""
     import re
 
-    from rl_adapt.adapt import AdaptConfig
-    from rl_adapt.baselines import BaselineConfig
+    from rl_adapt.engine.loop import AdaptConfig
+    from rl_adapt.evaluation.baselines import BaselineConfig
     from rl_adapt.demo import DemoConfig
-    from rl_adapt.pretrain import PretrainConfig
+    from rl_adapt.training.pretrain import PretrainConfig
 
     monkeypatch.setenv("COLUMNS", "400")  # argparse wraps help at the terminal width, splitting examples
     classes = {"adapt": AdaptConfig, "baseline": BaselineConfig, "demo": DemoConfig, "pretrain": PretrainConfig}

@@ -4,15 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rl_adapt.anatomy import check_anatomy
-from rl_adapt.corrector import (
-    CleanupConfig,
-    Corrector,
-    CorrectorConfig,
-    clean_mask,
-    mean_dice,
-    separate_myo_la,
-)
+from rl_adapt.measures.anatomy import check_anatomy
+from rl_adapt.cleanup import CleanupConfig, clean_mask, separate_myo_la
+from rl_adapt.engine.corrector import Corrector, CorrectorConfig
+from rl_adapt.measures.metrics import mean_dice
 from rl_adapt.errors import InputError
 
 from phantoms import BG, LA, LV, MYO  # noqa: E402,F401

@@ -15,7 +15,7 @@ def _images(n=6, size=16, seed=0):
     return torch.from_numpy(np.random.default_rng(seed).normal(size=(n, 1, size, size)).astype(np.float32))
 
 
-def _foreground_reward(images, actions):
+def _foreground_reward(images, actions, indices=None):
     """Oracle: label 1 where the image is positive, 0 elsewhere."""
     return (actions == (images[:, 0] > 0).long()).float()
 
@@ -50,10 +50,11 @@ def test_segmentation_env_step_reward_is_mean_of_reward_map():
 
 def test_vector_env_serves_batches_without_replacement_and_scores_in_one_call():
     images = _images(n=10)
-    calls = []
+    calls, scored = [], []
 
-    def reward(imgs, actions):
+    def reward(imgs, actions, indices):
         calls.append(imgs.shape[0])
+        scored.append(indices.cpu())
         return _foreground_reward(imgs, actions)
 
     env = TorchSegmentationVecEnv(images, num_classes=2, reward_fn=reward, num_envs=4, seed=1)
@@ -68,6 +69,7 @@ def test_vector_env_serves_batches_without_replacement_and_scores_in_one_call():
     assert info["reward_map"].shape == (4, 16, 16) and torch.equal(info["final_obs"], obs)
     # same-step autoreset: the next observations are the next images
     assert torch.equal(info["index"], seen[0])
+    assert torch.equal(scored[0], seen[0])  # the reward is told which images it scores
     for _ in range(2):
         _, _, _, _, info = env.step(torch.zeros(4, 16, 16, dtype=torch.long))
         seen.append(info["index"])  # the images scored in this step
@@ -81,7 +83,7 @@ def test_vector_env_serves_batches_without_replacement_and_scores_in_one_call():
 
 
 def test_vector_env_rejects_wrong_reward_shape():
-    env = TorchSegmentationVecEnv(_images(), 2, lambda i, a: torch.zeros(2, 2), num_envs=2)
+    env = TorchSegmentationVecEnv(_images(), 2, lambda i, a, idx: torch.zeros(2, 2), num_envs=2)
     env.reset()
     with pytest.raises(ValueError, match="reward_fn returned shape"):
         env.step(torch.zeros(2, 16, 16, dtype=torch.long))

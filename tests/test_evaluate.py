@@ -11,7 +11,7 @@ import pytest
 
 from rl_adapt.data.case import Case
 from rl_adapt.errors import InputError
-from rl_adapt.evaluate import (EvaluateConfig, bootstrap_mean_ci, complete_patients, evaluate, json_clean,
+from rl_adapt.evaluation.evaluate import (EvaluateConfig, bootstrap_mean_ci, complete_patients, evaluate, json_clean,
                                paired_stats, parse_model_specs, read_csv, select_overlays, summarise, write_csv)
 
 STRUCT_KEYS = {"LV", "MYO", "LA", "epi", "mean"}
@@ -244,7 +244,7 @@ def test_cli_evaluate_bad_model_exits_nonzero(tiny_world, tmp_path, capsys):
 
 
 def test_evaluate_with_reward_network_reports_reliability(tiny_world, tmp_path):
-    from rl_adapt.reward_net import RewardNet, RewardNetConfig
+    from rl_adapt.engine.reward.network import RewardNet, RewardNetConfig
 
     import torch
 
@@ -267,8 +267,8 @@ def test_evaluate_with_reward_network_reports_reliability(tiny_world, tmp_path):
 
 
 def test_evaluate_applies_one_postprocessing_rule_to_every_model(tiny_world, tmp_path):
-    from rl_adapt.anatomy import check_anatomy
-    from rl_adapt.evaluate import load_labelled, load_model
+    from rl_adapt.measures.anatomy import check_anatomy
+    from rl_adapt.evaluation.evaluate import load_labelled, load_model
     from rl_adapt.postprocessing import Postprocessing, postprocessing_files
 
     src, other = tmp_path / "src", tmp_path / "other"

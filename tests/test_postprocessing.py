@@ -7,8 +7,8 @@ import pickle
 import numpy as np
 import pytest
 
-from rl_adapt.anatomy import check_anatomy
-from rl_adapt.corrector import CleanupConfig, clean_mask
+from rl_adapt.measures.anatomy import check_anatomy
+from rl_adapt.cleanup import CleanupConfig, clean_mask
 from rl_adapt.errors import InputError
 from rl_adapt.postprocessing import (
     Postprocessing,

@@ -10,7 +10,7 @@ from gymnasium import spaces
 
 from rl_adapt.errors import TrainingDiverged
 from rl_adapt.policies.actor_critic import PixelActorCriticPolicy, plain_unet
-from rl_adapt.ppo import PixelPPO, PPOConfig
+from rl_adapt.engine.ppo import PixelPPO, PPOConfig
 
 SIZE = 32
 K = 3
@@ -39,7 +39,7 @@ def oracle_reward(images_all, labels_all):
     """reward_fn scoring actions against the true labels of the served images (found by exact pixel match)."""
     keys = images_all[:, 0, 0, :8]
 
-    def reward(images, actions):
+    def reward(images, actions, indices):
         idx = (images[:, None, 0, 0, :8] == keys[None]).all(-1).float().argmax(1)
         return (actions == labels_all.to(actions.device)[idx]).float()
 
@@ -160,7 +160,7 @@ def test_save_load_round_trip(data, tmp_path, how):
 
 def test_non_finite_reward_raises_before_any_update(data):
     images, labels = data
-    model = PixelPPO.from_network(tiny_net(), images, lambda i, a: torch.full(a.shape, float("nan")),
+    model = PixelPPO.from_network(tiny_net(), images, lambda i, a, idx: torch.full(a.shape, float("nan")),
                                   PPOConfig(n_envs=8, n_steps=1), device="cpu")
     before = [p.detach().clone() for p in model.policy.parameters()]
     with pytest.raises(TrainingDiverged):
@@ -247,7 +247,7 @@ def test_supervised_term_teaches_the_masks_an_uninformative_reward_cannot(data):
     torch.set_num_threads(1)
     images, labels = data
 
-    def constant(imgs, actions):
+    def constant(imgs, actions, indices):
         return torch.full(actions.shape, 0.5)
 
     accs = {}

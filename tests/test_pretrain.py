@@ -13,7 +13,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from rl_adapt.cli import main
-from rl_adapt.pretrain import (AugmentConfig, augment, deep_supervision_weights, dice_per_structure,
+from rl_adapt.training.pretrain import (AugmentConfig, augment, deep_supervision_weights, dice_per_structure,
                                soft_dice_loss, split_cases, training_loss)
 
 LABELS = {"background": 0, "LV": 1, "MYO": 2, "LA": 3}

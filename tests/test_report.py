@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from rl_adapt.errors import InputError
-from rl_adapt.evaluate import clinical_row, json_clean, summarise, write_csv
+from rl_adapt.evaluation.evaluate import clinical_row, json_clean, summarise, write_csv
 from rl_adapt.io_utils import write_json_atomic
-from rl_adapt.report import build_report, write_report
+from rl_adapt.evaluation.report import build_report, write_report
 
 CHECKS = ("holes_in_lv", "disconnected_myo", "gap_lv_la")
 

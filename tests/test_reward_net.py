@@ -7,17 +7,10 @@ import torch
 from scipy import ndimage as ndi
 from sklearn.metrics import roc_auc_score
 
-from rl_adapt.calibration import auroc, error_detection_report, expected_calibration_error, reliability_bins
+from rl_adapt.measures.calibration import auroc, error_detection_report, expected_calibration_error, reliability_bins
 from rl_adapt.errors import InputError
-from rl_adapt.reward_net import (
-    PERTURBATIONS,
-    RewardNet,
-    RewardNetConfig,
-    build_reward_dataset,
-    fit_temperature,
-    perturb_mask,
-    train_reward_net,
-)
+from rl_adapt.engine.reward.dataset import PERTURBATIONS, build_reward_dataset, perturb_mask
+from rl_adapt.engine.reward.network import RewardNet, RewardNetConfig, fit_temperature, train_reward_net
 
 from phantoms import BG, LA, LV, MYO  # noqa: E402,F401
 from phantoms import heart as phantom_heart  # noqa: E402

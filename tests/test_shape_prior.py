@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from rl_adapt.corrector import mean_dice
+from rl_adapt.measures.metrics import mean_dice
 from rl_adapt.errors import InputError
-from rl_adapt.shape_prior import ShapePrior, ShapePriorConfig, train_shape_prior
+from rl_adapt.engine.shape_prior import ShapePrior, ShapePriorConfig, train_shape_prior
 
 from phantoms import BG, LA, LV, MYO, heart  # noqa: E402,F401
 

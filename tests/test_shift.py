@@ -7,7 +7,7 @@ from rl_adapt.cli import main
 from rl_adapt.data.label_repair import remove_resize_artefacts
 from rl_adapt.data.readers import read_dataset
 from rl_adapt.data.writers import write_nnunet_raw
-from rl_adapt.synth import generate_domain
+from rl_adapt.synth.domains import generate_domain
 
 
 def test_shift_keeps_the_split_and_changes_the_look(tmp_path):

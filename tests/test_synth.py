@@ -8,9 +8,9 @@ import pytest
 from scipy import ndimage as ndi
 
 from rl_adapt.errors import InputError
-from rl_adapt.synth import VENDORS, apply_vendor_shift, generate_domain, patient_anatomy, shifted_spacing
-from rl_adapt.synth_shapes import clinical_truth, lv_volume_ml, view_geometry
-from rl_adapt.synth_vendors import fan_grid
+from rl_adapt.synth.domains import VENDORS, apply_vendor_shift, generate_domain, patient_anatomy, shifted_spacing
+from rl_adapt.synth.shapes import clinical_truth, lv_volume_ml, view_geometry
+from rl_adapt.synth.vendors import fan_grid
 
 SIZE = 64
 
@@ -180,7 +180,7 @@ def test_apply_vendor_shift_on_real_camus(camus_dir):
 @pytest.mark.parametrize("domain", ["source", "target-lowgain", "target-blur", "target-shadow"])
 def test_ground_truth_masks_pass_the_anatomical_checks(domain):
     """Synthetic label maps are plausible anatomy (CAMUS preset), ED and ES, at the demo size."""
-    from rl_adapt.anatomy import check_anatomy
+    from rl_adapt.measures.anatomy import check_anatomy
 
     cases = generate_domain(domain, 4, seed=11, size=128)
     failed = {c.name: check_anatomy(c.label).failed for c in cases}

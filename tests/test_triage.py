@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rl_adapt.anatomy import check_anatomy
-from rl_adapt.synth import generate_domain
-from rl_adapt.triage import image_rows, patient_ranking
+from rl_adapt.measures.anatomy import check_anatomy
+from rl_adapt.synth.domains import generate_domain
+from rl_adapt.evaluation.triage import image_rows, patient_ranking
 
 
 def _broken(mask: np.ndarray) -> np.ndarray:

@@ -2,10 +2,10 @@
 source labels' fractions. Is the shifted argmax closer to the truth than the plain argmax? usage: DATA_SRC MODEL DATA_TGT..."""
 import sys, numpy as np, torch
 torch.set_num_threads(1)
-from rl_adapt.evaluate import load_labelled
+from rl_adapt.evaluation.evaluate import load_labelled
 from rl_adapt.policies.nnunet import load_model_folder
-from rl_adapt.corrector import mean_dice
-from rl_adapt.anatomy import is_valid
+from rl_adapt.measures.metrics import mean_dice
+from rl_adapt.measures.anatomy import is_valid
 src = load_labelled(sys.argv[1])
 prior = np.mean([np.bincount(c.label.ravel(), minlength=4) / c.label.size for c in src], 0)
 print("source label fractions", prior.round(4))

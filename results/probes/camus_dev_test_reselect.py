@@ -15,7 +15,7 @@ import collections
 
 import numpy as np
 
-from rl_adapt.evaluate import paired_stats, read_csv
+from rl_adapt.evaluation.evaluate import paired_stats, read_csv
 
 ap = argparse.ArgumentParser()
 ap.add_argument("runs", nargs="+")

@@ -6,10 +6,10 @@ only images with a mask in EXPERT_MASK_DIR are used.)"""
 import sys, time, numpy as np, torch, torch.nn.functional as F
 torch.set_num_threads(1); torch.manual_seed(0)
 from rl_adapt.data.readers import read_dataset
-from rl_adapt.evaluate import load_labelled
+from rl_adapt.evaluation.evaluate import load_labelled
 from rl_adapt.policies.nnunet import load_model_folder
 from rl_adapt.policies.inference import centre_pad_crop
-from rl_adapt.corrector import mean_dice
+from rl_adapt.measures.metrics import mean_dice
 mdir, img_dir, mask_dir, test_dir = sys.argv[1:5]
 steps = int(sys.argv[5]) if len(sys.argv) > 5 else 300
 lr = float(sys.argv[6]) if len(sys.argv) > 6 else 1e-4

@@ -8,11 +8,12 @@ import sys, time, glob, tempfile
 import numpy as np, torch
 torch.set_num_threads(1)
 from pathlib import Path
-from rl_adapt.adapt import AdaptConfig, Adapter, AdaptInputs, policy_outputs
+from rl_adapt.engine.loop import AdaptConfig, Adapter, AdaptInputs, policy_outputs
 from rl_adapt.config import load_config
-from rl_adapt.corrector import Corrector, mean_dice
-from rl_adapt.shape_prior import ShapePriorConfig, train_shape_prior
-from rl_adapt.anatomy import is_valid
+from rl_adapt.engine.corrector import Corrector
+from rl_adapt.measures.metrics import mean_dice
+from rl_adapt.engine.shape_prior import ShapePriorConfig, train_shape_prior
+from rl_adapt.measures.anatomy import is_valid
 from rl_adapt.data.readers import read_dataset
 demo, dev = Path(sys.argv[1]), sys.argv[2]
 model_dir = Path(glob.glob(f"{demo}/source_model/*/*/plans.json")[0]).parent

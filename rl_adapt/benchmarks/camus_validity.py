@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rl_adapt.anatomy import ALL_CHECKS, AnatomyConfig, check_anatomy
+from rl_adapt.measures.anatomy import ALL_CHECKS, AnatomyConfig, check_anatomy
 from rl_adapt.data.label_repair import interpolation_artefacts, remove_resize_artefacts  # noqa: F401
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "Dataset501_CAMUS224"

@@ -7,7 +7,7 @@ Measures, in one process:
 * PPO-update img/s: forward, per-pixel clipped surrogate + entropy + value MSE, backward, gradient clip,
   Adam step, over minibatches of the stored rollout;
 
-for :class:`rl_adapt.ppo.PixelPPO` (``collect_rollouts`` / ``train``) and for a hand-written torch loop, on
+for :class:`rl_adapt.engine.ppo.PixelPPO` (``collect_rollouts`` / ``train``) and for a hand-written torch loop, on
 CPU and, when available, CUDA with bf16 autocast. Prints img/s and the ratio engine / bare (target >= 0.8).
 
 Run: ``python -m rl_adapt.benchmarks.engine [--size 128] [--batch 8] [--reps 5] [--device cpu,cuda]``
@@ -28,7 +28,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 
 from rl_adapt.policies.actor_critic import plain_unet
-from rl_adapt.ppo import PixelPPO, PPOConfig
+from rl_adapt.engine.ppo import PixelPPO, PPOConfig
 
 
 def tune_malloc() -> bool:
@@ -97,7 +97,7 @@ class BareLoop:
             a = torch.argmax(logp_all.exp() / torch.empty_like(logp_all).exponential_(generator=self.gen), 1)
             lp = logp_all.gather(1, a[:, None])[:, 0]
             lref = F.log_softmax(ref_logits.float(), 1).gather(1, a[:, None])[:, 0]
-            r = self.reward_fn(x, a)
+            r = self.reward_fn(x, a, torch.arange(sl.start, sl.stop, device=x.device))
             self.obs[sl] = x
             self.act[sl] = a
             self.logp[sl] = lp
@@ -138,7 +138,7 @@ def bench_device(device: torch.device, size: int, batch: int, n_steps: int, reps
     images = torch.randn(n_images, 1, size, size, device=device)
     labels = torch.randint(0, classes, (n_images, size, size), device=device)
 
-    def reward_fn(x, a):  # cheap, batched: agreement with fixed labels of the first images of the batch
+    def reward_fn(x, a, idx):  # cheap, batched: agreement with fixed labels of the first images of the batch
         return (a == labels[: a.shape[0]]).float()
 
     cfg = PPOConfig(n_envs=batch, n_steps=n_steps, batch_size=batch, n_epochs=1, lr=1e-5)

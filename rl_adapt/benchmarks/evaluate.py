@@ -2,11 +2,11 @@
 
 Target (issue 6): under 2 minutes on 2 CPU cores at 256², under 30 s on one GPU.
 
-Setup (not timed): synthetic source-domain cases (:func:`rl_adapt.synth.generate_domain`) written as an
-nnU-Net raw dataset; a small source model pretrained briefly on a subset (:func:`rl_adapt.pretrain.pretrain`,
-the CPU "small" plan) and a second model from it by a few TENT steps (:func:`rl_adapt.baselines.run_baseline`).
+Setup (not timed): synthetic source-domain cases (:func:`rl_adapt.synth.domains.generate_domain`) written as an
+nnU-Net raw dataset; a small source model pretrained briefly on a subset (:func:`rl_adapt.training.pretrain.pretrain`,
+the CPU "small" plan) and a second model from it by a few TENT steps (:func:`rl_adapt.evaluation.baselines.run_baseline`).
 
-Timed: one :func:`rl_adapt.evaluate.evaluate` call (read data, load models, predict, metrics, clinical,
+Timed: one :func:`rl_adapt.evaluation.evaluate.evaluate` call (read data, load models, predict, metrics, clinical,
 overlays, report), split per stage from its ``timings.json``. Reference measured in the same process:
 a bare forward pass of the same network over the same number of patches (no preprocessing, resampling or
 sliding window), so ``predict / bare`` is the overhead of nnU-Net-exact inference.
@@ -26,11 +26,11 @@ from pathlib import Path
 
 def _setup(work: Path, args) -> tuple[Path, Path, Path]:
     """Synthetic evaluation set, a briefly pretrained small source model and a TENT copy of it (not timed)."""
-    from rl_adapt.baselines import BaselineConfig, run_baseline
+    from rl_adapt.evaluation.baselines import BaselineConfig, run_baseline
     from rl_adapt.config import load_config
     from rl_adapt.data.writers import write_nnunet_raw
-    from rl_adapt.pretrain import PretrainConfig, pretrain
-    from rl_adapt.synth import generate_domain
+    from rl_adapt.training.pretrain import PretrainConfig, pretrain
+    from rl_adapt.synth.domains import generate_domain
 
     done = work / "setup.json"
     if done.is_file():  # a --keep folder from an earlier run: reuse its data and models
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from rl_adapt.evaluate import EvaluateConfig, evaluate, load_model
+    from rl_adapt.evaluation.evaluate import EvaluateConfig, evaluate, load_model
 
     torch.set_num_threads(args.threads)  # setup only; evaluate predicts with 1 thread
     work_ctx = tempfile.TemporaryDirectory(prefix="bench_eval_") if args.keep is None else None

@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
-from rl_adapt.anatomy import check_anatomy
-from rl_adapt.metrics import STRUCTURES, segmentation_metrics, structure_mask
+from rl_adapt.measures.anatomy import check_anatomy
+from rl_adapt.measures.metrics import STRUCTURES, segmentation_metrics, structure_mask
 
 
 def heart_label_map(rng: np.random.Generator, size: int = 256) -> np.ndarray:

@@ -34,7 +34,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run or resume the adaptation; prints the adapted model folder."""
-    from rl_adapt.adapt import AdaptConfig, AdaptInputs, Adapter
+    from rl_adapt.engine.loop import AdaptConfig, AdaptInputs, Adapter
     from rl_adapt.config import load_config
 
     cfg_path = args.config

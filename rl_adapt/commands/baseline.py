@@ -15,7 +15,7 @@ def register(sub) -> argparse.ArgumentParser:
             "nnU-Net results folder under OUT (the source is never written). tent: entropy minimisation of the "
             "normalisation layers' affine parameters only; entropy: the whole network; pseudo-label: rounds "
             "of self-training on confident pixels. Budget knobs (steps, rounds, lr, batch_size, seed, "
-            "confidence) are shared: see rl_adapt.baselines.BaselineConfig."
+            "confidence) are shared: see rl_adapt.evaluation.baselines.BaselineConfig."
         ),
     )
     p.add_argument("--method", required=True, choices=("tent", "entropy", "pseudo-label"))
@@ -31,7 +31,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the baseline; prints the model folder to pass to ``rl-adapt evaluate``."""
-    from rl_adapt.baselines import BaselineConfig, run_baseline
+    from rl_adapt.evaluation.baselines import BaselineConfig, run_baseline
     from rl_adapt.config import load_config
 
     cfg = load_config(BaselineConfig, args.config, [*args.overrides, f"method={args.method}"])

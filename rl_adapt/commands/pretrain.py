@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     """Train and export; prints the model folder and the held-out Dice."""
     from rl_adapt.config import load_config
     from rl_adapt.errors import InputError
-    from rl_adapt.pretrain import PretrainConfig, pretrain
+    from rl_adapt.training.pretrain import PretrainConfig, pretrain
 
     overrides = list(args.overrides)
     if args.val_fraction is not None:

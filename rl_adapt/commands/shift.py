@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from rl_adapt.data.readers import read_dataset
     from rl_adapt.data.writers import write_nnunet_raw
     from rl_adapt.data.label_repair import remove_resize_artefacts
-    from rl_adapt.synth import apply_vendor_shift, shifted_spacing
+    from rl_adapt.synth.domains import apply_vendor_shift, shifted_spacing
 
     cases = select_cases(read_dataset(args.data), args.split_file, args.split)
     shifted = []

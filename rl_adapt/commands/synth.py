@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``synth`` subcommand."""
-    from rl_adapt.synth_vendors import VENDORS
+    from rl_adapt.synth.vendors import VENDORS
 
     p = subparsers.add_parser(
         "synth", help="Generate synthetic apical 2CH/4CH echo domains (source and shifted target vendors).",
@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rl_adapt.data.writers import write_camus, write_nnunet_raw
-    from rl_adapt.synth import generate_domain
-    from rl_adapt.synth_vendors import get_preset
+    from rl_adapt.synth.domains import generate_domain
+    from rl_adapt.synth.vendors import get_preset
 
     get_preset(args.domain)  # unknown domain -> clear error before anything else
     out = Path(args.out)

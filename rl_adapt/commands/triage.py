@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from rl_adapt.errors import InputError
     from rl_adapt.io_utils import atomic_dir, write_csv
     from rl_adapt.policies.nnunet import load_model_folder, resolve_model_folder
-    from rl_adapt.triage import image_rows, patient_ranking
+    from rl_adapt.evaluation.triage import image_rows, patient_ranking
 
     refuse_existing(args.out)
     if args.top < 1:

@@ -3,7 +3,7 @@
 One run folder holds everything a run produces::
 
     RUN/config.yaml            the exact configuration used
-    RUN/state.json             finished stages (see :mod:`rl_adapt.run_state`)
+    RUN/state.json             finished stages (see :mod:`rl_adapt.engine.run_state`)
     RUN/metrics.jsonl          one JSON line per finished stage with its figures
     RUN/iter{k}/rollout.npz    argmax + sampled masks of the policy on every target image (uint8)
     RUN/iter{k}/corrected.npz  corrected masks, which correction path was used, pseudo-label acceptance
@@ -19,6 +19,7 @@ Every stage writes its outputs atomically and only then is marked finished, so `
 ``kill -9`` at any moment redoes at most the stage that was running. Target labels are never read.
 """
 from __future__ import annotations
+from __future__ import annotations
 
 import copy
 import dataclasses
@@ -28,33 +29,33 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from rl_adapt.cleanup import CleanupConfig
 from rl_adapt.config import save_config, to_dict
-from rl_adapt.corrector import CleanupConfig, CorrectorConfig
+from rl_adapt.data.readers import read_dataset
 from rl_adapt.devices import pick_device
+from rl_adapt.engine.corrector import Corrections, Corrector, CorrectorConfig, correction_stage
+from rl_adapt.engine.guard import judge
+from rl_adapt.engine.ppo import PolicyWeights, PPOConfig, ppo_phase
+from rl_adapt.engine.reward.blend import BlendedReward
+from rl_adapt.engine.reward.dataset import build_reward_dataset
+from rl_adapt.engine.reward.network import RewardNet, RewardNetConfig, train_reward_net
+from rl_adapt.engine.rollout import Rollout, RolloutConfig, policy_outputs, rollout
+from rl_adapt.engine.run_state import RunState, config_sha
+from rl_adapt.engine.shape_prior import ShapePrior, ShapePriorConfig, train_shape_prior
+from rl_adapt.engine.stages import Stages
 from rl_adapt.errors import ConfigError, InputError, RLAdaptError
-from rl_adapt.io_utils import append_jsonl, atomic_path, write_json_atomic
-from rl_adapt.ppo import PPOConfig
-from rl_adapt.reward_net import RewardNetConfig
-from rl_adapt.run_state import RunState, config_sha
-from rl_adapt.shape_prior import ShapePriorConfig
+from rl_adapt.io_utils import atomic_path, write_json_atomic
+from rl_adapt.measures.anatomy import is_valid
+from rl_adapt.measures.metrics import segmentation_metrics
+from rl_adapt.policies.inference import centre_pad_crop
+from rl_adapt.policies.nnunet import export_model_folder, load_model_folder
+from rl_adapt.postprocessing import CANDIDATES, decide, postprocessing_files
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RolloutConfig:
-    """How the policy's outputs on the target set are gathered for correction and reward training."""
-
-    samples_per_image: int = 2
-    """Policy samples per target image added to the reward-net training set (besides the argmax)."""
-    batch_size: int = 16
-    """Images per forward pass."""
-
 
 @dataclass
 class AdaptConfig:
@@ -127,8 +128,6 @@ class AdaptConfig:
     """Pixel-wise PPO; ``beta_kl``/``ent_coef`` go linearly to ``*_final`` over the iterations (RL4Seg: 4x smaller)."""
 
     def __post_init__(self) -> None:
-        from rl_adapt.postprocessing import CANDIDATES
-
         if self.trusted_corrections not in ("valid", "all"):
             raise ValueError(f"trusted_corrections must be 'valid' or 'all', got {self.trusted_corrections!r}")
         if self.train_on not in ("all", "expert"):
@@ -159,159 +158,26 @@ class AdaptInputs:
     shape_prior: Path | None = None
 
 
+
 def _stage_seed(seed: int, iteration: int, stage: int) -> int:
+    """The seed of one stage of one iteration, derived from the run's master seed."""
     return int(seed) * 1000 + iteration * 10 + stage
 
 
-def _save_npz(target: Path, **arrays: np.ndarray) -> None:
-    with atomic_path(target) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+class _GivenFile:
+    """A stage result that is a file the user gave: saved as a byte copy, with the object it holds."""
 
+    def __init__(self, source: Path, prior: ShapePrior) -> None:
+        self.source, self.prior = source, prior
 
-def _save_torch(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    def save(self, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            shutil.copyfile(self.source, tmp)
 
-
-@torch.no_grad()
-def policy_outputs(
-    network: torch.nn.Module,
-    images: torch.Tensor,
-    samples: int,
-    batch_size: int,
-    generator: torch.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Argmax masks and ``samples`` sampled masks of ``network`` on ``images``.
-
-    :param images: (N, 1, H, W) float32 preprocessed target patches (on the network's device).
-    :returns: argmax (N, H, W) uint8 and samples (N, S, H, W) uint8.
-    """
-    from rl_adapt.policies.distribution import PixelCategorical
-
-    network.eval()
-    n = images.shape[0]
-    argmax = np.empty((n,) + tuple(images.shape[2:]), np.uint8)
-    sampled = np.empty((n, samples) + tuple(images.shape[2:]), np.uint8)
-    for start in range(0, n, batch_size):
-        batch = images[start : start + batch_size]
-        logits = network(batch).float()
-        dist = PixelCategorical(logits)
-        argmax[start : start + len(batch)] = dist.mode().cpu().numpy().astype(np.uint8)
-        for s in range(samples):
-            sampled[start : start + len(batch), s] = dist.sample(generator=generator).cpu().numpy().astype(np.uint8)
-    return argmax, sampled
-
-
-class BlendedReward:
-    """Per-pixel PPO reward mixing the corrected masks with the reward network (see
-    ``AdaptConfig.correction_reward_weight``).
-
-    :param reward_net: the :class:`~rl_adapt.reward_net.RewardNet` (its ``score`` is the learned reward).
-    :param corrected: (N, H, W) int64 corrected masks aligned with the env's images, on the device.
-    :param trusted: (N,) bool, images whose correction is anatomically valid.
-    :param weight: w in [0, 1].
-    """
-
-    def __init__(self, reward_net, corrected: torch.Tensor, trusted: torch.Tensor, weight: float,
-                 myo_la_penalty: float = 0.0, lv_bg_penalty: float = 0.0):
-        self.reward_net = reward_net
-        self.corrected = corrected
-        self.trusted = trusted
-        self.weight = float(weight)
-        self.myo_la_penalty = float(myo_la_penalty)
-        self.lv_bg_penalty = float(lv_bg_penalty)
-        self.env = None  # set once the vector env exists (it tells which images are being scored)
-
-    def __call__(self, images: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) images and (B, H, W) int64 labels -> (B, H, W) reward (in [0, 1] without penalty)."""
-        learned = self.reward_net.score(images, actions)
-        if self.weight <= 0 or self.env is None or self.env.current_indices is None:
-            out = learned
-        else:
-            idx = self.env.current_indices.to(self.corrected.device)
-            w = self.weight * self.trusted[idx].to(learned.dtype)[:, None, None]
-            agree = (actions == self.corrected[idx]).to(learned.dtype)
-            out = w * agree + (1 - w) * learned
-        if self.myo_la_penalty > 0:
-            out = out - self.myo_la_penalty * (
-                (touching(actions, 2, 3) | touching(actions, 3, 2)).to(out.dtype))
-        if self.lv_bg_penalty > 0:
-            out = out - self.lv_bg_penalty * touching(actions, 1, 0).to(out.dtype)
-        return out
-
-
-def touching(labels: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """(B, H, W) bool: pixels of label ``a`` with a pixel of label ``b`` in their 8-neighbourhood (the image's
-    outside counts as neither), as the anatomy module's frontier checks count them."""
-    import torch.nn.functional as F
-
-    near_b = F.max_pool2d((labels == b).float()[:, None], 3, stride=1, padding=1)[:, 0] > 0
-    return (labels == a) & near_b
-
-
-def agreement(masks: np.ndarray, corrected: np.ndarray) -> float:
-    """Mean over images of the mean Dice (LV, MYO, LA) between (N, H, W) ``masks`` and ``corrected``."""
-    from rl_adapt.corrector import mean_dice
-
-    return float(np.mean([mean_dice(a, b) for a, b in zip(masks, corrected)]))
-
-
-def _validity_rate(masks: np.ndarray) -> float:
-    """Fraction of (B, H, W) label maps that pass the anatomical checks."""
-    from rl_adapt.anatomy import is_valid
-
-    return float(np.mean([is_valid(m) for m in masks])) if len(masks) else float("nan")
-
-
-def train_policy(
-    network: torch.nn.Module,
-    reference: torch.nn.Module,
-    images: torch.Tensor,
-    reward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    cfg: PPOConfig,
-    total_images: int,
-    iteration: int = 0,
-    n_iterations: int = 1,
-    tensorboard_log: str | None = None,
-    tb_name: str = "ppo",
-    progress: bool = False,
-    supervised: tuple[torch.Tensor, torch.Tensor] | None = None,
-    seed: int = 0,
-) -> tuple[torch.nn.Module, dict]:
-    """One PPO phase of the loop: fine-tune ``network`` in place against ``reward_fn``.
-
-    :param network: the policy network, (B, 1, H, W) -> logits (B, K, H, W); trained in place.
-    :param reference: frozen source network for the KL term.
-    :param images: (N, 1, H, W) float32 preprocessed target patches on the training device.
-    :param reward_fn: per-pixel reward ``(images, actions) -> (B, H, W)`` in [0, 1].
-    :param total_images: one-step episodes (images) to consume.
-    :param iteration: adaptation iteration (0-based), for the beta/entropy schedule of ``cfg``.
-    :param supervised: (M, 1, H, W) float32 images and (M, H, W) int64 masks for ``cfg.supervised_coef``.
-    :param seed: seed of the phase's image order, action sampling and minibatches.
-    :returns: ``(network, stats)`` with the last update's logged values (reward, KL, entropy, clip fraction...);
-        with ``cfg.weight_average_decay`` > 0 the network holds the phase's weight average.
-    """
-    from rl_adapt.ppo import PixelPPO
-
-    model = PixelPPO.from_network(network, images, reward_fn, cfg, reference_network=reference,
-                                  validity_fn=_validity_rate, tensorboard_log=tensorboard_log,
-                                  device=images.device, seed=seed)
-    if hasattr(reward_fn, "env"):
-        reward_fn.env = model.env
-    model.supervised = supervised
-    model.set_adaptation_iteration(iteration, n_iterations)
-    model.learn(total_timesteps=int(total_images), tb_log_name=tb_name, progress_bar=progress)
-    stats: dict = {"beta_kl": float(model.beta_kl), "ent_coef": float(model.ent_coef)}
-    averaged = model.averaged_network_state()
-    if averaged is not None:  # export the weight average of the phase instead of its last iterate
-        model.policy.network.load_state_dict(averaged, strict=False)
-        stats["weight_averaged"] = 1.0
-    if model.history:
-        first, last = model.history[0], model.history[-1]
-        stats.update({f"first_{k}": float(v) for k, v in first.items() if isinstance(v, (int, float))})
-        stats.update({f"last_{k}": float(v) for k, v in last.items() if isinstance(v, (int, float))})
-    return model.policy.network, stats
+    @classmethod
+    def load_with(cls, load):
+        """A loader for :meth:`Stages.run` that reads the copy back with ``load``."""
+        return lambda path: cls(path, load(path))
 
 
 class Adapter:
@@ -337,13 +203,53 @@ class Adapter:
             log.info("%s: nothing to resume, starting a new run", self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state = RunState(self.run_dir, config_sha({"cfg": to_dict(cfg), "inputs": self._inputs_dict()}))
+        self.stages = Stages(self.state, self.run_dir / "metrics.jsonl")
         if not (self.run_dir / "config.yaml").exists():
             save_config(cfg, self.run_dir / "config.yaml")
             write_json_atomic(self.run_dir / "inputs.json", self._inputs_dict())
         self.device = pick_device(cfg.device)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> Path:
+        """Run every unfinished stage; returns the adapted nnU-Net model folder."""
+        self._load()
+        self._validate_source()
+        prior = self._shape_prior()
+        net: torch.nn.Module | None = None  # the policy as it stands, kept in memory from one iteration to the next
+        weights: PolicyWeights | None = None
+        reward_net: RewardNet | None = None
+        for k in range(self.cfg.iterations):
+            if self.stages.done(f"iter{k}/ppo"):
+                continue
+            net = net if net is not None else self._network_at(k)
+            roll = self.stages.run(f"iter{k}/rollout", self._path(k, "rollout.npz"),
+                                   lambda: rollout(net, self.images, self.cfg.rollout, _stage_seed(self.cfg.seed, k, 1)),
+                                   Rollout.load)
+            corr = self.stages.run(f"iter{k}/correct", self._path(k, "corrected.npz"),
+                                   lambda: correction_stage(self._corrector(prior), roll.argmax, self._names()),
+                                   Corrections.load)
+            trusted = self._trusted(corr.valid)
+            reward_net = self._reward(k, roll, corr, trusted)
+            weights = self.stages.run(f"iter{k}/ppo", self._path(k, "policy.pt"),
+                                      lambda: self._ppo(k, net, reward_net, corr, trusted, roll.argmax),
+                                      PolicyWeights.load)
+        self._warn_if_every_phase_was_rejected()
+        if net is None:  # every iteration finished in an earlier process
+            net = self._network_at(self.cfg.iterations)
+        if reward_net is None:
+            reward_net = RewardNet.load(self._path(self.cfg.iterations - 1, "reward_net.pt"), device=self.device)
+        return self._export(net, reward_net, weights.argmax if weights is not None else None)
+
+    def _path(self, k: int, name: str) -> Path:
+        return self.run_dir / f"iter{k}" / name
+
+    def _names(self) -> list[str]:
+        return [c.name for c in self.target_cases]
+
+    def _corrector(self, prior: ShapePrior | None) -> Corrector:
+        return Corrector(self.cfg.corrector, shape_prior=prior, expert=self.expert)
 
     # ------------------------------------------------------------------ inputs
     def _inputs_dict(self) -> dict:
@@ -363,8 +269,6 @@ class Adapter:
                               "trained prior (--shape-prior FILE), or turn it off (--set "
                               "corrector.use_shape_prior=false)")
         if self.inputs.shape_prior is not None:
-            from rl_adapt.shape_prior import ShapePrior
-
             try:
                 ShapePrior.load(self.inputs.shape_prior, device="cpu")
             except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
@@ -376,15 +280,7 @@ class Adapter:
         except OSError:
             pass
 
-    def _log_metrics(self, stage: str, record: dict) -> None:
-        append_jsonl(self.metrics_path, {"stage": stage, "time": time.time(), **record})
-        log.info("%s: %s", stage, {k: v for k, v in record.items() if not isinstance(v, (list, dict))})
-
-    # ------------------------------------------------------------------ loading
     def _load(self) -> None:
-        from rl_adapt.data.readers import read_dataset
-        from rl_adapt.policies.nnunet import load_model_folder
-
         self.model = load_model_folder(self.inputs.model_dir, device=str(self.device))
         cases = read_dataset(self.inputs.target_dir, with_labels=False)
         if not cases:
@@ -419,8 +315,6 @@ class Adapter:
     def _load_expert(self) -> dict[str, np.ndarray]:
         if self.inputs.expert_dir is None:
             return {}
-        from rl_adapt.data.readers import read_dataset
-
         names = {c.name: i for i, c in enumerate(self.target_cases)}
         out = {}
         for case in read_dataset(self.inputs.expert_dir, with_labels=False):
@@ -440,95 +334,44 @@ class Adapter:
 
     def _label_patch(self, image: np.ndarray, label: np.ndarray, spacing) -> np.ndarray:
         """A label map (H, W) brought to the policy's patch geometry, (P0, P1) uint8 (as ``to_patch`` does images)."""
-        from rl_adapt.policies.inference import centre_pad_crop
-
         _, seg, _ = self.model.preprocess_pair(image, label, spacing)
         patch, _ = centre_pad_crop(np.maximum(seg, 0)[None], self.model.patch_size, 0)
         return np.asarray(patch)[0].astype(np.uint8)
 
     def _network_at(self, iteration: int) -> torch.nn.Module:
-        """Policy network as it stands at the start of ``iteration`` (source weights for 0)."""
+        """Policy network as it stands at the start of ``iteration`` (source weights for 0), read from the run."""
         net = copy.deepcopy(self.model.network).to(self.device)
         if iteration > 0:
-            state = torch.load(self.run_dir / f"iter{iteration - 1}" / "policy.pt", map_location=self.device)
-            net.load_state_dict(state)
+            net.load_state_dict(PolicyWeights.load(self._path(iteration - 1, "policy.pt")).state)
         return net
 
     # ------------------------------------------------------------------ stages
-    def _shape_prior(self):
+    def _validate_source(self) -> None:
+        if self.val_cases is not None and not self.stages.done("val_source"):
+            self.stages.mark("val_source", self.validate(self.source_network))
+
+    def _shape_prior(self) -> ShapePrior | None:
+        """The shape prior stage: the user's prior copied into the run, or one trained on the source label maps."""
         if not self.cfg.corrector.use_shape_prior:
             return None
-        if self.inputs.shape_prior is not None:
-            return self._given_shape_prior()
-        if self.inputs.source_data is None:
-            return None
-        from rl_adapt.data.readers import read_dataset
-        from rl_adapt.shape_prior import ShapePrior, train_shape_prior
-
         path = self.run_dir / "shape_prior.pt"
-        if self.state.done("shape_prior"):
-            return ShapePrior.load(path, device=self.device)
-        t0 = time.time()
+        load = lambda p: ShapePrior.load(p, device=self.device)  # noqa: E731
+        if self.inputs.shape_prior is not None:
+            given = self.stages.run("shape_prior", path, self._given_shape_prior, _GivenFile.load_with(load))
+            return given.prior
+        return self.stages.run("shape_prior", path, self._train_shape_prior, load)
+
+    def _given_shape_prior(self) -> tuple[_GivenFile, dict]:
+        """The user's trained shape prior, copied byte for byte into the run (it stays self-contained)."""
+        src = Path(self.inputs.shape_prior)
+        return _GivenFile(src, ShapePrior.load(src, device=self.device)), {"from": str(src.resolve())}
+
+    def _train_shape_prior(self) -> tuple[ShapePrior, dict]:
         cases = [c for c in read_dataset(self.inputs.source_data, with_labels=True) if c.label is not None]
         if not cases:
             raise InputError(self.inputs.source_data, "source dataset has no label maps for the shape prior")
         masks = np.stack([self._label_patch(c.image, c.label, c.spacing) for c in cases])
-        prior = train_shape_prior(masks, self.cfg.shape_prior, device=self.device)
-        prior.save(path)
-        self.state.mark("shape_prior", {"n_masks": len(masks), "seconds": time.time() - t0})
-        self._log_metrics("shape_prior", {"n_masks": len(masks), "seconds": time.time() - t0})
-        return prior
-
-    def _given_shape_prior(self):
-        """The user's trained shape prior, copied into the run folder once (the run stays self-contained)."""
-        from rl_adapt.shape_prior import ShapePrior
-
-        path = self.run_dir / "shape_prior.pt"
-        if not self.state.done("shape_prior"):
-            src = Path(self.inputs.shape_prior)
-            with atomic_path(path) as tmp:
-                shutil.copyfile(src, tmp)
-            self.state.mark("shape_prior", {"from": str(src.resolve())})
-            self._log_metrics("shape_prior", {"from": str(src.resolve())})
-        return ShapePrior.load(path, device=self.device)
-
-    def _rollout(self, k: int, net: torch.nn.Module) -> dict[str, np.ndarray]:
-        path = self.run_dir / f"iter{k}" / "rollout.npz"
-        stage = f"iter{k}/rollout"
-        if not self.state.done(stage):
-            t0 = time.time()
-            gen = torch.Generator(device=self.device).manual_seed(_stage_seed(self.cfg.seed, k, 1))
-            argmax, sampled = policy_outputs(net, self.images, self.cfg.rollout.samples_per_image,
-                                             self.cfg.rollout.batch_size, gen)
-            _save_npz(path, argmax=argmax, samples=sampled)
-            from rl_adapt.anatomy import is_valid
-
-            validity = float(np.mean([is_valid(m) for m in argmax]))
-            info = {"n": int(len(argmax)), "validity_argmax": validity, "seconds": time.time() - t0}
-            self.state.mark(stage, info)
-            self._log_metrics(stage, info)
-        data = np.load(path)
-        return {"argmax": data["argmax"], "samples": data["samples"]}
-
-    def _correct(self, k: int, argmax: np.ndarray, prior) -> dict[str, np.ndarray]:
-        from rl_adapt.corrector import Corrector
-
-        path = self.run_dir / f"iter{k}" / "corrected.npz"
-        stage = f"iter{k}/correct"
-        if not self.state.done(stage):
-            t0 = time.time()
-            corrector = Corrector(self.cfg.corrector, shape_prior=prior, expert=self.expert)
-            names = [c.name for c in self.target_cases]
-            res = corrector.correct(argmax, names=names)
-            _save_npz(path, corrected=res.corrected, accepted=np.asarray(res.accepted, bool),
-                      valid=np.asarray(res.valid_after, bool), correction_path=np.asarray(res.path))
-            info = {**res.summary(), "seconds": time.time() - t0}
-            self.state.mark(stage, info)
-            self._log_metrics(stage, info)
-        data = np.load(path)
-        out = {k2: data[k2] for k2 in ("corrected", "accepted", "valid", "correction_path")}
-        out["trusted"] = self._trusted(out["valid"])
-        return out
+        return train_shape_prior(masks, self.cfg.shape_prior, device=self.device), {"n_masks": len(masks)}
 
     def _trusted(self, valid: np.ndarray) -> np.ndarray:
         """(N,) bool: the corrections the run trusts (see ``AdaptConfig.trusted_corrections``)."""
@@ -536,7 +379,7 @@ class Adapter:
 
     def _too_few_trusted(self, k: int, trusted: np.ndarray) -> str:
         """Why iteration ``k`` cannot train a reward network: counts, the checks failed most, what to try."""
-        info = self.state.info(f"iter{k}/correct")
+        info = self.stages.info(f"iter{k}/correct")
         failed = sorted(((v, c[len("failed_"):]) for c, v in info.items() if c.startswith("failed_")), reverse=True)
         worst = ", ".join(f"{name} ({count})" for count, name in failed[:3]) or "none recorded"
         hints = []
@@ -549,95 +392,82 @@ class Adapter:
                 f"correction; at least 2 are needed to train the reward network. Checks the corrections failed "
                 f"most: {worst}. Try: " + "; ".join(hints) + ".")
 
-    def _reward(self, k: int, roll: dict, corr: dict):
-        from rl_adapt.reward_net import RewardNet, build_reward_dataset, train_reward_net
+    def _reward(self, k: int, roll: Rollout, corr: Corrections, trusted: np.ndarray) -> RewardNet:
+        """The reward stage of iteration ``k`` (with the fallback when too few corrections are trusted).
 
-        path = self.run_dir / f"iter{k}" / "reward_net.pt"
-        stage = f"iter{k}/reward"
-        if not self.state.done(stage):
-            t0 = time.time()
-            use = corr["trusted"]
-            if use.sum() < 2:
-                why = self._too_few_trusted(k, use)
-                if k == 0:
-                    raise RLAdaptError(why)
-                # a later iteration falls back as the guard does: the previous weights and reward network stay
-                log.warning("%s; keeping the weights of iteration %d", why, k - 1)
-                with atomic_path(path) as tmp:
-                    shutil.copyfile(self.run_dir / f"iter{k - 1}" / "reward_net.pt", tmp)
-                info = {"skipped": True, "reason": "fewer than 2 trusted corrections",
-                        "n_trusted": int(use.sum()), "seconds": time.time() - t0}
-                self.state.mark(stage, info)
-                self._log_metrics(stage, info)
-                return RewardNet.load(path, device=self.device)
-            idx = np.flatnonzero(use)
-            images = self.images[idx].cpu().numpy()
-            segs = [roll["argmax"][idx]] + [roll["samples"][idx, s] for s in range(roll["samples"].shape[1])]
-            dataset = build_reward_dataset(images, segs, corr["corrected"][idx],
-                                           seed=_stage_seed(self.cfg.seed, k, 3))
-            init = None
-            if k > 0:
-                init = RewardNet.load(self.run_dir / f"iter{k - 1}" / "reward_net.pt", device=self.device)
-            reward_net, stats = train_reward_net(dataset, self.cfg.reward, device=self.device, init=init,
-                                                 progress=self.progress, seed=_stage_seed(self.cfg.seed, k, 3))
-            reward_net.save(path)
-            info = {**stats, "n_images": int(len(idx)), "seconds": time.time() - t0}
-            self.state.mark(stage, info)
-            self._log_metrics(stage, info)
-        return RewardNet.load(path, device=self.device)
+        :param trusted: (N,) bool, the corrections the reward network may learn from."""
+        path = self._path(k, "reward_net.pt")
+        load = lambda p: RewardNet.load(p, device=self.device)  # noqa: E731
+        if not self.stages.done(f"iter{k}/reward") and trusted.sum() < 2:
+            why = self._too_few_trusted(k, trusted)
+            if k == 0:
+                raise RLAdaptError(why)
+            # a later iteration falls back as the guard does: the previous weights and reward network stay
+            log.warning("%s; keeping the weights of iteration %d", why, k - 1)
+            with atomic_path(path) as tmp:
+                shutil.copyfile(self._path(k - 1, "reward_net.pt"), tmp)
+            self.stages.mark(f"iter{k}/reward", {"skipped": True, "reason": "fewer than 2 trusted corrections",
+                                                 "n_trusted": int(trusted.sum())})
+        return self.stages.run(f"iter{k}/reward", path, lambda: self._train_reward(k, roll, corr, trusted), load)
 
-    def _ppo(self, k: int, net: torch.nn.Module, reward_net, corr: dict,
-             argmax_before: np.ndarray) -> None:
-        """PPO phase of iteration ``k``; writes ``iter{k}/policy.pt`` (the next iteration reads it)."""
-        path = self.run_dir / f"iter{k}" / "policy.pt"
-        stage = f"iter{k}/ppo"
-        if not self.state.done(stage):
-            t0 = time.time()
-            if self.state.info(f"iter{k}/reward").get("skipped"):
-                _save_torch(path, {k2: v.detach().cpu() for k2, v in net.state_dict().items()})
-                info = {"rejected": True, "reason": self.state.info(f"iter{k}/reward")["reason"],
-                        "seconds": time.time() - t0}
-                self.state.mark(stage, info)
-                self._log_metrics(stage, info)
-                return
-            before_state = {k2: v.detach().clone() for k2, v in net.state_dict().items()}
-            corrected = corr["corrected"]
-            reward_fn = BlendedReward(reward_net, torch.as_tensor(corrected, dtype=torch.int64, device=self.device),
-                                      torch.as_tensor(corr["trusted"], device=self.device),
-                                      self.cfg.correction_reward_weight, self.cfg.myo_la_contact_penalty,
-                                      self.cfg.lv_bg_contact_penalty)
-            net, stats = train_policy(
-                network=net, reference=self.source_network, images=self.images, reward_fn=reward_fn,
-                cfg=self.cfg.ppo, total_images=self.cfg.ppo_images_per_iteration, iteration=k,
-                n_iterations=self.cfg.iterations, tensorboard_log=str(self.run_dir / "tensorboard"),
-                tb_name=f"ppo_iter{k}", progress=self.progress, supervised=self._expert_pairs(),
-                seed=_stage_seed(self.cfg.seed, k, 4))
-            for name, p in net.state_dict().items():
-                if torch.is_floating_point(p) and not torch.isfinite(p).all():
-                    raise RLAdaptError(f"iteration {k}: non-finite weights in {name}; last good checkpoint kept")
-            gen = torch.Generator(device=self.device).manual_seed(_stage_seed(self.cfg.seed, k, 5))
-            argmax_after, _ = policy_outputs(net, self.images, 0, self.cfg.rollout.batch_size, gen)
-            judged = self._guard_images()
-            agree_before = agreement(argmax_before[judged], corrected[judged])
-            agree_after = agreement(argmax_after[judged], corrected[judged])
-            rejected = bool(self.cfg.keep_if_closer and agree_after < agree_before)
-            if rejected:
-                log.warning("iteration %d: PPO moved the policy away from the corrected masks (agreement %.4f -> "
-                            "%.4f); keeping the previous weights", k, agree_before, agree_after)
-                net.load_state_dict(before_state)
-            _save_torch(path, {k2: v.detach().cpu() for k2, v in net.state_dict().items()})
-            info = {**stats, "agreement_before": agree_before, "agreement_after": agree_after,
-                    "guard_images": int(len(judged)), "rejected": rejected,
-                    "seconds": time.time() - t0}
-            if self.val_cases is not None:
-                info.update(self.validate(net))
-            self.state.mark(stage, info)
-            self._log_metrics(stage, info)
+    def _train_reward(self, k: int, roll: Rollout, corr: Corrections,
+                      trusted: np.ndarray) -> tuple[RewardNet, dict]:
+        idx = np.flatnonzero(trusted)
+        images = self.images[idx].cpu().numpy()
+        segs = [roll.argmax[idx]] + [roll.samples[idx, s] for s in range(roll.samples.shape[1])]
+        dataset = build_reward_dataset(images, segs, corr.corrected[idx], seed=_stage_seed(self.cfg.seed, k, 3))
+        init = RewardNet.load(self._path(k - 1, "reward_net.pt"), device=self.device) if k > 0 else None
+        reward_net, stats = train_reward_net(dataset, self.cfg.reward, device=self.device, init=init,
+                                             progress=self.progress, seed=_stage_seed(self.cfg.seed, k, 3))
+        return reward_net, {**stats, "n_images": int(len(idx))}
+
+    def _ppo(self, k: int, net: torch.nn.Module, reward_net: RewardNet, corr: Corrections, trusted: np.ndarray,
+             argmax_before: np.ndarray) -> tuple[PolicyWeights, dict]:
+        """The PPO stage of iteration ``k``: trains ``net`` in place, then the guard keeps or undoes the phase."""
+        skipped = self.stages.info(f"iter{k}/reward").get("skipped")
+        if skipped:
+            return PolicyWeights.of(net, argmax_before), {"rejected": True,
+                                                          "reason": self.stages.info(f"iter{k}/reward")["reason"]}
+        before_state = {k2: v.detach().clone() for k2, v in net.state_dict().items()}
+        reward_fn = BlendedReward(reward_net, torch.as_tensor(corr.corrected, dtype=torch.int64, device=self.device),
+                                  torch.as_tensor(trusted, device=self.device),
+                                  self.cfg.correction_reward_weight, self.cfg.myo_la_contact_penalty,
+                                  self.cfg.lv_bg_contact_penalty)
+        stats = ppo_phase(network=net, reference=self.source_network, images=self.images, reward_fn=reward_fn,
+                          cfg=self.cfg.ppo, total_images=self.cfg.ppo_images_per_iteration, iteration=k,
+                          n_iterations=self.cfg.iterations, tensorboard_log=str(self.run_dir / "tensorboard"),
+                          tb_name=f"ppo_iter{k}", progress=self.progress, supervised=self._expert_pairs(),
+                          seed=_stage_seed(self.cfg.seed, k, 4))
+        for name, p in net.state_dict().items():
+            if torch.is_floating_point(p) and not torch.isfinite(p).all():
+                raise RLAdaptError(f"iteration {k}: non-finite weights in {name}; last good checkpoint kept")
+        gen = torch.Generator(device=self.device).manual_seed(_stage_seed(self.cfg.seed, k, 5))
+        argmax_after, _ = policy_outputs(net, self.images, 0, self.cfg.rollout.batch_size, gen)
+        verdict = judge(argmax_before, argmax_after, corr.corrected, self._guard_images(), self.cfg.keep_if_closer)
+        if verdict.rejected:
+            log.warning("iteration %d: PPO moved the policy away from the corrected masks (agreement %.4f -> "
+                        "%.4f); keeping the previous weights", k, verdict.agreement_before, verdict.agreement_after)
+            net.load_state_dict(before_state)
+        info = {**stats, "agreement_before": verdict.agreement_before, "agreement_after": verdict.agreement_after,
+                "guard_images": verdict.n_images, "rejected": verdict.rejected}
+        if self.val_cases is not None:
+            info.update(self.validate(net))
+        return PolicyWeights.of(net, argmax_before if verdict.rejected else argmax_after), info
 
     def rejected_iterations(self) -> list[int]:
-        """Iterations (0-based) whose finished PPO phase the ``keep_if_closer`` guard rejected."""
+        """Iterations (0-based) whose finished PPO phase was rejected (by the guard, or for too few trusted
+        corrections)."""
         return [k for k in range(self.cfg.iterations)
-                if self.state.done(f"iter{k}/ppo") and self.state.info(f"iter{k}/ppo").get("rejected")]
+                if self.stages.done(f"iter{k}/ppo") and self.stages.info(f"iter{k}/ppo").get("rejected")]
+
+    def _warn_if_every_phase_was_rejected(self) -> None:
+        rejected = self.rejected_iterations()
+        if rejected and len(rejected) == self.cfg.iterations:
+            log.warning("every PPO phase (%d of %d) was rejected by the keep_if_closer guard: the adapted network is "
+                        "the source network, only the stored postprocessing differs. The automatic corrections "
+                        "gave PPO nothing it could agree with better; expert masks (--expert, train_on: expert) are "
+                        "what helped on real images (README, results/camus_shift.md)", len(rejected),
+                        self.cfg.iterations)
 
     def _expert_indices(self) -> list[int]:
         """Indices (into ``target_cases``/``images``) of the target images with an expert mask."""
@@ -661,9 +491,6 @@ class Adapter:
     # ------------------------------------------------------------------ validation / export
     def validate(self, net: torch.nn.Module) -> dict[str, float]:
         """Mean Dice (LV/MYO/LA) and validity on the ``--val`` set with ``net`` (reporting only)."""
-        from rl_adapt.anatomy import is_valid
-        from rl_adapt.metrics import segmentation_metrics
-
         saved = self.model.networks
         self.model.networks = [net.eval()]
         try:
@@ -677,68 +504,34 @@ class Adapter:
             self.model.networks = saved
         return {"val_dice": float(np.mean(dices)), "val_validity": float(np.mean(valid))}
 
-    def _postprocessing_files(self, net: torch.nn.Module) -> dict:
-        """Decide the postprocessing label-free (see ``AdaptConfig.postprocessing``); the files to export."""
-        from rl_adapt.postprocessing import decide, postprocessing_files
+    def _postprocessing_files(self, net: torch.nn.Module, argmax: np.ndarray | None) -> dict:
+        """Decide the postprocessing label-free (see ``AdaptConfig.postprocessing``); the files to export.
 
+        :param argmax: (N, H, W) uint8 argmax of ``net`` on the target patches when known (else computed here).
+        """
         t0 = time.time()
-        last = self.run_dir / f"iter{self.cfg.iterations - 1}" / "corrected.npz"
-        corr = np.load(last)
-        trusted = np.flatnonzero(self._trusted(corr["valid"]))
-        gen = torch.Generator(device=self.device).manual_seed(_stage_seed(self.cfg.seed, self.cfg.iterations, 6))
-        argmax, _ = policy_outputs(net, self.images, 0, self.cfg.rollout.batch_size, gen)
-        rule, info = decide(argmax[trusted], corr["corrected"][trusted], self.cfg.postprocessing,
+        last = self._path(self.cfg.iterations - 1, "corrected.npz")
+        corr = Corrections.load(last)
+        trusted = np.flatnonzero(self._trusted(corr.valid))
+        if argmax is None:
+            gen = torch.Generator(device=self.device).manual_seed(_stage_seed(self.cfg.seed, self.cfg.iterations, 6))
+            argmax, _ = policy_outputs(net, self.images, 0, self.cfg.rollout.batch_size, gen)
+        rule, info = decide(argmax[trusted], corr.corrected[trusted], self.cfg.postprocessing,
                             cleanup=to_dict(self.cfg.postprocessing_cleanup), all_masks=argmax,
                             validity_tolerance=self.cfg.postprocessing_validity_tolerance)
         info = {**info, "reference": str(last.relative_to(self.run_dir)), "rule": rule.describe()}
-        self._log_metrics("postprocessing", {**info, "seconds": time.time() - t0})
+        self.stages.log("postprocessing", {**info, "seconds": time.time() - t0})
         return postprocessing_files(rule, info)
 
-    def _export(self, net: torch.nn.Module, reward_net) -> Path:
-        from rl_adapt.policies.nnunet import export_model_folder
-
+    def _export(self, net: torch.nn.Module, reward_net: RewardNet, argmax: np.ndarray | None) -> Path:
         stage = "export"
-        model_root = self.run_dir / "model"
-        if not self.state.done(stage):
-            extra = self._postprocessing_files(net) if self.cfg.postprocessing else None
-            out = export_model_folder(net, self.model, model_root, overwrite=True,
+        if not self.stages.done(stage):
+            extra = self._postprocessing_files(net, argmax) if self.cfg.postprocessing else None
+            out = export_model_folder(net, self.model, self.run_dir / "model", overwrite=True,
                                       extra_meta={"rl_adapt_run": str(self.run_dir.resolve())}, extra_files=extra)
             reward_net.save(self.run_dir / "reward_net.pt")
             self.state.mark(stage, {"model_folder": str(out), "model_relpath": os.path.relpath(out, self.run_dir)})
-        info = self.state.info(stage)
+        info = self.stages.info(stage)
         if "model_relpath" in info:  # relative to the run folder: still right after the folder is moved
             return self.run_dir / info["model_relpath"]
         return Path(info["model_folder"])  # runs exported before the relative path was stored
-
-    # ------------------------------------------------------------------ main
-    def run(self) -> Path:
-        """Run every unfinished stage; returns the adapted nnU-Net model folder."""
-        self._load()
-        if self.val_cases is not None and not self.state.done("val_source"):
-            info = self.validate(self.source_network)
-            self.state.mark("val_source", info)
-            self._log_metrics("val_source", info)
-        prior = self._shape_prior()
-        reward_net = None
-        for k in range(self.cfg.iterations):
-            if self.state.done(f"iter{k}/ppo"):
-                continue
-            net = self._network_at(k)
-            roll = self._rollout(k, net)
-            corr = self._correct(k, roll["argmax"], prior)
-            reward_net = self._reward(k, roll, corr)
-            self._ppo(k, net, reward_net, corr, roll["argmax"])
-        rejected = self.rejected_iterations()
-        if rejected and len(rejected) == self.cfg.iterations:
-            log.warning("every PPO phase (%d of %d) was rejected by the keep_if_closer guard: the adapted network is "
-                        "the source network, only the stored postprocessing differs. The automatic corrections "
-                        "gave PPO nothing it could agree with better; expert masks (--expert, train_on: expert) are "
-                        "what helped on real images (README, results/camus_shift.md)", len(rejected),
-                        self.cfg.iterations)
-        net = self._network_at(self.cfg.iterations)
-        if reward_net is None:
-            from rl_adapt.reward_net import RewardNet
-
-            reward_net = RewardNet.load(self.run_dir / f"iter{self.cfg.iterations - 1}" / "reward_net.pt",
-                                        device=self.device)
-        return self._export(net, reward_net)

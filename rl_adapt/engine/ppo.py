@@ -13,7 +13,7 @@ all means over pixels and images. Ratios, clipping and advantages are per pixel:
 SB3 supplies the learn loop, callbacks, logger (stdout/TensorBoard/CSV) and save/load; this module
 replaces the data path: images, actions, log-probs, reward maps and values stay torch tensors on the
 training device (:class:`~rl_adapt.envs.vector_env.TorchSegmentationVecEnv`,
-:class:`~rl_adapt.rollout_buffer.PixelRolloutBuffer`).
+:class:`~rl_adapt.engine.rollout_buffer.PixelRolloutBuffer`).
 
 Typical use::
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -40,8 +41,10 @@ from torch import nn
 from rl_adapt.envs.segmentation_env import RewardFn
 from rl_adapt.envs.vector_env import TorchSegmentationVecEnv
 from rl_adapt.errors import TrainingDiverged
+from rl_adapt.io_utils import save_torch
+from rl_adapt.measures.anatomy import validity_rate
 from rl_adapt.policies.actor_critic import PixelActorCriticPolicy
-from rl_adapt.rollout_buffer import PixelRolloutBuffer
+from rl_adapt.engine.rollout_buffer import PixelRolloutBuffer
 
 log = logging.getLogger(__name__)
 
@@ -563,3 +566,75 @@ class PixelPPO(OnPolicyAlgorithm):
         if self.verbose >= 1:
             log.info("update %d: reward %.4f kl_ref %.4f entropy %.4f clip %.3f", self._n_updates,
                      stats["reward_mean"], stats["kl_ref"], ent, cf)
+
+
+# ---------------------------------------------------------------------------------------------- the loop's stage
+@dataclass
+class PolicyWeights:
+    """The PPO stage's result: the policy weights an iteration hands on (``iter{k}/policy.pt``)."""
+
+    state: dict[str, torch.Tensor]
+    """The policy network's state dict (CPU tensors): the phase's (averaged) weights, or the previous ones when
+    the phase was rejected."""
+    argmax: np.ndarray | None = None
+    """(N, H, W) uint8 argmax of these weights on the target patches, when known (not saved)."""
+
+    def save(self, path: Path) -> None:
+        """``torch.save`` the state dict to ``path`` atomically."""
+        save_torch(path, self.state)
+
+    @classmethod
+    def load(cls, path: Path) -> "PolicyWeights":
+        """Read weights written by :meth:`save` (on the CPU)."""
+        return cls(state=torch.load(path, map_location="cpu"))
+
+    @classmethod
+    def of(cls, network: nn.Module, argmax: np.ndarray | None = None) -> "PolicyWeights":
+        """A CPU copy of ``network``'s state dict."""
+        return cls(state={k: v.detach().cpu().clone() for k, v in network.state_dict().items()}, argmax=argmax)
+
+
+def ppo_phase(
+    network: nn.Module,
+    reference: nn.Module,
+    images: torch.Tensor,
+    reward_fn: RewardFn,
+    cfg: PPOConfig,
+    total_images: int,
+    iteration: int = 0,
+    n_iterations: int = 1,
+    tensorboard_log: str | None = None,
+    tb_name: str = "ppo",
+    progress: bool = False,
+    supervised: tuple[torch.Tensor, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> dict:
+    """One PPO phase of the adaptation loop: fine-tune ``network`` in place against ``reward_fn``.
+
+    :param network: the policy network, (B, 1, H, W) -> logits (B, K, H, W); trained in place.
+    :param reference: frozen source network for the KL term.
+    :param images: (N, 1, H, W) float32 preprocessed target patches on the training device.
+    :param reward_fn: per-pixel reward ``(images, actions, indices) -> (B, H, W)`` in [0, 1].
+    :param total_images: one-step episodes (images) to consume.
+    :param iteration: adaptation iteration (0-based), for the beta/entropy schedule of ``cfg``.
+    :param supervised: (M, 1, H, W) float32 images and (M, H, W) int64 masks for ``cfg.supervised_coef``.
+    :param seed: seed of the phase's image order, action sampling and minibatches.
+    :returns: the figures of the phase (the first and last update's logged values: reward, KL, entropy, clip
+        fraction...); with ``cfg.weight_average_decay`` > 0 the network holds the phase's weight average.
+    """
+    model = PixelPPO.from_network(network, images, reward_fn, cfg, reference_network=reference,
+                                  validity_fn=validity_rate, tensorboard_log=tensorboard_log,
+                                  device=images.device, seed=seed)
+    model.supervised = supervised
+    model.set_adaptation_iteration(iteration, n_iterations)
+    model.learn(total_timesteps=int(total_images), tb_log_name=tb_name, progress_bar=progress)
+    stats: dict = {"beta_kl": float(model.beta_kl), "ent_coef": float(model.ent_coef)}
+    averaged = model.averaged_network_state()
+    if averaged is not None:  # export the weight average of the phase instead of its last iterate
+        model.policy.network.load_state_dict(averaged, strict=False)
+        stats["weight_averaged"] = 1.0
+    if model.history:
+        first, last = model.history[0], model.history[-1]
+        stats.update({f"first_{k}": float(v) for k, v in first.items() if isinstance(v, (int, float))})
+        stats.update({f"last_{k}": float(v) for k, v in last.items() if isinstance(v, (int, float))})
+    return stats

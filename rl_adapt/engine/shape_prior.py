@@ -230,7 +230,7 @@ class ShapePrior:
 
     def save(self, path: str | Path) -> None:
         """Write weights and config to ``path`` atomically."""
-        payload = {"format": "rl_adapt.shape_prior", "version": _FORMAT_VERSION, "config": to_dict(self.config),
+        payload = {"format": "rl_adapt.engine.shape_prior", "version": _FORMAT_VERSION, "config": to_dict(self.config),
                    "state_dict": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
                    "stats": self.stats}
         with atomic_path(path) as tmp:
@@ -246,7 +246,7 @@ class ShapePrior:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
             raise InputError(path, f"not a readable shape prior file ({exc})") from exc
-        if not isinstance(payload, dict) or payload.get("format") != "rl_adapt.shape_prior":
+        if not isinstance(payload, dict) or payload.get("format") != "rl_adapt.engine.shape_prior":
             raise InputError(path, "not a shape prior file written by rl_adapt")
         cfg = from_dict(ShapePriorConfig, payload["config"], str(path))
         prior = cls(cfg, device=device, stats=payload.get("stats"))

@@ -251,7 +251,7 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
     """
     from rl_adapt.config import save_config, to_dict
     from rl_adapt.data.readers import read_dataset
-    from rl_adapt.evaluate import load_model
+    from rl_adapt.evaluation.evaluate import load_model
     from rl_adapt.io_utils import atomic_dir, write_json_atomic
     from rl_adapt.policies.nnunet import export_model_folder
 

@@ -13,7 +13,7 @@ into a new folder (built in a temporary sibling and renamed at the end, so a fai
 * ``summary.json`` -- the shape scripts read (see :func:`summarise`), strict JSON (undefined -> ``null``);
 * ``overlays.npz`` -- downsampled image, ground truth, each model's mask (and the reward network's
   uncertainty) of the cases the report shows; ``reliability.json`` when a reward network is given;
-  ``timings.json`` (seconds per stage); ``report.html`` (:mod:`rl_adapt.report`);
+  ``timings.json`` (seconds per stage); ``report.html`` (:mod:`rl_adapt.evaluation.report`);
 * ``postprocessed/per_image.csv`` and ``postprocessed/per_patient.csv`` when a postprocessing rule applies (see
   :attr:`EvaluateConfig.postprocessing`): the same tables for every model's outputs after that one rule, summarised
   under ``summary["postprocessed"]`` (same shape as the raw summary, paired against the first model postprocessed
@@ -127,11 +127,11 @@ def json_clean(obj: Any) -> Any:
 
 
 def bootstrap_mean_ci(values: Sequence[float], n_bootstrap: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95 % CI of the mean of the finite ``values`` (:func:`rl_adapt.aggregate.bootstrap_ci`).
+    """Percentile bootstrap 95 % CI of the mean of the finite ``values`` (:func:`rl_adapt.measures.aggregate.bootstrap_ci`).
 
     :returns: (lo, hi); (nan, nan) when there are no finite values.
     """
-    from rl_adapt.aggregate import bootstrap_ci
+    from rl_adapt.measures.aggregate import bootstrap_ci
 
     lo, hi = bootstrap_ci(values, n_bootstrap=n_bootstrap, seed=seed)
     return float(lo), float(hi)
@@ -141,13 +141,13 @@ def paired_stats(reference: Sequence[float], other: Sequence[float], n_bootstrap
                  seed: int = 0) -> dict:
     """Paired comparison of two models' per-image scores (same images, same order).
 
-    Uses :func:`rl_adapt.aggregate.paired_difference` on ``other - reference``: pairs with a NaN are
+    Uses :func:`rl_adapt.measures.aggregate.paired_difference` on ``other - reference``: pairs with a NaN are
     dropped; ``ci95`` is the percentile bootstrap of the mean difference; ``wilcoxon_p`` the two-sided
     Wilcoxon signed-rank p-value (1.0 when every difference is zero, NaN with no pairs).
 
     :returns: ``{"dice_mean_diff", "ci95": [lo, hi], "wilcoxon_p", "n"}``.
     """
-    from rl_adapt.aggregate import paired_difference
+    from rl_adapt.measures.aggregate import paired_difference
 
     d = paired_difference(other, reference, n_bootstrap=n_bootstrap, seed=seed)
     return {"dice_mean_diff": float(d["mean_diff"]), "ci95": [float(v) for v in d["ci95"]],
@@ -362,8 +362,8 @@ def score_image(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> d
     :param pred: (H, W) uint8 prediction; :param gt: (H, W) uint8 reference; :param spacing: (row, col) mm.
     :returns: flat dict: ``<S>_<metric>``, ``mean_<metric>``, ``valid``, ``failed_checks``, ``check_<name>``.
     """
-    from rl_adapt.anatomy import check_anatomy
-    from rl_adapt.metrics import segmentation_metrics
+    from rl_adapt.measures.anatomy import check_anatomy
+    from rl_adapt.measures.metrics import segmentation_metrics
 
     m = segmentation_metrics(pred, gt, spacing)
     row: dict[str, Any] = {}
@@ -397,11 +397,11 @@ def complete_patients(cases: Sequence) -> dict[str, list[int]]:
 
 
 def patient_indices_or_empty(cases: Sequence, masks: Sequence[np.ndarray]) -> dict:
-    """:func:`rl_adapt.clinical.patient_indices` of one patient's four cases with ``masks`` as their labels.
+    """:func:`rl_adapt.measures.clinical.patient_indices` of one patient's four cases with ``masks`` as their labels.
 
     Returns ``{}`` when the indices cannot be computed (e.g. an empty LV): they become NaN, counted.
     """
-    from rl_adapt.clinical import patient_indices
+    from rl_adapt.measures.clinical import patient_indices
     from rl_adapt.errors import RLAdaptError
 
     try:
@@ -542,7 +542,7 @@ def reward_reliability(reward_net, model, cases: Sequence, n_bins: int = 10, max
     """
     from tqdm import tqdm
 
-    from rl_adapt.calibration import auroc, reliability_bins
+    from rl_adapt.measures.calibration import auroc, reliability_bins
 
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     count = np.zeros(n_bins, dtype=np.int64)
@@ -649,7 +649,7 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
         log.info("postprocessing for every model: %s (from %s)", post.describe(), post.source)
     reward_net = None
     if reward is not None:
-        from rl_adapt.reward_net import RewardNet
+        from rl_adapt.engine.reward.network import RewardNet
 
         reward_net = RewardNet.load(find_reward_net(reward), device=cfg.device)
     timings["load"] = time.perf_counter() - t0
@@ -773,7 +773,7 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
                                                  "reward": None if reward is None else str(reward),
                                                  "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}})
         if cfg.report:
-            from rl_adapt.report import write_report
+            from rl_adapt.evaluation.report import write_report
 
             t0 = time.perf_counter()
             write_json_atomic(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})

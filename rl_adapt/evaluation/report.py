@@ -1,4 +1,4 @@
-"""``report.html``: one self-contained page built from the files :mod:`rl_adapt.evaluate` wrote.
+"""``report.html``: one self-contained page built from the files :mod:`rl_adapt.evaluation.evaluate` wrote.
 
 The report never touches a model: it reads ``summary.json``, ``per_image.csv``, ``per_patient.csv``,
 and when present ``reliability.json`` and ``overlays.npz`` from the evaluation folder. Figures are drawn
@@ -302,7 +302,7 @@ def overlay_figure(ov: Mapping[str, np.ndarray], rows: Sequence[int], models: Se
 # --------------------------------------------------------------------------------------------- tables
 def _ci_cell(v: Any, values: np.ndarray, digits: int, best: bool, n_bootstrap: int, seed: int,
              scale: float = 1.0, suffix: str = "") -> str:
-    from rl_adapt.evaluate import bootstrap_mean_ci
+    from rl_adapt.evaluation.evaluate import bootstrap_mean_ci
 
     lo, hi = bootstrap_mean_ci(values, n_bootstrap, seed)
     cls = ' class="best"' if best else ""
@@ -374,7 +374,7 @@ def paired_table(summary: Mapping) -> str:
 
 # --------------------------------------------------------------------------------------------- page
 def _load(folder: Path) -> tuple[dict, list[dict], list[dict], dict | None, dict | None]:
-    from rl_adapt.evaluate import read_csv
+    from rl_adapt.evaluation.evaluate import read_csv
 
     need = [folder / "summary.json", folder / "per_image.csv"]
     for p in need:
@@ -397,7 +397,7 @@ def _load(folder: Path) -> tuple[dict, list[dict], list[dict], dict | None, dict
 
 
 def build_report(folder: str | Path, title: str = "rl-adapt evaluation") -> str:
-    """The report page (HTML text) for an evaluation folder written by :func:`rl_adapt.evaluate.evaluate`.
+    """The report page (HTML text) for an evaluation folder written by :func:`rl_adapt.evaluation.evaluate.evaluate`.
 
     :param folder: holds summary.json and per_image.csv (+ optional per_patient.csv, reliability.json,
         overlays.npz, timings.json).
@@ -428,7 +428,7 @@ def build_report(folder: str | Path, title: str = "rl-adapt evaluation") -> str:
     post = summary.get("postprocessed")
     pp_rows_path = folder / "postprocessed" / "per_image.csv"
     if post and pp_rows_path.is_file():
-        from rl_adapt.evaluate import read_csv
+        from rl_adapt.evaluation.evaluate import read_csv
 
         rule = summary.get("postprocessing") or {}
         parts.append("<section><h2>Postprocessed outputs</h2><p class='note'>The tables above are the raw network "

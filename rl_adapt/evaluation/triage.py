@@ -1,7 +1,7 @@
 """Which target patients does a model segment worst? A label-free ranking by anatomical implausibility.
 
 Ranks the target patients by how implausible the model's own masks are: the number of anatomical checks
-(:func:`rl_adapt.anatomy.check_anatomy`) their images fail; a quality review of a model's outputs before (or
+(:func:`rl_adapt.measures.anatomy.check_anatomy`) their images fail; a quality review of a model's outputs before (or
 after) adaptation, without labels. Measured on real CAMUS through the synthetic shifts (CPU source model, 160
 images): Spearman correlation of an image's failed-check count with its true Dice -0.51 (low gain), -0.53 (shadow),
 -0.17 (blur); the quarter of images it ranks worst has true Dice 0.494 vs 0.607 overall (low gain).
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rl_adapt.anatomy import check_anatomy
+from rl_adapt.measures.anatomy import check_anatomy
 
 
 def image_rows(names: Sequence[str], patients: Sequence[str | None], masks: Sequence[np.ndarray]) -> list[dict]:

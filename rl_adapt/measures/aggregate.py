@@ -108,7 +108,7 @@ def clinical_errors(pred: Mapping[str, Any], ref: Mapping[str, Any]) -> dict[str
     """Per-patient clinical errors of predicted indices against reference ones (see the module docstring).
 
     :param pred: indices of the prediction (keys ``EF``, ``EDV``, ``ESV``; e.g. from
-        :func:`rl_adapt.clinical.patient_indices`); :param ref: the reference indices.
+        :func:`rl_adapt.measures.clinical.patient_indices`); :param ref: the reference indices.
     :return: ``EF_err``, ``EF_abs_err`` (points), ``EDV_err``/``ESV_err`` (ml, signed),
         ``EDV_rel_err``/``ESV_rel_err`` (%, absolute); NaN where either side is missing.
     """
@@ -163,7 +163,7 @@ class MetricAccumulator:
 
         :param case: a :class:`rl_adapt.data.case.Case` (name and meta used) or a case name.
         :param metrics: ``{structure: {metric: value}}`` as returned by ``segmentation_metrics``.
-        :param anatomy: an :class:`rl_adapt.anatomy.AnatomyReport`, its ``to_dict()``, or None.
+        :param anatomy: an :class:`rl_adapt.measures.anatomy.AnatomyReport`, its ``to_dict()``, or None.
         :param model: model name; ``patient``/``view``/``phase`` override the case's meta.
         """
         name = getattr(case, "name", case)

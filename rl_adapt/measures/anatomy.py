@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -370,3 +370,8 @@ def check_anatomy(mask: np.ndarray, config: AnatomyConfig | None = None) -> Anat
 def is_valid(mask: np.ndarray, config: AnatomyConfig | None = None) -> bool:
     """``check_anatomy(mask, config).valid``."""
     return check_anatomy(mask, config).valid
+
+
+def validity_rate(masks: Sequence[np.ndarray] | np.ndarray, config: AnatomyConfig | None = None) -> float:
+    """Fraction of (H, W) label maps in ``masks`` that pass every check (NaN for none)."""
+    return float(np.mean([is_valid(m, config) for m in masks])) if len(masks) else float("nan")

@@ -18,7 +18,7 @@ Empty cases (documented choice, see DESIGN.md "Metrics conventions"):
 * Dice = 1.0 when both masks are empty (medpy's intended convention; medpy itself returns NaN with a
   warning on current numpy), 0.0 when exactly one is empty;
 * hd / hd95 / assd = NaN when either mask is empty (medpy raises). Aggregation counts NaNs
-  (:func:`rl_adapt.aggregate.summarize` reports ``n_nan``) instead of inventing a number.
+  (:func:`rl_adapt.measures.aggregate.summarize` reports ``n_nan``) instead of inventing a number.
 
 Efficiency: the surfaces and the two distance transforms of one structure are computed once, on the
 bounding box of both masks plus a one-pixel margin (the results are exactly those of the full image), and
@@ -32,10 +32,13 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy import ndimage
 
+from rl_adapt.labels import LA, LV, MYO
+from rl_adapt.labels import STRUCTURES as STRUCTURE_VALUES
+
 STRUCTURES: tuple[str, ...] = ("LV", "MYO", "LA", "epi")
 """Structures scored by :func:`segmentation_metrics`, in report order."""
 
-STRUCTURE_LABELS: dict[str, tuple[int, ...]] = {"LV": (1,), "MYO": (2,), "LA": (3,), "epi": (1, 2)}
+STRUCTURE_LABELS: dict[str, tuple[int, ...]] = {"LV": (LV,), "MYO": (MYO,), "LA": (LA,), "epi": (LV, MYO)}
 """Label values that make up each structure."""
 
 METRICS: tuple[str, ...] = ("dice", "hd", "hd95", "assd")
@@ -70,6 +73,16 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     if total == 0:
         return 1.0
     return 2.0 * int(np.count_nonzero(a & b)) / total
+
+
+def mean_dice(a: np.ndarray, b: np.ndarray, labels: Sequence[int] = STRUCTURE_VALUES) -> float:
+    """Mean over ``labels`` of the Dice of two (H, W) label maps (1.0 for a label absent from both)."""
+    return float(np.mean([dice(a == lab, b == lab) for lab in labels]))
+
+
+def dice_per_label(a: np.ndarray, b: np.ndarray, labels: Sequence[int] = STRUCTURE_VALUES) -> list[float]:
+    """Dice of two (H, W) label maps for each of ``labels`` (1.0 for a label absent from both)."""
+    return [dice(a == lab, b == lab) for lab in labels]
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:

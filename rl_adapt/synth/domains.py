@@ -1,8 +1,8 @@
 """Synthetic apical 2CH/4CH echocardiography with exact labels, for offline demos and tests.
 
 ``generate_domain(domain, n_patients, seed)`` draws ``n_patients`` anatomies (shape model in
-:mod:`rl_adapt.synth_shapes`) and renders each at ED and ES in the 2CH and 4CH views with one scanner
-preset (:data:`VENDORS`, rendering chain in :mod:`rl_adapt.synth_vendors`). Ground-truth EDV/ESV/EF come
+:mod:`rl_adapt.synth.shapes`) and renders each at ED and ES in the 2CH and 4CH views with one scanner
+preset (:data:`VENDORS`, rendering chain in :mod:`rl_adapt.synth.vendors`). Ground-truth EDV/ESV/EF come
 from the shape model's biplane method of discs and go to ``meta``.
 
 Seeding: the anatomy of patient ``k`` depends only on ``(seed, k)``, so the same seed gives the same
@@ -20,9 +20,9 @@ from scipy import ndimage as ndi
 
 from rl_adapt.data.case import Case
 from rl_adapt.errors import InputError
-from rl_adapt.synth_shapes import (PHASES, VIEWS, PatientAnatomy, clinical_truth, fit_in_sector, label_map,
+from rl_adapt.synth.shapes import (PHASES, VIEWS, PatientAnatomy, clinical_truth, fit_in_sector, label_map,
                                    sample_anatomy, structures, view_geometry)
-from rl_adapt.synth_vendors import (VENDORS, VendorPreset, clutter_envelope, dropout_gain, fan_grid, get_preset,
+from rl_adapt.synth.vendors import (VENDORS, VendorPreset, clutter_envelope, dropout_gain, fan_grid, get_preset,
                                     log_compress, log_expand, net_attenuation_db, polar_grid, polar_to_cart,
                                     psf_sigma_px, shadow_gain, smooth_noise, speckle_field)
 

@@ -2,7 +2,7 @@
 
 Rendering of one view (:func:`render_view`), in the scanner's polar (depth r, beam angle theta) grid:
 
-1. echogenicity map from the shape model (:mod:`rl_adapt.synth_shapes`): blood pool dark, myocardium
+1. echogenicity map from the shape model (:mod:`rl_adapt.synth.shapes`): blood pool dark, myocardium
    bright with texture, pericardium brightest, chest wall layers in the near field, background tissue
    with a slowly varying texture;
 2. speckle: complex Gaussian scatterers weighted by the echogenicity, filtered by a Gaussian point-spread

@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from rl_adapt.config import to_dict
 from rl_adapt.devices import pick_device
 from rl_adapt.errors import InputError, TrainingDiverged
+from rl_adapt.labels import STRUCTURE_NAMES
+from rl_adapt.measures.metrics import dice_per_label
 
 log = logging.getLogger(__name__)
 
-STRUCTURES = {"LV": 1, "MYO": 2, "LA": 3}
 
 
 @dataclass
@@ -311,12 +312,7 @@ def training_loss(outputs, target: torch.Tensor, batch_dice: bool) -> torch.Tens
 # ---------------------------------------------------------------------- metrics
 def dice_per_structure(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     """Dice of LV, MYO, LA for two (H, W) label maps (1.0 when a structure is absent from both)."""
-    out = {}
-    for name, v in STRUCTURES.items():
-        a, b = pred == v, gt == v
-        s = int(a.sum()) + int(b.sum())
-        out[name] = 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
-    return out
+    return dict(zip(STRUCTURE_NAMES, dice_per_label(pred, gt, tuple(STRUCTURE_NAMES.values()))))
 
 
 def evaluate_dice(model, cases) -> dict[str, float]:
@@ -324,8 +320,8 @@ def evaluate_dice(model, cases) -> dict[str, float]:
     if not cases:
         return {}
     scores = [dice_per_structure(model.predict(c.image, c.spacing), c.label) for c in cases]
-    out = {k: float(np.mean([s[k] for s in scores])) for k in STRUCTURES}
-    out["mean"] = float(np.mean([out[k] for k in STRUCTURES]))
+    out = {k: float(np.mean([s[k] for s in scores])) for k in STRUCTURE_NAMES}
+    out["mean"] = float(np.mean([out[k] for k in STRUCTURE_NAMES]))
     return out
 
 

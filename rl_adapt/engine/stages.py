@@ -1,0 +1,80 @@
+"""Running one stage of a resumable run: return the saved result if the stage is done, otherwise compute it,
+save it atomically, mark it finished, log its figures, and hand the result on in memory.
+
+A stage's result is a typed object that knows how to write itself (``save(path)``, atomically) and how to be read
+back (a ``load(path)`` function given to :meth:`Stages.run`). The adaptation loop is a chain of such results:
+:class:`~rl_adapt.engine.rollout.Rollout` -> :class:`~rl_adapt.engine.corrector.Corrections` ->
+:class:`~rl_adapt.engine.reward.network.RewardNet` -> :class:`~rl_adapt.engine.ppo.PolicyWeights`.
+
+Because a result is written (atomically, every file) before its stage is marked in ``state.json``, a run killed at
+any moment either has a stage's outputs and its mark, or redoes that stage from scratch on resume.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol, TypeVar
+
+from rl_adapt.engine.run_state import RunState
+from rl_adapt.io_utils import append_jsonl
+
+log = logging.getLogger(__name__)
+
+
+class StageResult(Protocol):
+    """What a stage returns: something that writes itself to ``path`` atomically."""
+
+    def save(self, path: Path) -> None:
+        """Write the result to ``path`` (a file, or a folder for results of several files), atomically."""
+
+
+R = TypeVar("R", bound=StageResult)
+
+
+class Stages:
+    """The finished-stage bookkeeping and the metrics log of one run folder.
+
+    :param state: the run's :class:`~rl_adapt.engine.run_state.RunState` (``state.json``).
+    :param metrics_path: ``metrics.jsonl``: one JSON line per finished stage with its figures.
+    """
+
+    def __init__(self, state: RunState, metrics_path: Path) -> None:
+        self.state = state
+        self.metrics_path = Path(metrics_path)
+
+    def done(self, name: str) -> bool:
+        """Whether stage ``name`` finished (in this process or an earlier one)."""
+        return self.state.done(name)
+
+    def info(self, name: str) -> dict[str, Any]:
+        """The figures stage ``name`` recorded when it finished (empty if it did not)."""
+        return self.state.info(name)
+
+    def log(self, name: str, record: dict[str, Any]) -> None:
+        """Append ``record`` to ``metrics.jsonl`` under ``name`` and log its scalar figures."""
+        append_jsonl(self.metrics_path, {"stage": name, "time": time.time(), **record})
+        log.info("%s: %s", name, {k: v for k, v in record.items() if not isinstance(v, (list, dict))})
+
+    def mark(self, name: str, info: dict[str, Any]) -> None:
+        """Record ``name`` as finished with ``info`` (state.json) and log it (metrics.jsonl)."""
+        self.state.mark(name, info)
+        self.log(name, info)
+
+    def run(self, name: str, path: Path, compute: Callable[[], tuple[R, dict[str, Any]]],
+            load: Callable[[Path], R]) -> R:
+        """Stage ``name``: ``load(path)`` if it is done; else ``compute()``, save, mark, log, return in memory.
+
+        :param name: the stage's name in ``state.json`` and ``metrics.jsonl`` (e.g. ``iter0/rollout``).
+        :param path: where the result is saved (its ``save(path)`` writes atomically).
+        :param compute: returns ``(result, figures)``; the figures (JSON-ready scalars) go to state and metrics,
+            with ``seconds`` added.
+        :param load: reads a saved result back (used only when the stage finished in an earlier process).
+        """
+        if self.state.done(name):
+            return load(path)
+        t0 = time.time()
+        result, info = compute()
+        result.save(path)
+        self.mark(name, {**info, "seconds": time.time() - t0})
+        return result
