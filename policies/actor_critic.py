@@ -38,6 +38,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
 
 from rl_adapt.policies.distribution import PixelCategorical
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,6 @@ def plain_unet(
     :param features: channels per stage (one entry per resolution stage).
     :param n_conv_per_stage: convolutions per encoder stage (decoder: one fewer stage, same count).
     """
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
     n = len(features)
     return PlainConvUNet(
@@ -102,7 +102,6 @@ def find_segmentation_head(network: nn.Module, num_classes: int) -> nn.Conv2d:
 
 class FeatureTap:
     """Forward pre-hook that keeps the input of a layer (the last decoder features) for the value head."""
-
     def __init__(self) -> None:
         self.features: torch.Tensor | None = None
 

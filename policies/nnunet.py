@@ -41,6 +41,11 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from rl_adapt.errors import InputError
 from rl_adapt.io_utils import atomic_dir
 from rl_adapt.policies.inference import centre_pad_crop, sliding_window_logits, undo_centre_pad_crop
+import shutil
+from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +148,6 @@ class NnUNetModel:
     rounding, ~1e-2 on logits of magnitude ~10)."""
     tile_batch: int = 1
     """Tiles per forward call."""
-
     def __post_init__(self) -> None:
         self.plans_manager = PlansManager(self.plans)
         self.configuration_manager = self.plans_manager.get_configuration(self.configuration)
@@ -335,7 +339,6 @@ class NnUNetModel:
 
     def predict_cases(self, cases: Iterable[Any], progress: bool = True, mirror: bool = False) -> list[np.ndarray]:
         """Label maps ``(H, W)`` uint8 for objects with ``.image`` ``(H, W)`` and ``.spacing`` ``(row, col)``."""
-        from tqdm import tqdm
 
         cases = list(cases)
         return [self.predict(c.image, c.spacing, mirror=mirror)
@@ -529,8 +532,6 @@ def export_model_folder(network_or_state_dict: torch.nn.Module | Mapping[str, to
             raise ValueError(f"extra file {rel!r} must be a relative path inside the model folder")
 
     def write_extras(root: Path, only_fold: bool) -> None:
-        import shutil
-
         for rel, content in extras.items():
             parts = Path(rel).parts
             if only_fold:
@@ -625,7 +626,6 @@ def check_raw_dataset(raw_dir: str | Path, expected_labels: Mapping[str, int] | 
 def _fingerprint_in_process(fpe: Any, out_file: Path) -> None:
     """nnU-Net's fingerprint (``DatasetFingerprintExtractor.analyze_case`` per case, same statistics as its
     ``run``) computed in this process: no spawn pool, so it works from any script or notebook."""
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
     keys = list(fpe.dataset.keys())
     if not keys:
@@ -657,8 +657,6 @@ def plan_dataset(raw_dataset_dir: str | Path, num_processes: int = 1) -> tuple[d
 
     :returns: ``(plans, dataset_json, fingerprint)`` as nnU-Net writes them (plans with only ``"2d"``).
     """
-    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
-    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
     raw_dir = Path(raw_dataset_dir).resolve()
     dataset_json = check_raw_dataset(raw_dir)

@@ -134,3 +134,43 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequ
             w.writeheader()
             for r in rows:
                 w.writerow({k: _csv_cell(r.get(k)) for k in columns})
+
+
+def json_clean(obj: Any) -> Any:
+    """Replace NaN/Inf floats by None (recursively) and numpy scalars by Python ones, for strict JSON."""
+    if isinstance(obj, Mapping):
+        return {str(k): json_clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_clean(v) for v in obj]
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    return obj
+
+
+def read_csv(path: str | Path, text_columns: Sequence[str] = ()) -> list[dict]:
+    """Read a CSV written by :func:`write_csv`; numeric cells become floats, empty cells NaN.
+
+    :param text_columns: columns kept as strings ("" stays "").
+    """
+    out = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            row = {}
+            for k, v in r.items():
+                if k in text_columns:
+                    row[k] = v
+                    continue
+                if v == "":
+                    row[k] = float("nan")
+                    continue
+                try:
+                    row[k] = float(v)
+                except ValueError:
+                    row[k] = v
+            out.append(row)
+    return out

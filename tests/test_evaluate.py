@@ -11,8 +11,17 @@ import pytest
 
 from rl_adapt.data.case import Case
 from rl_adapt.errors import InputError
-from rl_adapt.evaluation.evaluate import (EvaluateConfig, bootstrap_mean_ci, complete_patients, evaluate, json_clean,
-                               paired_stats, parse_model_specs, read_csv, select_overlays, summarise, write_csv)
+from rl_adapt.evaluation.evaluate import EvaluateConfig, evaluate
+from rl_adapt.evaluation.inputs import parse_model_specs
+from rl_adapt.evaluation.overlays import select_overlays
+from rl_adapt.evaluation.scoring import TEXT_COLUMNS, complete_patients, paired_stats, summarise
+from rl_adapt.io_utils import json_clean, write_csv
+from rl_adapt.io_utils import read_csv as _read_csv
+from rl_adapt.measures.statistics import bootstrap_ci
+
+
+def read_csv(path):
+    return _read_csv(path, TEXT_COLUMNS)
 
 STRUCT_KEYS = {"LV", "MYO", "LA", "epi", "mean"}
 
@@ -83,10 +92,10 @@ def test_paired_stats_known_inputs():
 
 def test_bootstrap_ci_brackets_mean_and_is_seeded():
     x = np.random.default_rng(0).normal(1.0, 0.5, 400)
-    lo, hi = bootstrap_mean_ci(x, 1000, seed=3)
+    lo, hi = bootstrap_ci(x, 1000, seed=3)
     assert lo < x.mean() < hi and hi - lo == pytest.approx(2 * 1.96 * x.std() / 20, rel=0.2)
-    assert bootstrap_mean_ci(x, 1000, seed=3) == (lo, hi)
-    assert all(math.isnan(v) for v in bootstrap_mean_ci([np.nan], 10))
+    assert bootstrap_ci(x, 1000, seed=3) == [lo, hi]
+    assert all(math.isnan(v) for v in bootstrap_ci([np.nan], 10))
 
 
 def _rows(models=("a", "b")):
@@ -268,7 +277,7 @@ def test_evaluate_with_reward_network_reports_reliability(tiny_world, tmp_path):
 
 def test_evaluate_applies_one_postprocessing_rule_to_every_model(tiny_world, tmp_path):
     from rl_adapt.measures.anatomy import check_anatomy
-    from rl_adapt.evaluation.evaluate import load_labelled, load_model
+    from rl_adapt.evaluation.inputs import load_labelled, load_model
     from rl_adapt.postprocessing import Postprocessing, postprocessing_files
 
     src, other = tmp_path / "src", tmp_path / "other"

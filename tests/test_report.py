@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from rl_adapt.errors import InputError
-from rl_adapt.evaluation.evaluate import clinical_row, json_clean, summarise, write_csv
+from rl_adapt.evaluation.scoring import clinical_row, summarise
+from rl_adapt.io_utils import json_clean, write_csv
 from rl_adapt.io_utils import write_json_atomic
 from rl_adapt.evaluation.report import build_report, write_report
 

@@ -2,7 +2,7 @@
 source labels' fractions. Is the shifted argmax closer to the truth than the plain argmax? usage: DATA_SRC MODEL DATA_TGT..."""
 import sys, numpy as np, torch
 torch.set_num_threads(1)
-from rl_adapt.evaluation.evaluate import load_labelled
+from rl_adapt.evaluation.inputs import load_labelled
 from rl_adapt.policies.nnunet import load_model_folder
 from rl_adapt.measures.metrics import mean_dice
 from rl_adapt.measures.anatomy import is_valid

@@ -15,7 +15,8 @@ import collections
 
 import numpy as np
 
-from rl_adapt.evaluation.evaluate import paired_stats, read_csv
+from rl_adapt.evaluation.scoring import paired_stats
+from rl_adapt.io_utils import read_csv
 
 ap = argparse.ArgumentParser()
 ap.add_argument("runs", nargs="+")

@@ -6,7 +6,7 @@ only images with a mask in EXPERT_MASK_DIR are used.)"""
 import sys, time, numpy as np, torch, torch.nn.functional as F
 torch.set_num_threads(1); torch.manual_seed(0)
 from rl_adapt.data.readers import read_dataset
-from rl_adapt.evaluation.evaluate import load_labelled
+from rl_adapt.evaluation.inputs import load_labelled
 from rl_adapt.policies.nnunet import load_model_folder
 from rl_adapt.policies.inference import centre_pad_crop
 from rl_adapt.measures.metrics import mean_dice

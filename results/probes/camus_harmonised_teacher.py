@@ -10,7 +10,7 @@ Harmonisations (each image on its own, background = pixels outside the imaging s
 import sys
 import numpy as np, torch
 torch.set_num_threads(1)
-from rl_adapt.evaluation.evaluate import load_labelled
+from rl_adapt.evaluation.inputs import load_labelled
 from rl_adapt.policies.nnunet import load_model_folder
 from rl_adapt.measures.metrics import mean_dice
 from rl_adapt.measures.anatomy import is_valid

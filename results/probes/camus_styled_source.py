@@ -2,7 +2,7 @@
 on them move the source model toward the shifted target (CAMUS)? usage: SRC MODEL TGT [n_src] [steps]"""
 import sys, copy, time, numpy as np, torch, torch.nn.functional as F
 torch.set_num_threads(1); torch.manual_seed(0)
-from rl_adapt.evaluation.evaluate import load_labelled
+from rl_adapt.evaluation.inputs import load_labelled
 from rl_adapt.policies.nnunet import load_model_folder
 from rl_adapt.policies.inference import centre_pad_crop
 from rl_adapt.measures.metrics import mean_dice

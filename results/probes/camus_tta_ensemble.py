@@ -3,7 +3,7 @@ usage: MODEL DATA [n_images]"""
 import sys, numpy as np, torch
 torch.set_num_threads(1)
 from scipy import ndimage as ndi
-from rl_adapt.evaluation.evaluate import load_labelled
+from rl_adapt.evaluation.inputs import load_labelled
 from rl_adapt.policies.nnunet import load_model_folder
 from rl_adapt.measures.metrics import mean_dice
 model = load_model_folder(sys.argv[1], device="cpu")

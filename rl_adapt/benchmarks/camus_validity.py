@@ -21,6 +21,9 @@ import numpy as np
 
 from rl_adapt.measures.anatomy import ALL_CHECKS, AnatomyConfig, check_anatomy
 from rl_adapt.data.label_repair import interpolation_artefacts, remove_resize_artefacts  # noqa: F401
+import SimpleITK as sitk
+import matplotlib
+import matplotlib.pyplot as plt
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "Dataset501_CAMUS224"
 _EIGHT = np.ones((3, 3), dtype=bool)
@@ -28,8 +31,6 @@ _EIGHT = np.ones((3, 3), dtype=bool)
 
 def read_masks(folder: Path) -> tuple[list[str], list[np.ndarray]]:
     """All ``labelsTr/*.nii.gz`` as (names, (H, W) uint8 arrays), read with SimpleITK."""
-    import SimpleITK as sitk
-
     files = sorted((folder / "labelsTr").glob("*.nii.gz"))
     names = [f.name[: -len(".nii.gz")] for f in files]
     return names, [sitk.GetArrayFromImage(sitk.ReadImage(str(f))).astype(np.uint8) for f in files]
@@ -54,10 +55,7 @@ def _table(title: str, names: list[str], masks: list[np.ndarray], cfg: AnatomyCo
 
 
 def _save_pngs(out: Path, names, masks, reports, n: int = 6) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
     shown = 0

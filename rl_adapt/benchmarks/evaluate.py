@@ -22,16 +22,19 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from rl_adapt.evaluation.baselines import BaselineConfig, run_baseline
+from rl_adapt.config import load_config
+from rl_adapt.data.writers import write_nnunet_raw
+from rl_adapt.training.pretrain import PretrainConfig, pretrain
+from rl_adapt.synth.domains import generate_domain
+import shutil
+import torch
+from rl_adapt.evaluation.evaluate import EvaluateConfig, evaluate
+from rl_adapt.evaluation.inputs import load_model
 
 
 def _setup(work: Path, args) -> tuple[Path, Path, Path]:
     """Synthetic evaluation set, a briefly pretrained small source model and a TENT copy of it (not timed)."""
-    from rl_adapt.evaluation.baselines import BaselineConfig, run_baseline
-    from rl_adapt.config import load_config
-    from rl_adapt.data.writers import write_nnunet_raw
-    from rl_adapt.training.pretrain import PretrainConfig, pretrain
-    from rl_adapt.synth.domains import generate_domain
-
     done = work / "setup.json"
     if done.is_file():  # a --keep folder from an earlier run: reuse its data and models
         paths = json.loads(done.read_text())
@@ -71,11 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    import shutil
 
-    import torch
 
-    from rl_adapt.evaluation.evaluate import EvaluateConfig, evaluate, load_model
 
     torch.set_num_threads(args.threads)  # setup only; evaluate predicts with 1 thread
     work_ctx = tempfile.TemporaryDirectory(prefix="bench_eval_") if args.keep is None else None

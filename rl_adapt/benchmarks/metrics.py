@@ -16,6 +16,8 @@ import numpy as np
 
 from rl_adapt.measures.anatomy import check_anatomy
 from rl_adapt.measures.metrics import STRUCTURES, segmentation_metrics, structure_mask
+from scipy import ndimage
+from medpy.metric import binary as mb
 
 
 def heart_label_map(rng: np.random.Generator, size: int = 256) -> np.ndarray:
@@ -44,8 +46,6 @@ def heart_label_map(rng: np.random.Generator, size: int = 256) -> np.ndarray:
 
 def predicted_like(gt: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A plausible prediction of ``gt``: shifted by a few pixels, boundary noise, an occasional blob."""
-    from scipy import ndimage
-
     pred = np.roll(gt, (int(rng.integers(-3, 4)), int(rng.integers(-3, 4))), axis=(0, 1))
     noise = ndimage.gaussian_filter(rng.normal(size=gt.shape).astype(np.float32), 4) > 0.08
     edge = ndimage.morphological_gradient(pred, size=3) > 0
@@ -58,8 +58,6 @@ def predicted_like(gt: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _medpy_metrics(pred: np.ndarray, gt: np.ndarray, spacing) -> dict:
-    from medpy.metric import binary as mb
-
     out = {}
     for s in STRUCTURES:
         a, b = structure_mask(pred, s), structure_mask(gt, s)

@@ -20,12 +20,12 @@ import time
 
 import numpy as np
 import torch
+from rl_adapt.policies.nnunet import plain_unet_plans, shrink_plan
+from rl_adapt.policies.nnunet import NnUNetModel, build_network, load_model_folder
 
 
 def _plans(size: int, default: bool) -> tuple[dict, dict]:
     """Synthetic 2D plans in nnU-Net's schema (no planner run needed)."""
-    from rl_adapt.policies.nnunet import plain_unet_plans, shrink_plan
-
     n = 7 if default else 5
     feats = [min(32 * 2 ** i, 512) for i in range(n)] if default else [8, 16, 32, 64, 128]
     base = plain_unet_plans(feats, [size, size], dataset_name="Dataset999_Bench")
@@ -48,8 +48,6 @@ def _time(fn, reps: int, sync) -> float:
 def run(model_folder: str | None, size: int, batch: int, reps: int, default_plan: bool, device: str,
         rounds: int = 5) -> list[dict]:
     """Measure and return rows ``{mode, path, fwd_img_s, fwdbwd_img_s}``; prints a table with ratios."""
-    from rl_adapt.policies.nnunet import NnUNetModel, build_network, load_model_folder
-
     dev = torch.device(device)
     if model_folder:
         model = load_model_folder(model_folder, device=dev)

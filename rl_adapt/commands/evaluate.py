@@ -39,7 +39,8 @@ def register(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation and print a short table."""
-    from rl_adapt.evaluation.evaluate import EvaluateConfig, evaluate, parse_model_specs
+    from rl_adapt.evaluation.evaluate import EvaluateConfig, evaluate
+    from rl_adapt.evaluation.inputs import parse_model_specs
 
     try:
         cfg = EvaluateConfig(mirror=args.mirror, overlays=args.overlays, device=args.device, workers=args.workers,

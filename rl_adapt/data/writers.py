@@ -20,6 +20,7 @@ from rl_adapt.data.case import LABELS, Case
 from rl_adapt.data.validate import check_case, check_image_array, check_label_array, check_spacing
 from rl_adapt.errors import InputError
 from rl_adapt.io_utils import atomic_dir, atomic_path, write_json_atomic, write_text_atomic
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,6 @@ def write_nnunet_raw(cases: Iterable[Case], out_dir: str | Path, dataset_name: s
             (tmp / "labelsTr").mkdir()
         it: Iterable[Case] = cases
         if progress:
-            from tqdm import tqdm
             it = tqdm(cases, desc="writing", unit="case", disable=None)
         for c in it:
             write_image(images / f"{c.name}_0000.nii.gz", c.image, c.spacing)
@@ -214,7 +214,6 @@ def write_camus(cases: Iterable[Case], out_dir: str | Path, overwrite: bool = Fa
         infos: dict[tuple[str, str], dict[str, Any]] = {}
         it: Iterable[Case] = cases
         if progress:
-            from tqdm import tqdm
             it = tqdm(cases, desc="writing", unit="case", disable=None)
         for c in it:
             p, v, ph = c.meta["patient"], c.meta["view"], c.meta["phase"]

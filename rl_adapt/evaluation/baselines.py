@@ -31,6 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from rl_adapt.errors import InputError, TrainingDiverged
+from tqdm import tqdm
+from rl_adapt.config import save_config, to_dict
+from rl_adapt.data.readers import read_dataset
+from rl_adapt.evaluation.inputs import load_model
+from rl_adapt.io_utils import atomic_dir, write_json_atomic
+from rl_adapt.policies.nnunet import export_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,6 @@ IGNORE = -1
 @dataclass
 class BaselineConfig:
     """Budget and optimiser of a test-time adaptation baseline (the same knobs for every method)."""
-
     method: Literal["tent", "entropy", "pseudo-label"] = "tent"
     """Which baseline: tent (norm affine only), entropy (whole network), pseudo-label (self-training)."""
     rounds: int = 1
@@ -72,7 +77,6 @@ class BaselineConfig:
     """Seed of batch sampling, image subsetting and torch."""
     device: str = "cpu"
     """Torch device ("cpu", "cuda")."""
-
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
@@ -186,7 +190,6 @@ def adapt_network(network: nn.Module, patches: torch.Tensor | np.ndarray, cfg: B
         fraction of pseudo-labelled pixels in the round; NaN for tent/entropy).
     :raises TrainingDiverged: a loss became NaN/Inf.
     """
-    from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -249,11 +252,6 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
 
     :raises InputError: unloadable model, empty/unreadable target, ``out_dir`` already exists.
     """
-    from rl_adapt.config import save_config, to_dict
-    from rl_adapt.data.readers import read_dataset
-    from rl_adapt.evaluation.evaluate import load_model
-    from rl_adapt.io_utils import atomic_dir, write_json_atomic
-    from rl_adapt.policies.nnunet import export_model_folder
 
     out_dir = Path(out_dir)
     if out_dir.exists():

@@ -25,6 +25,9 @@ import numpy as np
 
 from rl_adapt.errors import InputError
 from rl_adapt.io_utils import write_text_atomic
+from rl_adapt.evaluation.scoring import TEXT_COLUMNS
+from rl_adapt.io_utils import read_csv
+from rl_adapt.measures.statistics import bootstrap_ci
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +69,7 @@ footer{color:#6e7781;font-size:12px;text-align:center;margin-top:24px}
 # --------------------------------------------------------------------------------------------- helpers
 def _png(fig) -> str:
     """Render a matplotlib figure to a ``data:image/png;base64,...`` URI and close it."""
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
     plt.close(fig)
@@ -95,7 +97,9 @@ def _col(rows: Sequence[Mapping], key: str, model: str | None = None) -> np.ndar
     return _finite(r.get(key) for r in rows if model is None or r.get("model") == model)
 
 
-def _pyplot():
+def _pyplot():  # noqa: ANN202 - returns the matplotlib.pyplot module
+    """pyplot on the Agg backend, imported here (not at the top) so that importing this module never changes the
+    backend of a user's session (e.g. a notebook's inline one) until a figure is actually drawn."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -302,9 +306,7 @@ def overlay_figure(ov: Mapping[str, np.ndarray], rows: Sequence[int], models: Se
 # --------------------------------------------------------------------------------------------- tables
 def _ci_cell(v: Any, values: np.ndarray, digits: int, best: bool, n_bootstrap: int, seed: int,
              scale: float = 1.0, suffix: str = "") -> str:
-    from rl_adapt.evaluation.evaluate import bootstrap_mean_ci
-
-    lo, hi = bootstrap_mean_ci(values, n_bootstrap, seed)
+    lo, hi = bootstrap_ci(values, n_bootstrap, seed)
     cls = ' class="best"' if best else ""
     return (f"<td{cls}>{_fmt(scale * _num(v), digits)}{suffix}<span class='ci'>[{_fmt(scale * lo, digits)}, "
             f"{_fmt(scale * hi, digits)}]</span></td>")
@@ -374,8 +376,6 @@ def paired_table(summary: Mapping) -> str:
 
 # --------------------------------------------------------------------------------------------- page
 def _load(folder: Path) -> tuple[dict, list[dict], list[dict], dict | None, dict | None]:
-    from rl_adapt.evaluation.evaluate import read_csv
-
     need = [folder / "summary.json", folder / "per_image.csv"]
     for p in need:
         if not p.is_file():
@@ -384,8 +384,8 @@ def _load(folder: Path) -> tuple[dict, list[dict], list[dict], dict | None, dict
         summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(folder / "summary.json", f"not valid JSON ({exc})") from exc
-    image_rows = read_csv(folder / "per_image.csv")
-    patient_rows = read_csv(folder / "per_patient.csv") if (folder / "per_patient.csv").is_file() else []
+    image_rows = read_csv(folder / "per_image.csv", TEXT_COLUMNS)
+    patient_rows = read_csv(folder / "per_patient.csv", TEXT_COLUMNS) if (folder / "per_patient.csv").is_file() else []
     rel = None
     if (folder / "reliability.json").is_file():
         rel = json.loads((folder / "reliability.json").read_text(encoding="utf-8"))
@@ -428,15 +428,13 @@ def build_report(folder: str | Path, title: str = "rl-adapt evaluation") -> str:
     post = summary.get("postprocessed")
     pp_rows_path = folder / "postprocessed" / "per_image.csv"
     if post and pp_rows_path.is_file():
-        from rl_adapt.evaluation.evaluate import read_csv
-
         rule = summary.get("postprocessing") or {}
         parts.append("<section><h2>Postprocessed outputs</h2><p class='note'>The tables above are the raw network "
                      "outputs. Here every model's outputs went through the same postprocessing rule, "
                      f"<code>{html.escape(str(rule.get('rule', '')))}</code> (from "
                      f"<code>{html.escape(str(rule.get('source', '')))}</code>), applied as nnU-Net applies its "
                      "postprocessing.pkl; paired differences against the first model postprocessed the same way.</p>"
-                     + summary_table(post, read_csv(pp_rows_path)) + paired_table(post) + "</section>")
+                     + summary_table(post, read_csv(pp_rows_path, TEXT_COLUMNS)) + paired_table(post) + "</section>")
     parts.append("<section><h2>Dice per structure</h2><div class='legend'>" + legend + "</div>"
                  + _img(distribution_figure(image_rows, models, "dice"), "Dice distributions") + "</section>")
     parts.append("<section><h2>HD95 per structure (mm)</h2><div class='legend'>" + legend + "</div>"

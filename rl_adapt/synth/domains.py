@@ -25,6 +25,8 @@ from rl_adapt.synth.shapes import (PHASES, VIEWS, PatientAnatomy, clinical_truth
 from rl_adapt.synth.vendors import (VENDORS, VendorPreset, clutter_envelope, dropout_gain, fan_grid, get_preset,
                                     log_compress, log_expand, net_attenuation_db, polar_grid, polar_to_cart,
                                     psf_sigma_px, shadow_gain, smooth_noise, speckle_field)
+from dataclasses import replace
+from tqdm import tqdm
 
 __all__ = ["VENDORS", "VendorPreset", "generate_domain", "render_view", "apply_vendor_shift", "shifted_spacing",
            "patient_anatomy"]
@@ -107,7 +109,6 @@ def render_view(anat: PatientAnatomy, view: str, phase: str, preset: VendorPrese
 
 
 def _with(preset: VendorPreset, **changes) -> VendorPreset:
-    from dataclasses import replace
     return replace(preset, **changes)
 
 
@@ -131,7 +132,6 @@ def generate_domain(domain: str, n_patients: int, seed: int = 0, size: int = 128
     cases: list[Case] = []
     ids = range(first_patient, first_patient + n_patients)
     if progress:
-        from tqdm import tqdm
         ids = tqdm(ids, desc=f"synth {domain}", unit="patient", disable=None)
     for k in ids:
         anat = patient_anatomy(seed, k)

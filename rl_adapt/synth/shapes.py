@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+from scipy import ndimage as ndi
 
 VIEWS = ("2CH", "4CH")
 PHASES = ("ED", "ES")
@@ -33,7 +34,6 @@ PHASES = ("ED", "ES")
 @dataclass(frozen=True)
 class PatientAnatomy:
     """End-diastolic shape parameters of one synthetic patient (lengths in mm, angles in degrees)."""
-
     apex_depth: float
     """Depth of the endocardial apex below the probe."""
     lv_length: float
@@ -73,7 +73,6 @@ class PatientAnatomy:
     quality: str
     """"Good", "Medium" or "Poor": scales noise and clutter of the rendering."""
 
-
 def sample_anatomy(rng: np.random.Generator) -> PatientAnatomy:
     """Draw one patient's anatomy (all randomness comes from ``rng``)."""
     u = rng.uniform
@@ -97,7 +96,6 @@ def sample_anatomy(rng: np.random.Generator) -> PatientAnatomy:
 @dataclass(frozen=True)
 class ViewGeometry:
     """The shapes of one view at one phase (mm, radians); built by :func:`view_geometry`."""
-
     apex: tuple[float, float]
     """(x, z) of the endocardial apex."""
     theta: float
@@ -126,7 +124,6 @@ class ViewGeometry:
     """"2CH" or "4CH"."""
     phase: str
     """"ED" or "ES"."""
-
 
 def _phase_factors(anat: PatientAnatomy) -> tuple[float, float, float]:
     r = 1.0 - anat.ef / 100.0
@@ -240,7 +237,6 @@ def merge_fragments(lab: np.ndarray) -> np.ndarray:
     """Give every pixel of a structure's smaller 4-connected pieces (rasterisation crumbs at the
     mitral plane, a few pixels) the most common label around it, so each structure is one piece and
     the background has no holes."""
-    from scipy import ndimage as ndi
 
     lab = lab.copy()
     for k in (1, 2, 3, 0):  # 0 last: enclosed background specks (holes) join their surroundings

@@ -28,6 +28,13 @@ from rl_adapt.devices import pick_device
 from rl_adapt.errors import InputError, TrainingDiverged
 from rl_adapt.labels import STRUCTURE_NAMES
 from rl_adapt.measures.metrics import dice_per_label
+from rl_adapt.policies.inference import pad_to_min_size
+from rl_adapt.policies.nnunet import plan_dataset, shrink_plan
+from tqdm import tqdm
+from rl_adapt.data.readers import read_dataset
+from rl_adapt.policies.nnunet import DEFAULT_TRAINER, NnUNetModel, build_network, export_model_folder
+import yaml
+from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +43,6 @@ log = logging.getLogger(__name__)
 @dataclass
 class PlanConfig:
     """How the network and preprocessing are planned."""
-
     kind: Literal["small", "default"] = "small"
     """``default``: nnU-Net's 2D plan as its planner makes it; ``small``: that plan with the network below."""
     features: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 128])
@@ -52,11 +58,9 @@ class PlanConfig:
     fit_median_to_patch: bool = True
     """Small plan: coarsen the target spacing so the median image fits one patch."""
 
-
 @dataclass
 class TrainConfig:
     """Optimisation schedule."""
-
     epochs: int = 20
     """Training epochs."""
     iterations_per_epoch: int = 0
@@ -96,7 +100,6 @@ class TrainConfig:
 @dataclass
 class AugmentConfig:
     """Echo-suitable augmentation, applied on the fly in torch (no flips)."""
-
     p_affine: float = 0.7
     """Probability of a random rotation/scale/translation."""
     rotation_deg: float = 15.0
@@ -126,11 +129,9 @@ class AugmentConfig:
     blur_sigma: list[float] = field(default_factory=lambda: [0.5, 1.0])
     """Blur sigma range in pixels."""
 
-
 @dataclass
 class PretrainConfig:
     """``rl-adapt pretrain`` configuration (configs/pretrain_cpu.yaml, configs/pretrain_gpu.yaml)."""
-
     plan: PlanConfig = field(default_factory=PlanConfig)
     """Planning."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -138,11 +139,9 @@ class PretrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Augmentation."""
 
-
 @dataclass
 class PretrainResult:
     """What a pretraining run produced."""
-
     model_dir: Path
     """The written nnU-Net model folder."""
     dice: dict[str, float]
@@ -155,7 +154,6 @@ class PretrainResult:
     """Held-out cases."""
     history: list[dict] = field(default_factory=list)
     """Per-epoch records (loss, lr, seconds, dice when evaluated)."""
-
 
 # ---------------------------------------------------------------------- data
 def split_cases(cases: Sequence, val_fraction: float, seed: int) -> tuple[list, list]:
@@ -174,8 +172,6 @@ def split_cases(cases: Sequence, val_fraction: float, seed: int) -> tuple[list, 
 
 def _prepare(model, cases) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Preprocess cases; pad each to at least the patch size. Returns images (1,h,w) and labels (h,w) int64."""
-    from rl_adapt.policies.inference import pad_to_min_size
-
     images, labels = [], []
     for c in cases:
         data, seg, _ = model.preprocess_pair(c.image, c.label, c.spacing)
@@ -328,8 +324,6 @@ def evaluate_dice(model, cases) -> dict[str, float]:
 # ---------------------------------------------------------------------- driver
 def make_plans(data_dir: str | Path, cfg: PlanConfig) -> tuple[dict, dict, dict]:
     """nnU-Net's 2D plan for the raw dataset, shrunk when ``cfg.kind == "small"``."""
-    from rl_adapt.policies.nnunet import plan_dataset, shrink_plan
-
     plans, dataset_json, fingerprint = plan_dataset(data_dir)
     if cfg.kind == "small":
         plans = shrink_plan(plans, cfg.features, cfg.patch_size, cfg.batch_size, cfg.n_conv_per_stage,
@@ -344,10 +338,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
     :param out_dir: results root; the model folder is ``out_dir/<Dataset>/nnUNetTrainer__<Plans>__2d``.
     :raises InputError: bad dataset, or the target fold already exists (checked before training).
     """
-    from tqdm import tqdm
 
-    from rl_adapt.data.readers import read_dataset
-    from rl_adapt.policies.nnunet import DEFAULT_TRAINER, NnUNetModel, build_network, export_model_folder
 
     t0 = time.time()
     tc = cfg.train
@@ -390,13 +381,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
     step = 0
 
     with tempfile.TemporaryDirectory(prefix="rl_adapt_tb_") as tb_dir:
-        writer = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(tb_dir)
-        except ImportError:  # pragma: no cover - tensorboard is a dependency
-            log.warning("tensorboard not installed: no training curves")
+        writer = SummaryWriter(tb_dir)
         dice: dict[str, float] = {}
         for epoch in range(tc.epochs):
             net.train()
@@ -455,7 +440,6 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
                    "val_cases": [c.name for c in val_cases], "history": history, "config": to_dict(cfg),
                    "device": str(device), "data": str(data_dir)}
         fold = f"fold_{tc.fold}"
-        import yaml
 
         extra = {"dataset_fingerprint.json": fingerprint, f"{fold}/pretrain_summary.json": summary,
                  f"{fold}/pretrain_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False),
