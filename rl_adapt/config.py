@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, TypeVar
 import yaml
 
 from rl_adapt.errors import ConfigError
+from rl_adapt.io_utils import write_text_atomic
 
 T = TypeVar("T")
 
@@ -349,8 +350,6 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write ``cfg`` as YAML atomically (the exact config a run used)."""
-    from rl_adapt.io_utils import write_text_atomic
-
     write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

@@ -76,6 +76,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def read_json(path: str | Path) -> Any:
+    """The JSON document at ``path``."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
 def write_json_atomic(path: str | Path, obj: Any, indent: int = 2) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (NaN is written as ``NaN``, as Python's json does)."""
     write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")

@@ -94,7 +94,7 @@ def test_every_shipped_config_loads(name):
     """Each YAML in configs/ is valid for the dataclass its name says (unknown keys would fail here)."""
     from rl_adapt.engine.loop import AdaptConfig
     from rl_adapt.evaluation.baselines import BaselineConfig
-    from rl_adapt.demo import DemoConfig
+    from rl_adapt.commands.demo import DemoConfig
     from rl_adapt.training.pretrain import PretrainConfig
 
     cls = {"adapt": AdaptConfig, "baseline": BaselineConfig, "demo": DemoConfig, "pretrain": PretrainConfig}
@@ -119,7 +119,7 @@ def test_every_set_example_in_the_help_and_docs_is_accepted(monkeypatch):
 
     from rl_adapt.engine.loop import AdaptConfig
     from rl_adapt.evaluation.baselines import BaselineConfig
-    from rl_adapt.demo import DemoConfig
+    from rl_adapt.commands.demo import DemoConfig
     from rl_adapt.training.pretrain import PretrainConfig
 
     monkeypatch.setenv("COLUMNS", "400")  # argparse wraps help at the terminal width, splitting examples

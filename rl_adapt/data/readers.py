@@ -50,6 +50,7 @@ from rl_adapt.data.validate import (SPACING_RANGE, check_exists, check_image_arr
                                     check_not_empty, check_pair, check_spacing, check_spacing_range,
                                     check_spacing_values)
 from rl_adapt.errors import InputError
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,6 @@ def _file_bytes(path: Path) -> bytes:
 @dataclass(frozen=True)
 class _NiftiHeader:
     """The fields of a NIfTI-1/2 header the checks need; axes in NIfTI order (x = columns, y = rows, z, t...)."""
-
     endian: str
     dims: tuple[int, ...]
     pixdim: tuple[float, ...]
@@ -155,7 +155,6 @@ class _NiftiHeader:
     single_file: bool
     mm_per_unit: float = 1.0
     """Scale of the spatial pixdims to mm (ITK applies it too)."""
-
 
 def _parse_nifti_header(raw: bytes) -> _NiftiHeader | None:
     """Parse a NIfTI-1 (348-byte) or NIfTI-2 (540-byte) header of either byte order; None if ``raw`` is neither."""
@@ -462,7 +461,6 @@ def _load_many(jobs: Sequence[tuple[str, Path, Path | None, dict]], progress: bo
     with ThreadPoolExecutor(workers) as pool:
         it: Iterable[Case] = pool.map(lambda j: load(*j), jobs)
         if progress:
-            from tqdm import tqdm
             it = tqdm(it, total=len(jobs), desc="reading", unit="case", disable=None)
         cases = list(it)
     return sorted(cases, key=lambda c: c.name)

@@ -45,6 +45,7 @@ from rl_adapt.io_utils import save_torch
 from rl_adapt.measures.anatomy import validity_rate
 from rl_adapt.policies.actor_critic import PixelActorCriticPolicy
 from rl_adapt.engine.rollout_buffer import PixelRolloutBuffer
+from stable_baselines3.common.utils import get_device
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ _PALETTE = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 110, 240], [2
 @dataclass
 class PPOConfig:
     """Hyperparameters of pixel-wise PPO (one-step episodes, per-pixel ratios and advantages)."""
-
     lr: float = 1e-4
     """Adam learning rate of actor and value head (constant)."""
     n_envs: int = 8
@@ -177,7 +177,6 @@ def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
 
 class _WeightAverage:
     """Exponential moving average of a module's floating-point parameters and buffers, updated in place."""
-
     def __init__(self, module: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"weight_average_decay must be in (0, 1), got {decay}")
@@ -300,7 +299,6 @@ class PixelPPO(OnPolicyAlgorithm):
         """
         cfg = config if config is not None else PPOConfig()
         images = torch.as_tensor(images)
-        from stable_baselines3.common.utils import get_device
 
         dev = get_device(device)
         if network is None and network_fn is None:
@@ -336,13 +334,19 @@ class PixelPPO(OnPolicyAlgorithm):
         self._last_obs = None
 
     def set_env(self, env: TorchSegmentationVecEnv, force_reset: bool = True) -> None:  # type: ignore[override]
-        """Attach a (new) training environment with the same image size and classes."""
+        """Attach a (new) training environment with the same image size and classes.
+
+        Overridden because SB3's ``set_env`` wraps the env in its numpy ``VecEnv`` machinery; the torch vector env
+        serves device tensors and is attached as it is."""
         self._attach_env(env)
 
     @classmethod
     def load(cls, path: Any, env: TorchSegmentationVecEnv | None = None, device: torch.device | str = "auto",
              validity_fn: ValidityFn | None = None, **kwargs: Any) -> "PixelPPO":  # type: ignore[override]
-        """Load a model saved by :meth:`save`; attach ``env`` to continue training."""
+        """Load a model saved by :meth:`save`; attach ``env`` to continue training.
+
+        Overridden because ``validity_fn`` (a callable, not saved) is given again here, and ``env`` is attached
+        through :meth:`set_env` rather than SB3's wrappers."""
         model = super().load(path, env=None, device=device, **kwargs)
         model.validity_fn = validity_fn
         if env is not None:
@@ -355,6 +359,10 @@ class PixelPPO(OnPolicyAlgorithm):
                                                   "_snapshot", "_average", "supervised"]
 
     def _setup_model(self) -> None:
+        """Build the policy, a device-resident :class:`PixelRolloutBuffer` and the seeded generators.
+
+        Overridden because SB3's version builds its numpy ``RolloutBuffer`` from the spaces (H*W int64 actions cast
+        to float32 per sample) and draws from the global RNG."""
         self._setup_lr_schedule()
         self.set_random_seed(self.seed)
         if self.observation_space is None:
@@ -392,8 +400,9 @@ class PixelPPO(OnPolicyAlgorithm):
               reset_num_timesteps: bool = True, progress_bar: bool = False) -> "PixelPPO":
         """Roll out and train until ``total_timesteps`` images have been rolled out (whole rollouts).
 
-        SB3's loop, except that logs are dumped after each update (so the last update is logged too). With
-        ``config.weight_average_decay`` > 0 the weight average restarts from the network's current parameters.
+        Overridden: SB3's loop, except that logs are dumped after each update (so the last update is logged too),
+        and with ``config.weight_average_decay`` > 0 the weight average restarts from the network's current
+        parameters.
         """
         iteration = 0
         decay = self.config.weight_average_decay
@@ -418,7 +427,11 @@ class PixelPPO(OnPolicyAlgorithm):
 
     def collect_rollouts(self, env: TorchSegmentationVecEnv, callback: BaseCallback,  # type: ignore[override]
                          rollout_buffer: PixelRolloutBuffer, n_rollout_steps: int) -> bool:
-        """Fill the buffer with ``n_rollout_steps`` batches: sample per pixel, score, keep everything on device."""
+        """Fill the buffer with ``n_rollout_steps`` batches: sample per pixel, score, keep everything on device.
+
+        Overridden because SB3's version moves observations and actions through numpy, samples from its
+        distribution classes (one Categorical per pixel: seconds per image) and has no reference log-probability
+        for the KL term."""
         policy = self.policy
         policy.set_training_mode(False)
         rollout_buffer.reset()
@@ -489,6 +502,9 @@ class PixelPPO(OnPolicyAlgorithm):
 
     def train(self) -> None:
         """K epochs of minibatch updates on the stored rollout with per-pixel clipped ratios.
+
+        Overridden because SB3's PPO loss uses the joint log-probability of an action (the product of H*W pixel
+        ratios), which clips most samples and barely learns; ratios, clipping and advantages are per pixel here.
 
         Every hyperparameter comes from ``self.config``; ``self.beta_kl`` and ``self.ent_coef`` are the current
         points of its schedules (:meth:`set_adaptation_iteration`). SB3's own copies (``self.vf_coef``,
@@ -572,13 +588,11 @@ class PixelPPO(OnPolicyAlgorithm):
 @dataclass
 class PolicyWeights:
     """The PPO stage's result: the policy weights an iteration hands on (``iter{k}/policy.pt``)."""
-
     state: dict[str, torch.Tensor]
     """The policy network's state dict (CPU tensors): the phase's (averaged) weights, or the previous ones when
     the phase was rejected."""
     argmax: np.ndarray | None = None
     """(N, H, W) uint8 argmax of these weights on the target patches, when known (not saved)."""
-
     def save(self, path: Path) -> None:
         """``torch.save`` the state dict to ``path`` atomically."""
         save_torch(path, self.state)

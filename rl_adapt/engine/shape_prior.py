@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from rl_adapt.config import from_dict, to_dict
-from rl_adapt.errors import InputError, TrainingDiverged
+from rl_adapt.errors import InputError
 from rl_adapt.io_utils import atomic_path
+from rl_adapt.training.loop import fit
 
 log = logging.getLogger(__name__)
 
@@ -285,26 +285,16 @@ def train_shape_prior(masks: np.ndarray, cfg: ShapePriorConfig | None = None, de
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.steps, 1), pct_start=0.1)
     net.train()
-    losses: list[float] = []
-    bar = tqdm(range(cfg.steps), desc="shape prior", disable=None if progress else True, leave=False)
-    for step in bar:
+
+    def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(small), (cfg.batch_size,), generator=gen, device=device)
         oh = _random_affine(small[idx], cfg, gen)
         target = oh.argmax(1)
         noisy = _corrupt(target, k, cfg.corrupt_prob, gen)
-        inp = F.one_hot(noisy, k).permute(0, 3, 1, 2).float()
-        logits = net(inp)
-        loss = _loss(logits, target)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"shape prior loss became {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        return _loss(net(F.one_hot(noisy, k).permute(0, 3, 1, 2).float()), target)
+
+    losses = fit(loss_at, opt, net.parameters(), cfg.steps, what="shape prior", grad_clip=1.0, scheduler=sched,
+                 progress=progress, postfix_every=20)
     net.eval()
     with torch.no_grad():
         n_eval = min(len(small), 256)

@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rl_adapt.errors import InputError, TrainingDiverged
-from tqdm import tqdm
+from rl_adapt.errors import InputError
 from rl_adapt.config import save_config, to_dict
 from rl_adapt.data.readers import read_dataset
 from rl_adapt.evaluation.inputs import load_model
 from rl_adapt.io_utils import atomic_dir, write_json_atomic
 from rl_adapt.policies.nnunet import export_model_folder
+from rl_adapt.training.loop import fit
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,6 @@ def adapt_network(network: nn.Module, patches: torch.Tensor | np.ndarray, cfg: B
     params = trainable_parameters(network, cfg.method)
     opt = _optimizer(params, cfg)
     history: list[dict] = []
-    bar = tqdm(total=cfg.rounds * cfg.steps, desc=f"baseline {cfg.method}", disable=None if progress else True)
     for rnd in range(cfg.rounds):
         targets, confident = None, float("nan")
         if cfg.method == "pseudo-label":
@@ -211,21 +210,15 @@ def adapt_network(network: nn.Module, patches: torch.Tensor | np.ndarray, cfg: B
             log.info("round %d: %.1f%% of target pixels pseudo-labelled", rnd, 100 * confident)
         network.train()
         stream = _batches(x_all.shape[0], cfg.batch_size, gen)
-        for step in range(cfg.steps):
+
+        def loss_at(step: int, stream=stream, targets=targets) -> torch.Tensor:
             idx = next(stream).to(device)
             logits = logits_of(network, x_all[idx])
-            loss = entropy_loss(logits) if targets is None else pseudo_label_loss(logits, targets[idx])
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"baseline {cfg.method}: loss became {loss.item()} at round {rnd} step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            history.append({"round": rnd, "step": step, "loss": float(loss.item()), "confident": confident})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    bar.close()
+            return entropy_loss(logits) if targets is None else pseudo_label_loss(logits, targets[idx])
+
+        losses = fit(loss_at, opt, params, cfg.steps, what=f"baseline {cfg.method}, round {rnd + 1}/{cfg.rounds}",
+                     grad_clip=cfg.grad_clip, progress=progress, postfix_every=1)
+        history += [{"round": rnd, "step": step, "loss": v, "confident": confident} for step, v in enumerate(losses)]
     for p in network.parameters():
         p.requires_grad_(True)
     network.eval()

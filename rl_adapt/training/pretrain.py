@@ -25,12 +25,12 @@ import torch.nn.functional as F
 
 from rl_adapt.config import to_dict
 from rl_adapt.devices import pick_device
-from rl_adapt.errors import InputError, TrainingDiverged
+from rl_adapt.errors import InputError
 from rl_adapt.labels import STRUCTURE_NAMES
 from rl_adapt.measures.metrics import dice_per_label
 from rl_adapt.policies.inference import pad_to_min_size
 from rl_adapt.policies.nnunet import plan_dataset, shrink_plan
-from tqdm import tqdm
+from rl_adapt.training.loop import fit
 from rl_adapt.data.readers import read_dataset
 from rl_adapt.policies.nnunet import DEFAULT_TRAINER, NnUNetModel, build_network, export_model_folder
 import yaml
@@ -378,7 +378,6 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
     gen = torch.Generator().manual_seed(tc.seed)
     use_bf16 = device.type == "cuda" and tc.bf16
     history: list[dict] = []
-    step = 0
 
     with tempfile.TemporaryDirectory(prefix="rl_adapt_tb_") as tb_dir:
         writer = SummaryWriter(tb_dir)
@@ -387,10 +386,9 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
             net.train()
             te = time.time()
             perm = torch.randperm(len(images), generator=gen)
-            losses = []
-            bar = tqdm(range(iters), desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch",
-                       disable=None if progress else True, leave=False)
-            for it in bar:
+            first = epoch * iters  # optimizer steps before this epoch
+
+            def loss_at(it: int, perm: torch.Tensor = perm) -> torch.Tensor:
                 start = (it * batch_size) % len(images)
                 idx = perm[start:start + batch_size].tolist()
                 if len(idx) < batch_size:
@@ -400,23 +398,17 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if device.type == "cuda" and tc.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                lr = tc.lr * (1 - step / total_steps) ** 0.9
-                for g in opt.param_groups:
-                    g["lr"] = lr
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                     out = net(x)
-                loss = training_loss(out, y, batch_dice)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, batch {it + 1}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
-                opt.step()
-                step += 1
-                losses.append(float(loss.detach()))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if writer is not None:
-                    writer.add_scalar("train/loss", losses[-1], step)
+                return training_loss(out, y, batch_dice)
+
+            def lr_at(it: int, first: int = first) -> float:  # nnU-Net's poly decay over all steps
+                return tc.lr * (1 - (first + it) / total_steps) ** 0.9
+
+            losses = fit(loss_at, opt, net.parameters(), iters, what=f"epoch {epoch + 1}/{tc.epochs}",
+                         grad_clip=tc.grad_clip, lr_at=lr_at, progress=progress, postfix_every=1,
+                         on_step=lambda it, v, first=first: writer.add_scalar("train/loss", v, first + it + 1))
+            lr = lr_at(iters - 1)
             rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr, "seconds": time.time() - te}
             if val_cases and ((epoch + 1) % max(1, tc.val_every) == 0 or epoch + 1 == tc.epochs):
                 model.networks[0].load_state_dict(net.state_dict())
@@ -424,17 +416,14 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
                 model.device = device
                 dice = evaluate_dice(model, val_cases)
                 rec["dice"] = dice
-                if writer is not None:
-                    for k, v in dice.items():
-                        writer.add_scalar(f"val/dice_{k}", v, epoch + 1)
+                for k, v in dice.items():
+                    writer.add_scalar(f"val/dice_{k}", v, epoch + 1)
             history.append(rec)
-            if writer is not None:
-                writer.add_scalar("train/epoch_loss", rec["loss"], epoch + 1)
-                writer.add_scalar("train/lr", lr, epoch + 1)
+            writer.add_scalar("train/epoch_loss", rec["loss"], epoch + 1)
+            writer.add_scalar("train/lr", lr, epoch + 1)
             log.info("epoch %d/%d loss %.4f (%.1fs)%s", epoch + 1, tc.epochs, rec["loss"], rec["seconds"],
                      f" held-out Dice {dice.get('mean', float('nan')):.3f}" if "dice" in rec else "")
-        if writer is not None:
-            writer.close()
+        writer.close()
         seconds = time.time() - t0
         summary = {"dice_heldout": dice, "seconds": seconds, "n_train": len(train_cases), "n_val": len(val_cases),
                    "val_cases": [c.name for c in val_cases], "history": history, "config": to_dict(cfg),

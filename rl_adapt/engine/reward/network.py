@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from rl_adapt.measures.calibration import error_detection_report
 from rl_adapt.config import from_dict, to_dict
-from rl_adapt.errors import InputError, TrainingDiverged
+from rl_adapt.errors import InputError
 from rl_adapt.engine.reward.dataset import RewardDataset
 from rl_adapt.io_utils import atomic_path
+from rl_adapt.training.loop import fit
 
 log = logging.getLogger(__name__)
 
@@ -363,30 +363,19 @@ def train_reward_net(
     else:  # OneCycleLR divides by zero when its warm-up rounds to one step (e.g. 10 steps): keep lr constant
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     net.network.train()
-    losses: list[float] = []
-    bar = tqdm(range(cfg.steps), desc="reward net", disable=None if progress else True, leave=False)
-    order = rng.permutation(train_pairs)
-    pos = 0
-    for step in bar:
-        if pos + cfg.batch_size > len(order):
-            order = rng.permutation(train_pairs)
-            pos = 0
-        idx = order[pos : pos + cfg.batch_size]
-        pos += cfg.batch_size
+    batches = {"order": rng.permutation(train_pairs), "pos": 0}
+
+    def loss_at(step: int) -> torch.Tensor:
+        if batches["pos"] + cfg.batch_size > len(batches["order"]):
+            batches["order"], batches["pos"] = rng.permutation(train_pairs), 0
+        idx = batches["order"][batches["pos"] : batches["pos"] + cfg.batch_size]
+        batches["pos"] += cfg.batch_size
         flip = rng.random(len(idx)) < 0.5 if cfg.flip_augment else None
         im, sg, tg = _batch(dataset, idx, device, flip)
-        logits = net.logits(im, sg)
-        loss = F.binary_cross_entropy_with_logits(logits, tg, pos_weight=pos_weight)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"reward network loss became {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(net.network.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        return F.binary_cross_entropy_with_logits(net.logits(im, sg), tg, pos_weight=pos_weight)
+
+    losses = fit(loss_at, opt, net.network.parameters(), cfg.steps, what="reward net", grad_clip=cfg.grad_clip,
+                 scheduler=sched, progress=progress)
     net.network.eval()
 
     stats: dict = {
