@@ -14,14 +14,17 @@ def register(sub) -> argparse.ArgumentParser:
             "Adapt a source nnU-Net model on unlabelled target images with a classic baseline and write a new "
             "nnU-Net results folder under OUT (the source is never written). tent: entropy minimisation of the "
             "normalisation layers' affine parameters only; entropy: the whole network; pseudo-label: rounds "
-            "of self-training on confident pixels. Budget knobs (steps, rounds, lr, batch_size, seed, "
+            "of self-training on confident pixels; styled-source: supervised fine-tuning on the source images "
+            "(--source-data) restyled toward the target's look, estimated from the target images. Budget knobs (steps, rounds, lr, batch_size, seed, "
             "confidence) are shared: see rl_adapt.evaluation.baselines.BaselineConfig."
         ),
     )
-    p.add_argument("--method", required=True, choices=("tent", "entropy", "pseudo-label"))
+    p.add_argument("--method", required=True, choices=("tent", "entropy", "pseudo-label", "styled-source"))
     p.add_argument("--model", required=True, type=Path, help="source nnU-Net v2 results folder (read only)")
     p.add_argument("--target", required=True, type=Path, help="unlabelled target images (labels ignored)")
     p.add_argument("--out", required=True, type=Path, help="new output folder")
+    p.add_argument("--source-data", type=Path,
+                   help="labelled source dataset (styled-source: its images restyled toward the target, its labels)")
     p.add_argument("--config", type=Path, help="YAML with BaselineConfig fields")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set lr=0.001 (repeatable)")
@@ -35,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from rl_adapt.config import load_config
 
     cfg = load_config(BaselineConfig, args.config, [*args.overrides, f"method={args.method}"])
-    folder = run_baseline(args.model, args.target, args.out, cfg, progress=not args.no_progress)
+    folder = run_baseline(args.model, args.target, args.out, cfg, progress=not args.no_progress,
+                          source_data=args.source_data)
     print(f"adapted model ({cfg.method}): {folder}")
     return 0

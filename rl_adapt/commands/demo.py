@@ -11,10 +11,11 @@ as stages with dependencies::
     baseline tent, baseline pseudo-label -> OUT/baseline_<method>     (need the source model)
     evaluate every model on the target test split -> OUT/eval (summary.json, report.html)
 
-Stages whose inputs are ready run side by side, up to ``jobs`` at a time (the CPUs this process may use), the
-stages on the longest path first; each stage runs with the thread count its config sets, so the figures do not
-depend on how many run at once. A stage whose output exists is skipped, so an interrupted demo resumes. Each
-stage's output goes to ``OUT/logs/<stage>.log``.
+Stages whose inputs are ready run side by side, up to ``jobs`` at a time (the CPUs this process may use). The
+CPU threads are planned, not left to chance: the two pretrainings run side by side with half the CPUs each, then
+the two baselines likewise, then the adaptation alone with all of them (``threads``; the figures depend on the
+thread counts, through the float rounding of multi-threaded kernels). A stage whose output exists is skipped,
+so an interrupted demo resumes. Each stage's output goes to ``OUT/logs/<stage>.log``.
 """
 from __future__ import annotations
 
@@ -71,6 +72,10 @@ class DemoConfig:
     """Torch device of the evaluation stage ("cpu", "cuda"), passed as ``rl-adapt evaluate --device``."""
     jobs: int = bounded(0, ge=0)
     """Stages run side by side (each in its own process); 0: the CPUs this process may use."""
+    threads: int = bounded(0, ge=0)
+    """CPU threads shared by the stages running at the same time: the two pretrainings and the two baselines get
+    half each, the adaptation all of them (0: the CPUs this process may use). The figures depend on it (float
+    rounding of multi-threaded kernels)."""
     extra_overrides: dict[str, list[str]] = field(default_factory=dict)
     """Per-command extra ``--set`` overrides, e.g. {"adapt": ["ppo.lr=1e-4"]}."""
 
@@ -91,6 +96,10 @@ class Stage:
     """The file that proves the stage finished (default: ``output`` itself, which commands write atomically)."""
     resumable: bool = False
     """The command continues an interrupted run of itself with ``--resume`` (given when ``output`` exists)."""
+    threads_key: str | None = None
+    """The command's config key for its torch CPU threads (set by the runner), if it has one."""
+    share: int = 1
+    """How many of the demo's stages are planned to run beside this one (its threads are the CPUs / share)."""
 
     def done(self) -> bool:
         return (self.done_file or self.output).exists()
@@ -119,44 +128,49 @@ def find_model_folder(root: Path) -> Path:
 
 
 def demo_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
-    """The demo's stages, the longest path first (that order is the start priority)."""
+    """The demo's stages in start priority (among the ready ones, earlier first)."""
     d = out / "data"
     common = ["--seed", str(cfg.seed), "--size", str(cfg.image_size), "--format", "nnunet"]
     quiet = ["--no-progress"]  # each stage logs its progress to its log file
     pretrain = ["--config", str(config_path(cfg.pretrain_config)), *_sets(cfg, "pretrain")]
-    source_model = out / "source_model" / "Dataset910_SynthSource"
+    source_model = "{source}"  # the model folder inside OUT/source_model, known once pretrain finished
     adapt_dir = out / "adapt"
-    stages = [
-        Stage("synth source", d / "source", [
-            "synth", "--domain", "source", "--patients", str(cfg.source_patients), "--out", str(d / "source"),
-            "--dataset-name", "Dataset910_SynthSource", *common]),
-        Stage("pretrain", out / "source_model", [
-            "pretrain", "--data", str(d / "source"), "--out", str(out / "source_model"), *pretrain, *quiet],
-            needs=("synth source",)),
-        Stage("synth target", d / "target", [
-            "synth", "--domain", cfg.target_domain, "--patients", str(cfg.target_patients), "--first-patient",
-            "5001", "--no-labels", "--out", str(d / "target"), *common]),
-        Stage("adapt (RL)", adapt_dir, [
-            "adapt", "--model", str(source_model), "--target", str(d / "target"), "--out", str(adapt_dir),
-            "--source-data", str(d / "source"), "--config", str(config_path(cfg.adapt_config)),
-            *_sets(cfg, "adapt"), *quiet],
-            needs=("pretrain", "synth target", "synth source"), done_file=adapt_dir / "model", resumable=True),
-    ]
+    in_domain = []
     if cfg.in_domain_reference:
-        stages += [
+        in_domain = [
             Stage("synth target in-domain", d / "target_in_domain", [
                 "synth", "--domain", cfg.target_domain, "--patients", str(cfg.target_patients), "--first-patient",
                 "6001", "--out", str(d / "target_in_domain"), "--dataset-name", "Dataset911_SynthTargetInDomain",
                 *common]),
             Stage("pretrain in-domain", out / "in_domain_model", [
                 "pretrain", "--data", str(d / "target_in_domain"), "--out", str(out / "in_domain_model"),
-                *pretrain, *quiet], needs=("synth target in-domain",)),
+                *pretrain, *quiet], needs=("synth target in-domain",), threads_key="train.num_threads", share=2),
         ]
-    for method in cfg.baselines:
+    stages = [
+        Stage("synth source", d / "source", [
+            "synth", "--domain", "source", "--patients", str(cfg.source_patients), "--out", str(d / "source"),
+            "--dataset-name", "Dataset910_SynthSource", *common]),
+        *in_domain[:1],
+        Stage("pretrain", out / "source_model", [
+            "pretrain", "--data", str(d / "source"), "--out", str(out / "source_model"), *pretrain, *quiet],
+            needs=("synth source",), threads_key="train.num_threads", share=2 if in_domain else 1),
+        *in_domain[1:],
+        Stage("synth target", d / "target", [
+            "synth", "--domain", cfg.target_domain, "--patients", str(cfg.target_patients), "--first-patient",
+            "5001", "--no-labels", "--out", str(d / "target"), *common]),
+    ]
+    for method in cfg.baselines:  # before the adaptation, which then has every CPU to itself
         stages.append(Stage(f"baseline {method}", out / f"baseline_{method}", [
             "baseline", "--method", method, "--model", str(source_model), "--target", str(d / "target"),
             "--out", str(out / f"baseline_{method}"), "--config", str(config_path(cfg.baseline_config)),
-            *_sets(cfg, "baseline"), *quiet], needs=("pretrain", "synth target")))
+            *_sets(cfg, "baseline"), *quiet], needs=("pretrain", "synth target"), threads_key="threads",
+            share=max(1, len(cfg.baselines))))
+    stages.append(Stage("adapt (RL)", adapt_dir, [
+        "adapt", "--model", str(source_model), "--target", str(d / "target"), "--out", str(adapt_dir),
+        "--source-data", str(d / "source"), "--config", str(config_path(cfg.adapt_config)),
+        *_sets(cfg, "adapt"), *quiet],
+        needs=("pretrain", "synth target", "synth source", *(f"baseline {m}" for m in cfg.baselines)),
+        done_file=adapt_dir / "model", resumable=True, threads_key="threads"))
     stages.append(Stage("synth target test", d / "target_test", [
         "synth", "--domain", cfg.target_domain, "--patients", str(cfg.test_patients), "--first-patient", "9001",
         "--out", str(d / "target_test"), *common]))
@@ -169,14 +183,10 @@ def demo_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
     return stages
 
 
-def _model_folders(cfg: DemoConfig, out: Path) -> dict[str, str]:
-    """The model folders the evaluate stage compares (known once their stages finished)."""
-    folders = {"source": find_model_folder(out / "source_model")}
-    folders.update({m: find_model_folder(out / f"baseline_{m}") for m in cfg.baselines})
-    if cfg.in_domain_reference:
-        folders["in_domain"] = find_model_folder(out / "in_domain_model")
-    folders["rl_adapted"] = find_model_folder(out / "adapt" / "model")  # last: the report contrasts it with the first
-    return {k: str(v) for k, v in folders.items()}
+def _model_folder(out: Path, model: str) -> str:
+    """The folder of one model the demo made (``source``, ``in_domain``, ``rl_adapted`` or a baseline's name)."""
+    roots = {"source": "source_model", "in_domain": "in_domain_model", "rl_adapted": "adapt/model"}
+    return str(find_model_folder(out / roots.get(model, f"baseline_{model}")))
 
 
 def run_stages(stages: list[Stage], jobs: int, logs: Path, progress: bool = False,
@@ -241,8 +251,12 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     jobs = cfg.jobs or available_cpus()
     t_start = time.time()
 
+    cpus = cfg.threads or available_cpus()
+
     def prepare(stage: Stage) -> list[str]:
-        args = [a.format(**_model_folders(cfg, out)) if "{" in a else a for a in stage.args]
+        args = [_fill(a, out) for a in stage.args]
+        if stage.threads_key:
+            args += ["--set", f"{stage.threads_key}={max(1, cpus // stage.share)}"]
         return args + (["--resume"] if stage.resumable and stage.output.exists() else [])
 
     log.info("demo: up to %d stages side by side", jobs)
@@ -250,6 +264,15 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     log.info("demo finished in %.0f s: %s", time.time() - t_start, timings)
     return {"summary": read_json(out / "eval" / "summary.json"), "timings": timings, "eval_dir": str(out / "eval"),
             "ran": ran}
+
+
+def _fill(arg: str, out: Path) -> str:
+    """``arg`` with its ``{model}`` placeholder (at most one) replaced by that model's folder."""
+    if "{" not in arg:
+        return arg
+    head, _, rest = arg.partition("{")
+    name, _, tail = rest.partition("}")
+    return head + _model_folder(out, name) + tail
 
 
 def _log_path(logs: Path, stage: str) -> Path:

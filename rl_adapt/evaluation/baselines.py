@@ -1,6 +1,6 @@
-"""Test-time adaptation baselines on unlabelled target images: TENT, entropy minimisation, pseudo-labels.
+"""Adaptation baselines on unlabelled target images: TENT, entropy minimisation, pseudo-labels, styled source.
 
-All three start from a source nnU-Net model, work on the target images as network patches
+All of them start from a source nnU-Net model, work on the target images as network patches
 (:meth:`NnUNetModel.to_patch`: nnU-Net preprocessing, then centre pad/crop to the patch size), share one
 set of budget knobs (:class:`BaselineConfig`) and write a new nnU-Net results folder that
 ``rl-adapt evaluate`` scores like any model:
@@ -13,6 +13,10 @@ set of budget knobs (:class:`BaselineConfig`) and write a new nnU-Net results fo
 * ``pseudo-label``: self-training. Each round freezes a copy of the current network, labels every target
   pixel with its argmax where the softmax probability is at least ``confidence``, then trains ``steps``
   steps of cross-entropy on those pixels only (unconfident pixels are ignored).
+* ``styled-source``: supervised fine-tuning of the whole network on the labelled source images, a fraction of
+  them restyled toward the target's look estimated from the unlabelled target images
+  (:mod:`rl_adapt.training.styled_source`), with nnU-Net's loss (soft Dice + cross-entropy) and the pretraining
+  augmentation. Needs the source data (``--source-data``); no target label is read.
 
 Same config and seed give the same weights (batches are drawn from a seeded ``torch.Generator``).
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -31,16 +35,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from rl_adapt.errors import InputError
-from rl_adapt.config import save_config, to_dict
+from rl_adapt.config import bounded, save_config, to_dict
 from rl_adapt.data.readers import read_dataset
 from rl_adapt.evaluation.inputs import load_model
 from rl_adapt.io_utils import atomic_dir, write_json_atomic
 from rl_adapt.policies.nnunet import export_model_folder
 from rl_adapt.training.loop import fit
+from rl_adapt.training.pretrain import AugmentConfig, augment, training_loss
+from rl_adapt.training.styled_source import StyledPairs, StyledSourceConfig, styled_source_pairs
 
 log = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = ("tent", "entropy", "pseudo-label")
+METHODS: tuple[str, ...] = ("tent", "entropy", "pseudo-label", "styled-source")
 """Baseline names accepted by :class:`BaselineConfig.method` and ``rl-adapt baseline --method``."""
 
 IGNORE = -1
@@ -50,8 +56,9 @@ IGNORE = -1
 @dataclass
 class BaselineConfig:
     """Budget and optimiser of a test-time adaptation baseline (the same knobs for every method)."""
-    method: Literal["tent", "entropy", "pseudo-label"] = "tent"
-    """Which baseline: tent (norm affine only), entropy (whole network), pseudo-label (self-training)."""
+    method: Literal["tent", "entropy", "pseudo-label", "styled-source"] = "tent"
+    """Which baseline: tent (norm affine only), entropy (whole network), pseudo-label (self-training),
+    styled-source (supervised fine-tuning on source images restyled toward the target; needs --source-data)."""
     rounds: int = 1
     """Rounds; pseudo-label re-labels the target set with the current network at the start of each round.
     tent/entropy simply run rounds * steps steps."""
@@ -77,6 +84,13 @@ class BaselineConfig:
     """Seed of batch sampling, image subsetting and torch."""
     device: str = "cpu"
     """Torch device ("cpu", "cuda")."""
+    threads: int = bounded(1, ge=0)
+    """torch CPU threads (0: leave torch's default)."""
+    styled: StyledSourceConfig = field(default_factory=StyledSourceConfig)
+    """styled-source: which source images are restyled, and how."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """styled-source: the augmentation of the supervised batches (the pretraining one by default)."""
+
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
@@ -225,6 +239,32 @@ def adapt_network(network: nn.Module, patches: torch.Tensor | np.ndarray, cfg: B
     return history
 
 
+def fine_tune_supervised(network: nn.Module, pairs: StyledPairs, cfg: BaselineConfig, progress: bool = True
+                         ) -> list[dict]:
+    """Fine-tune every parameter of ``network`` in place on labelled ``pairs`` with nnU-Net's loss (soft Dice +
+    cross-entropy) and ``cfg.augment``, ``cfg.rounds * cfg.steps`` steps of ``cfg.batch_size``.
+
+    :returns: history, one dict per step: ``{"step", "loss"}``.
+    """
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    network.to(device).train()
+    params = trainable_parameters(network, "entropy")  # every parameter
+    opt = _optimizer(params, cfg)
+    stream = _batches(len(pairs), cfg.batch_size, gen)
+
+    def loss_at(step: int) -> torch.Tensor:
+        idx = next(stream)
+        x, y = augment(pairs.images[idx], pairs.labels[idx], cfg.augment, gen)
+        return training_loss(network(x.to(device)), y.to(device), batch_dice=True)
+
+    losses = fit(loss_at, opt, params, cfg.rounds * cfg.steps, what="baseline styled-source",
+                 grad_clip=cfg.grad_clip, progress=progress, postfix_every=1)
+    network.eval()
+    return [{"step": i, "loss": v} for i, v in enumerate(losses)]
+
+
 # --------------------------------------------------------------------------------------------- end to end
 def target_patches(model, cases, max_images: int = 0, seed: int = 0) -> np.ndarray:
     """Stack ``model.to_patch`` of each case: ``(N, 1, P0, P1)`` float32 (a seeded subset if ``max_images``)."""
@@ -236,14 +276,16 @@ def target_patches(model, cases, max_images: int = 0, seed: int = 0) -> np.ndarr
 
 
 def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path, cfg: BaselineConfig,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, source_data: str | Path | None = None) -> Path:
     """Adapt the source model in ``model_dir`` to the unlabelled images in ``target``; write a new model folder.
 
     ``out_dir`` holds ``baseline_config.yaml``, ``baseline_history.json`` and the nnU-Net results folder
     written by ``export_model_folder`` (``out_dir/<Dataset>/nnUNetTrainer__<Plans>__2d``, returned). It is
     built in a temporary sibling and renamed at the end; the source folder is only read.
 
-    :raises InputError: unloadable model, empty/unreadable target, ``out_dir`` already exists.
+    :param source_data: the labelled source dataset (``styled-source`` only).
+    :raises InputError: unloadable model, empty/unreadable target, ``out_dir`` already exists, ``styled-source``
+        without source data.
     """
 
     out_dir = Path(out_dir)
@@ -251,14 +293,25 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
         raise InputError(out_dir, "already exists; choose a new output folder (models are never overwritten)")
     if Path(model_dir).resolve() == out_dir.resolve():
         raise InputError(out_dir, "the output folder must differ from the source model folder")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if cfg.method == "styled-source" and source_data is None:
+        raise InputError(None, "the styled-source baseline needs the labelled source data (--source-data DIR)")
     model = load_model(model_dir, cfg.device)
     cases = read_dataset(target, with_labels=False, progress=progress)
     if not cases:
         raise InputError(target, "no target images found")
-    patches = target_patches(model, cases, cfg.max_images, cfg.seed)
-    log.info("%s on %d target patches of %s", cfg.method, patches.shape[0], tuple(patches.shape[2:]))
     network = copy.deepcopy(model.network)
-    history = adapt_network(network, patches, cfg, progress=progress)
+    if cfg.method == "styled-source":
+        pairs = styled_source_pairs(model, read_dataset(source_data, with_labels=True, progress=progress), cases,
+                                    cfg.styled, seed=cfg.seed)
+        n_images = len(pairs)
+        history = fine_tune_supervised(network, pairs, cfg, progress=progress)
+    else:
+        patches = target_patches(model, cases, cfg.max_images, cfg.seed)
+        log.info("%s on %d target patches of %s", cfg.method, patches.shape[0], tuple(patches.shape[2:]))
+        n_images = int(patches.shape[0])
+        history = adapt_network(network, patches, cfg, progress=progress)
     network.cpu()
     with atomic_dir(out_dir) as tmp:
         model_dir_tmp = export_model_folder(network, model, tmp, extra_meta={"baseline": to_dict(cfg)})
@@ -266,7 +319,7 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
         save_config(cfg, Path(tmp) / "baseline_config.yaml")
         write_json_atomic(Path(tmp) / "baseline_history.json",
                           {"method": cfg.method, "source": str(model_dir), "target": str(target),
-                           "n_images": int(patches.shape[0]),
+                           "n_images": n_images, "source_data": None if source_data is None else str(source_data),
                            "history": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                         for k, v in h.items()} for h in history]})
     log.info("baseline model written to %s", out_dir / rel)

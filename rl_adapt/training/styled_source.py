@@ -1,0 +1,94 @@
+"""Labelled source images restyled toward the target scanner: supervision that needs no target label.
+
+The target's look is estimated from the unlabelled target images (:func:`rl_adapt.styling.estimate_style`: mean
+amplitude spectrum and in-sector histograms); each chosen source image is restyled toward it and keeps its own,
+true label map. The pairs are brought to the policy's patch geometry (nnU-Net preprocessing, centre pad/crop), as
+the target images are. Used by the ``styled-source`` baseline (supervised fine-tuning) and by the adaptation loop
+(supervision in the PPO update, and what the reward network learns where masks are wrong).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from rl_adapt.config import bounded
+from rl_adapt.data.case import Case
+from rl_adapt.errors import InputError
+from rl_adapt.policies.inference import centre_pad_crop
+from rl_adapt.styling import estimate_style, restyle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StyledSourceConfig:
+    """Which source images are restyled, and how."""
+
+    images: int = bounded(0, ge=0)
+    """Source images used (a seeded subset; 0: all)."""
+    styled_fraction: float = bounded(0.5, ge=0.0, le=1.0)
+    """Fraction of the pairs whose image is restyled toward the target (the others keep the source look, so the
+    model does not forget it)."""
+    style_images: int = bounded(200, ge=2)
+    """Source and target images (each, seeded subsets) the target style is estimated from."""
+    spectrum_strength: float = bounded(1.0, ge=0.0, le=1.0)
+    """How far the amplitude spectrum moves toward the target's (0: histogram only)."""
+    histogram: bool = True
+    """Match each restyled image's in-sector histogram to a random target image's."""
+
+
+@dataclass
+class StyledPairs:
+    """Source patches (some restyled toward the target) with their true label maps, in the policy's geometry."""
+
+    images: torch.Tensor
+    """(M, 1, P0, P1) float32 preprocessed patches."""
+    labels: torch.Tensor
+    """(M, P0, P1) int64 label maps (0..3)."""
+    styled: np.ndarray
+    """(M,) bool: the image was restyled."""
+    names: list[str]
+    """(M,) source case names."""
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _subset(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    return np.arange(n) if k <= 0 or k >= n else np.sort(rng.choice(n, k, replace=False))
+
+
+def styled_source_pairs(model, source: Sequence[Case], target: Sequence[Case], cfg: StyledSourceConfig,
+                        seed: int) -> StyledPairs:
+    """Restyle labelled ``source`` cases toward the look of the unlabelled ``target`` cases.
+
+    :param model: the policy's :class:`~rl_adapt.policies.nnunet.NnUNetModel` (its preprocessing and patch size).
+    :param source: labelled source cases; :param target: target cases (images only are read).
+    :param seed: seed of the subsets, the restyled ones and the restyling.
+    :raises InputError: no labelled source case or no target image.
+    """
+    source = [c for c in source if c.label is not None]
+    if not source:
+        raise InputError(None, "styled source: the source data has no label maps")
+    if not target:
+        raise InputError(None, "styled source: no target images")
+    rng = np.random.default_rng(seed)
+    chosen = [source[i] for i in _subset(len(source), cfg.images, rng)]
+    style = estimate_style([source[i].image for i in _subset(len(source), cfg.style_images, rng)],
+                           [target[i].image for i in _subset(len(target), cfg.style_images, rng)])
+    styled = rng.random(len(chosen)) < cfg.styled_fraction
+    images, labels = [], []
+    for case, on in zip(chosen, styled):
+        image = restyle(case.image, style, rng, cfg.spectrum_strength, cfg.histogram) if on else case.image
+        data, seg, _ = model.preprocess_pair(image, case.label, case.spacing)
+        patch, _ = centre_pad_crop(data, model.patch_size, 0.0)
+        label, _ = centre_pad_crop(np.maximum(seg, 0)[None], model.patch_size, 0)
+        images.append(np.asarray(patch, np.float32))
+        labels.append(np.asarray(label)[0].astype(np.int64))
+    log.info("styled source: %d source images, %d restyled toward the target", len(chosen), int(styled.sum()))
+    return StyledPairs(images=torch.from_numpy(np.stack(images)), labels=torch.from_numpy(np.stack(labels)),
+                       styled=styled, names=[c.name for c in chosen])
