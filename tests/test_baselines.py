@@ -10,8 +10,8 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from rl_adapt.evaluation.baselines import (IGNORE, METHODS, BaselineConfig, adapt_network, entropy_loss, norm_parameters,
-                                pseudo_label_loss, pseudo_labels, run_baseline)
+from rl_adapt.evaluation.baselines import (IGNORE, METHODS, TARGET_METHODS, BaselineConfig, adapt_network, entropy_loss,
+                                          norm_parameters, pseudo_label_loss, pseudo_labels, run_baseline)
 from rl_adapt.errors import ConfigError, InputError
 from test_evaluate import build_tiny_world
 
@@ -88,7 +88,7 @@ def test_full_network_methods_update_convolutions(method):
         assert 0.0 <= hist[0]["confident"] <= 1.0
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", TARGET_METHODS)
 def test_same_seed_same_weights(method):
     torch.set_num_threads(1)
     nets = [tiny_net() for _ in range(3)]
@@ -131,7 +131,9 @@ def test_run_baseline_writes_loadable_new_folder(world, tmp_path, method):
 
     torch.set_num_threads(1)
     before = _sha(world["src"])
-    out = run_baseline(world["src"], world["data"], tmp_path / "b", cfg(method, steps=2), progress=False)
+    source = world["data"] if method == "styled-source" else None  # a labelled set; its images are the target too
+    out = run_baseline(world["src"], world["data"], tmp_path / "b", cfg(method, steps=2), progress=False,
+                       source_data=source)
     assert _sha(world["src"]) == before  # the source is only read
     assert out.is_dir() and str(out).startswith(str(tmp_path / "b"))
     assert (tmp_path / "b" / "baseline_config.yaml").is_file() and (tmp_path / "b" / "baseline_history.json").is_file()
@@ -142,6 +144,24 @@ def test_run_baseline_writes_loadable_new_folder(world, tmp_path, method):
         assert diff <= {n for n, _ in norm_parameters(source.network)}
     img = np.random.default_rng(0).random((48, 48)).astype(np.float32)
     assert adapted.predict(img, (0.5, 0.5)).shape == (48, 48)
+
+
+def test_styled_source_is_seeded_and_needs_the_source_data(world, tmp_path):
+    from rl_adapt.policies.nnunet import load_model_folder
+
+    torch.set_num_threads(1)
+    with pytest.raises(InputError, match="--source-data"):
+        run_baseline(world["src"], world["data"], tmp_path / "none", cfg("styled-source"), progress=False)
+    assert not (tmp_path / "none").exists()
+    nets = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        out = run_baseline(world["src"], world["data"], tmp_path / name, cfg("styled-source", steps=2, seed=seed),
+                           progress=False, source_data=world["data"])
+        nets.append(load_model_folder(out).network.state_dict())
+    assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
+    assert not all(torch.equal(nets[0][k], nets[2][k]) for k in nets[0])
+    with pytest.raises(ValueError, match="fine_tune_supervised"):
+        adapt_network(tiny_net(), patches(), cfg("styled-source"), progress=False)
 
 
 def test_run_baseline_bad_inputs(world, tmp_path):

@@ -46,7 +46,9 @@ from rl_adapt.training.styled_source import StyledPairs, StyledSourceConfig, sty
 
 log = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = ("tent", "entropy", "pseudo-label", "styled-source")
+TARGET_METHODS: tuple[str, ...] = ("tent", "entropy", "pseudo-label")
+"""The baselines that train on the target images alone (:func:`adapt_network`)."""
+METHODS: tuple[str, ...] = (*TARGET_METHODS, "styled-source")
 """Baseline names accepted by :class:`BaselineConfig.method` and ``rl-adapt baseline --method``."""
 
 IGNORE = -1
@@ -203,7 +205,10 @@ def adapt_network(network: nn.Module, patches: torch.Tensor | np.ndarray, cfg: B
     :returns: history, one dict per step: ``{"round", "step", "loss", "confident"}`` (``confident`` =
         fraction of pseudo-labelled pixels in the round; NaN for tent/entropy).
     :raises TrainingDiverged: a loss became NaN/Inf.
+    :raises ValueError: ``cfg.method`` is not one of :data:`TARGET_METHODS`.
     """
+    if cfg.method not in TARGET_METHODS:
+        raise ValueError(f"adapt_network runs {TARGET_METHODS}, not {cfg.method!r} (see fine_tune_supervised)")
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
