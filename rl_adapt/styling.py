@@ -65,7 +65,16 @@ SECTOR_THRESHOLD = 0.01
 """Sector pixels are above this fraction of the image's full scale (before the morphological cleaning)."""
 MIN_SECTOR_FRACTION = 0.05
 """A sector covering less than this fraction of the image is not trusted: the whole image is used."""
-_FORMAT_VERSION = 1
+DEPTH_BINS = 32
+"""Depth bins of the mean in-sector intensity profiles (attenuation and time-gain compensation differ between
+scanners: a far field darker or brighter than the source's)."""
+MODES = ("ratio", "degrade")
+"""How :func:`restyle` moves the texture: ``ratio`` multiplies the image's own spectrum by the target/source
+amplitude ratio (phase kept; it can only sharpen or soften the source's own speckle); ``degrade`` models the
+target as the source through a low-pass filter plus independent noise, both estimated from the two mean spectra
+(``H = min(1, A_t / A_s)``, noise amplitude ``sqrt(max(0, A_t^2 - H^2 A_s^2))``), so a noisier scanner gets new
+noise and a blurrier one a blur."""
+_FORMAT_VERSION = 2
 _EPS = 1e-12
 
 
@@ -206,6 +215,34 @@ def _amplitude(z: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
     return np.fft.fftshift(np.abs(np.fft.fft2(zr))) / np.sqrt(n_in)
 
 
+def depth_bins(mask: np.ndarray, bins: int = DEPTH_BINS) -> np.ndarray:
+    """(H, W) int: the depth bin (0 at the sector's top row, ``bins - 1`` at its bottom row) of every pixel."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    top, bottom = (rows[0], rows[-1]) if rows.size else (0, mask.shape[0] - 1)
+    r = (np.arange(mask.shape[0]) - top) / max(bottom - top, 1)
+    return np.broadcast_to(np.clip((r * bins).astype(int), 0, bins - 1)[:, None], mask.shape)
+
+
+def _depth_profile(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(DEPTH_BINS,) mean in-sector intensity per depth bin as a fraction of full scale (NaN for empty bins)."""
+    b = depth_bins(mask)[mask]
+    vals = image[mask].astype(np.float64) / intensity_scale(image)
+    sums = np.bincount(b, vals, DEPTH_BINS)
+    counts = np.bincount(b, None, DEPTH_BINS)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts
+
+
+def _to_image_grid(shifted: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A map on the fftshifted working grid read at every FFT bin of an image of ``shape`` (unshifted order, bin
+    ``k`` = ``k`` cycles per image, bilinear, clamped beyond the working Nyquist), made Hermitian-symmetric."""
+    h, w = int(shape[0]), int(shape[1])
+    c = shifted.shape[0] // 2
+    rr, cc = np.meshgrid(np.fft.fftfreq(h) * h + c, np.fft.fftfreq(w) * w + c, indexing="ij")
+    img = ndi.map_coordinates(shifted, [rr, cc], order=1, mode="nearest")
+    return 0.5 * (img + img[(-np.arange(h)) % h][:, (-np.arange(w)) % w])
+
+
 # ----------------------------------------------------------------------------------------------- style
 @dataclass
 class TargetStyle:
@@ -218,18 +255,27 @@ class TargetStyle:
         function of one target image at probabilities ``linspace(0, 1, n_quantiles)``, as fractions of that
         image's full scale (non-decreasing).
     :ivar n_source: number of source images behind ``source_amplitude``.
+    :ivar target_depth: ``(DEPTH_BINS,)`` float32, mean in-sector intensity (fraction of full scale) of the target
+        images per depth bin (rows from the sector's top to its bottom, equal bins); ones when unknown.
+    :ivar source_depth: the same for the source images.
     """
 
     target_amplitude: np.ndarray
     source_amplitude: np.ndarray
     target_quantiles: np.ndarray
     n_source: int
+    target_depth: np.ndarray | None = None
+    source_depth: np.ndarray | None = None
 
     def __post_init__(self):
         self.target_amplitude = np.asarray(self.target_amplitude, dtype=np.float32)
         self.source_amplitude = np.asarray(self.source_amplitude, dtype=np.float32)
         self.target_quantiles = np.asarray(self.target_quantiles, dtype=np.float32)
         self.n_source = int(self.n_source)
+        self.target_depth = np.ones(DEPTH_BINS, np.float32) if self.target_depth is None else \
+            np.asarray(self.target_depth, dtype=np.float32)
+        self.source_depth = np.ones(DEPTH_BINS, np.float32) if self.source_depth is None else \
+            np.asarray(self.source_depth, dtype=np.float32)
         ta, sa, q = self.target_amplitude, self.source_amplitude, self.target_quantiles
         if ta.ndim != 2 or ta.shape[0] != ta.shape[1] or ta.shape != sa.shape or ta.shape[0] < 2:
             raise InputError(None, f"style spectra must be two equal square arrays, got {ta.shape} and {sa.shape}")
@@ -283,17 +329,35 @@ class TargetStyle:
         :param strength: exponent in ``[0, 1]``; 0 gives all ones, 1 the full (clipped) ratio.
         :returns: ``(H, W)`` float64, values within ``ratio_range`` (1 at zero frequency).
         """
-        h, w = int(shape[0]), int(shape[1])
-        lr = self.log_ratio(smooth_bins=smooth_bins, ratio_range=ratio_range)
-        c = self.size // 2
-        ki = np.fft.fftfreq(h) * h + c
-        kj = np.fft.fftfreq(w) * w + c
-        rr, cc = np.meshgrid(ki, kj, indexing="ij")
-        img_lr = ndi.map_coordinates(lr, [rr, cc], order=1, mode="nearest")
-        sym = img_lr[(-np.arange(h)) % h][:, (-np.arange(w)) % w]
-        img_lr = 0.5 * (img_lr + sym)
+        img_lr = _to_image_grid(self.log_ratio(smooth_bins=smooth_bins, ratio_range=ratio_range), shape)
         img_lr[0, 0] = 0.0
         return np.exp(float(strength) * img_lr)
+
+    def degradation(self, shape: tuple[int, int], smooth_bins: float = SMOOTH_BINS) -> tuple[np.ndarray, np.ndarray]:
+        """The ``degrade`` model for an image of ``shape`` (numpy's unshifted FFT order): the low-pass gain
+        ``H = min(1, A_t / A_s)`` and the amplitude of the independent noise, ``sqrt(max(0, A_t^2 - H^2 A_s^2))``
+        (per sqrt(sector pixel), as the stored spectra), both from the smoothed mean spectra.
+
+        :returns: ``(H (H, W) float64 in [0, 1], noise (H, W) float64 >= 0)``; H is 1 at zero frequency.
+        """
+        t = self.target_amplitude.astype(np.float64)
+        s = self.source_amplitude.astype(np.float64)
+        if smooth_bins > 0:
+            t, s = ndi.gaussian_filter(t, smooth_bins, mode="wrap"), ndi.gaussian_filter(s, smooth_bins, mode="wrap")
+        gain = np.minimum(1.0, t / np.maximum(s, _EPS))
+        noise = np.sqrt(np.maximum(0.0, t ** 2 - (gain * s) ** 2))
+        c = self.size // 2
+        gain[c, c], noise[c, c] = 1.0, 0.0
+        h_img = np.clip(_to_image_grid(gain, shape), 0.0, 1.0)
+        h_img[0, 0] = 1.0
+        n_img = np.maximum(_to_image_grid(noise, shape), 0.0)
+        n_img[0, 0] = 0.0
+        return h_img, n_img
+
+    def depth_gain(self) -> np.ndarray:
+        """(DEPTH_BINS,) float64: target / source mean in-sector intensity per depth bin, normalised to mean 1."""
+        g = self.target_depth.astype(np.float64) / np.maximum(self.source_depth.astype(np.float64), _EPS)
+        return g / max(float(g.mean()), _EPS)
 
     def save(self, path: str | Path) -> Path:
         """Write the style as a compressed ``.npz`` (a few hundred kB at size 224) and return its path."""
@@ -302,7 +366,8 @@ class TargetStyle:
         with open(path, "wb") as fh:  # an open file keeps numpy from appending ".npz" to the name
             np.savez_compressed(fh, format_version=np.int64(_FORMAT_VERSION), fftshifted=np.bool_(True),
                                 target_amplitude=self.target_amplitude, source_amplitude=self.source_amplitude,
-                                target_quantiles=self.target_quantiles, n_source=np.int64(self.n_source))
+                                target_quantiles=self.target_quantiles, n_source=np.int64(self.n_source),
+                                target_depth=self.target_depth, source_depth=self.source_depth)
         log.info("saved target style (size %d, %d target images, %d quantiles) to %s",
                  self.size, self.n_target, self.n_quantiles, path)
         return path
@@ -323,12 +388,13 @@ class TargetStyle:
                    "n_source"} - set(data)
         if missing:
             raise InputError(path, f"not a target style file: missing {sorted(missing)}")
-        if int(data["format_version"]) != _FORMAT_VERSION:
+        if int(data["format_version"]) not in (1, _FORMAT_VERSION):
             raise InputError(path, f"target style format {int(data['format_version'])} is not supported "
                                    f"(expected {_FORMAT_VERSION})")
         try:
             return cls(target_amplitude=data["target_amplitude"], source_amplitude=data["source_amplitude"],
-                       target_quantiles=data["target_quantiles"], n_source=int(data["n_source"]))
+                       target_quantiles=data["target_quantiles"], n_source=int(data["n_source"]),
+                       target_depth=data.get("target_depth"), source_depth=data.get("source_depth"))
         except InputError as exc:
             raise InputError(path, exc.problem) from exc
 
@@ -368,11 +434,16 @@ def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[
                 quantiles.append(np.quantile(arr[mask], probs) / intensity_scale(im))
         return acc / len(images)
 
+    def mean_depth(images: list[np.ndarray]) -> np.ndarray:
+        prof = np.nanmean([_depth_profile(im, sector_mask(im)) for im in images], axis=0)
+        return np.where(np.isfinite(prof), prof, np.nanmean(prof))
+
     qbank: list[np.ndarray] = []
     source_amp = mean_amplitude(src, None)
     target_amp = mean_amplitude(tgt, qbank)
     style = TargetStyle(target_amplitude=target_amp, source_amplitude=source_amp,
-                        target_quantiles=np.stack(qbank), n_source=len(src))
+                        target_quantiles=np.stack(qbank), n_source=len(src),
+                        target_depth=mean_depth(tgt), source_depth=mean_depth(src))
     ratio = np.exp(style.log_ratio())
     log.info("estimated target style from %d source / %d target images at %dx%d: amplitude ratio %.2f..%.2f "
              "(median %.2f), target in-sector median %.3f of full scale", len(src), len(tgt), size, size,
@@ -384,7 +455,8 @@ def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[
 # ----------------------------------------------------------------------------------------------- restyle
 def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | int,
             spectrum_strength: float = 1.0, histogram: bool = True,
-            ratio_range: tuple[float, float] = RATIO_RANGE, smooth_bins: float = SMOOTH_BINS) -> np.ndarray:
+            ratio_range: tuple[float, float] = RATIO_RANGE, smooth_bins: float = SMOOTH_BINS,
+            mode: str = "ratio", depth: bool = False) -> np.ndarray:
     """Restyle one source image toward the target scanner; its label stays valid unchanged.
 
     Steps: sector mask; normalise to zero mean / unit std inside the sector (0 outside); multiply the FFT by
@@ -401,6 +473,10 @@ def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | in
     :param histogram: match the in-sector histogram to a target image's.
     :param ratio_range: clip of the amplitude ratio.
     :param smooth_bins: Gaussian smoothing of the log ratio, in working-size frequency bins.
+    :param mode: ``ratio`` or ``degrade`` (see :data:`MODES`); with ``degrade`` ``spectrum_strength`` scales the
+        noise and the low-pass alike (0: none) and ``rng`` also draws the noise.
+    :param depth: first multiply the in-sector intensities by the target/source depth profile ratio
+        (:meth:`TargetStyle.depth_gain`, interpolated per row).
     :returns: ``(H, W)`` float32 in the input's intensity units (0..255 for uint8 input, see
         :func:`intensity_scale`).
     :raises InputError: ``image`` is not a non-empty finite 2D array or ``style`` is not a TargetStyle.
@@ -412,17 +488,31 @@ def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | in
         raise ValueError(f"spectrum_strength must be in [0, 1], got {spectrum_strength}")
     if not 0.0 < ratio_range[0] <= 1.0 <= ratio_range[1]:
         raise ValueError(f"ratio_range must satisfy 0 < low <= 1 <= high, got {ratio_range}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     rng = np.random.default_rng(rng)
     scale = intensity_scale(arr_in)
     arr = arr_in.astype(np.float64)
     mask = sector_mask(arr_in)
+    if depth:
+        centres = (np.arange(DEPTH_BINS) + 0.5) / DEPTH_BINS
+        rows = np.flatnonzero(mask.any(axis=1))
+        top, bottom = (rows[0], rows[-1]) if rows.size else (0, arr.shape[0] - 1)
+        r = (np.arange(arr.shape[0]) - top + 0.5) / max(bottom - top + 1, 1)
+        arr = np.where(mask, arr * np.interp(r, centres, style.depth_gain())[:, None], arr)
     z, mu, sd = _normalise(arr, mask)
 
-    if spectrum_strength > 0:
+    if spectrum_strength <= 0:
+        zf = z
+    elif mode == "ratio":
         ratio = style.amplitude_ratio(arr.shape, spectrum_strength, ratio_range, smooth_bins)
         zf = np.fft.ifft2(np.fft.fft2(z) * ratio).real
     else:
-        zf = z
+        gain, noise_amp = style.degradation(arr.shape, smooth_bins)
+        gain = 1.0 - float(spectrum_strength) * (1.0 - gain)
+        white = np.fft.fft2(rng.standard_normal(arr.shape)) / np.sqrt(arr.size)  # unit expected amplitude
+        noise = np.fft.ifft2(white * noise_amp * float(spectrum_strength) * np.sqrt(max(float(mask.sum()), 1.0)))
+        zf = np.fft.ifft2(np.fft.fft2(z) * gain).real + np.where(mask, noise.real, 0.0)
     vals = zf[mask]
     out = arr.copy()
     if histogram:
@@ -442,12 +532,12 @@ def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | in
 
 
 def restyle_batch(images: Sequence[np.ndarray], style: TargetStyle, seed: int,
-                  spectrum_strength: float = 1.0, histogram: bool = True, **kwargs) -> list[np.ndarray]:
+                  spectrum_strength: float = 1.0, histogram: bool = True, **kwargs) -> list[np.ndarray]:  # noqa: D417
     """:func:`restyle` every image; image ``i`` uses its own generator spawned from ``SeedSequence(seed)``,
     so its result depends only on ``(seed, i)``.
 
     :param images: sequence (or ``(N, H, W)`` array) of 2D images, sizes may differ.
-    :param kwargs: ``ratio_range`` / ``smooth_bins`` passed on to :func:`restyle`.
+    :param kwargs: ``ratio_range`` / ``smooth_bins`` / ``mode`` / ``depth`` passed on to :func:`restyle`.
     :returns: list of ``(H_i, W_i)`` float32 arrays in each input's intensity units.
     :raises InputError: empty input or a bad image.
     """

@@ -130,6 +130,32 @@ def test_bad_inputs_are_refused_before_writing(tiny_world, tmp_path):
     assert not (tmp_path / "run2").exists()
 
 
+def test_the_source_teacher_supervises_teaches_the_reward_and_judges_the_guard(tiny_world, tmp_path):
+    """Restyled source images with true labels: a stage of their own, reward data, and the guard's judge."""
+    run = tmp_path / "run"
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"],
+                         source_data=tiny_world["source"])
+    cfg = _cfg(["iterations=1", "source_teacher.enabled=true", "source_teacher.held_out=0.34",
+                "source_teacher.reward_images=8", "guard=styled_source", "keep_if_closer=true",
+                "source_teacher.pairs.style_images=4"])
+    adapter = Adapter(inputs, cfg, run, progress=False)
+    adapter.run()
+    rec = {json.loads(x)["stage"]: json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()}
+    assert rec["styled_source"]["n_pairs"] == 24 and 0 < rec["styled_source"]["n_held_out"] < 24
+    assert rec["iter0/reward"]["n_source_images"] == 8
+    ppo = rec["iter0/ppo"]
+    assert ppo["guard"] == "styled_source" and ppo["guard_images"] == rec["styled_source"]["n_held_out"]
+    assert ppo["last_supervised_loss"] > 0  # the restyled pairs entered every PPO minibatch
+    assert ppo["rejected"] == (ppo["agreement_after"] < ppo["agreement_before"])
+    # no target label was read: the target folder has none, and the run resumes to the same model
+    assert Adapter(inputs, cfg, run, resume=True, progress=False).run().is_dir()
+    with pytest.raises(ConfigError, match="source_teacher"):
+        _cfg(["guard=styled_source"])
+    with pytest.raises(ConfigError, match="--source-data"):
+        Adapter(AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"]),
+                _cfg(["source_teacher.enabled=true"]), tmp_path / "x", progress=False)
+
+
 def test_a_config_that_needs_a_shape_prior_without_one_is_refused(tiny_world, tmp_path):
     inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"])
     with pytest.raises(ConfigError, match="--source-data DIR.*--shape-prior FILE.*corrector.use_shape_prior=false"):

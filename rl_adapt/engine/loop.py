@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from rl_adapt.cleanup import CleanupConfig
-from rl_adapt.config import save_config, to_dict
+from rl_adapt.config import bounded, save_config, to_dict
 from rl_adapt.data.readers import read_dataset
 from rl_adapt.devices import pick_device
 from rl_adapt.engine.corrector import Corrections, Corrector, CorrectorConfig, correction_stage
@@ -54,8 +54,30 @@ from rl_adapt.measures.metrics import segmentation_metrics
 from rl_adapt.policies.inference import centre_pad_crop
 from rl_adapt.policies.nnunet import export_model_folder, load_model_folder
 from rl_adapt.postprocessing import CANDIDATES, decide, postprocessing_files
+from rl_adapt.training.styled_source import StyledPairs, StyledSourceConfig, styled_source_pairs
 
 log = logging.getLogger(__name__)
+
+@dataclass
+class SourceTeacherConfig:
+    """What the labelled source data (``--source-data``) teaches the loop besides the shape prior: source images
+    restyled toward the target's look (estimated from the unlabelled target images), with their true labels.
+    No target label is read."""
+
+    enabled: bool = False
+    """Use it (needs ``--source-data``)."""
+    pairs: StyledSourceConfig = field(default_factory=StyledSourceConfig)
+    """Which source images are restyled, and how."""
+    held_out: float = bounded(0.2, ge=0.0, lt=1.0)
+    """Fraction of the pairs kept out of training: the guard's judge when ``guard: styled_source``."""
+    supervised_coef: float = bounded(1.0, ge=0.0)
+    """Weight of the cross-entropy on the training pairs in every PPO minibatch (0: none)."""
+    reward: bool = True
+    """The reward network also learns, on the training pairs, where the policy's own masks are wrong
+    (targets ``mask == true label``): boundary information the automatic corrections of target masks lack."""
+    reward_images: int = bounded(256, ge=0)
+    """At most this many training pairs (seeded subset) enter the reward network's data each iteration (0: all)."""
+
 
 @dataclass
 class AdaptConfig:
@@ -85,10 +107,14 @@ class AdaptConfig:
     """Subtracted from the per-pixel reward of every LV pixel touching a background pixel (8-neighbourhood) in the
     sampled segmentation: the anatomy check ``frontier_lv_bg`` as a per-pixel penalty. 0: off."""
     keep_if_closer: bool = True
-    """Guard against reward hacking: keep an iteration's PPO weights only if the policy's argmax agrees better
-    (mean Dice over LV/MYO/LA) with that iteration's corrected masks than before PPO; otherwise the iteration
-    keeps the previous weights (logged as ``rejected``). Judged on the images with expert masks when ``--expert``
-    gives any (the masks users trust most), else on the whole target set (label-free)."""
+    """Guard against reward hacking: keep an iteration's PPO weights only if the judge (``guard``) says the policy
+    got better; otherwise the iteration keeps the previous weights (logged as ``rejected``)."""
+    guard: str = bounded("corrections", choices=("corrections", "styled_source"))
+    """What the guard judges by. ``corrections``: the policy's argmax agrees better (mean Dice over LV/MYO/LA) with
+    that iteration's corrected masks than before PPO, on the images with expert masks when ``--expert`` gives any,
+    else on the whole target set; on real images the corrections are ~99 % the source's own masks, so any change
+    lowers it. ``styled_source``: the policy's Dice on the held-out restyled source images (true labels, see
+    ``source_teacher``) does not fall: a signal that can rise when masks get better."""
     trusted_corrections: str = "valid"
     """Which corrections the reward network learns from, the PPO reward blends in
     (``correction_reward_weight``) and the export's postprocessing is decided against: ``valid`` (only the
@@ -124,10 +150,14 @@ class AdaptConfig:
     with ``corrector.use_shape_prior`` and neither input is refused before it starts."""
     reward: RewardNetConfig = field(default_factory=RewardNetConfig)
     """Reward network and its training."""
+    source_teacher: SourceTeacherConfig = field(default_factory=SourceTeacherConfig)
+    """Restyled source images with true labels: supervision, reward data and the guard's judge."""
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(beta_kl_final=0.0125, ent_coef_final=0.0375))
     """Pixel-wise PPO; ``beta_kl``/``ent_coef`` go linearly to ``*_final`` over the iterations (RL4Seg: 4x smaller)."""
 
     def __post_init__(self) -> None:
+        if self.guard == "styled_source" and not self.source_teacher.enabled:
+            raise ValueError("guard: styled_source needs source_teacher.enabled: true")
         if self.trusted_corrections not in ("valid", "all"):
             raise ValueError(f"trusted_corrections must be 'valid' or 'all', got {self.trusted_corrections!r}")
         if self.train_on not in ("all", "expert"):
@@ -204,6 +234,7 @@ class Adapter:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state = RunState(self.run_dir, config_sha({"cfg": to_dict(cfg), "inputs": self._inputs_dict()}))
         self.stages = Stages(self.state, self.run_dir / "metrics.jsonl")
+        self.teacher: StyledPairs | None = None  # the restyled source pairs, once their stage ran
         if not (self.run_dir / "config.yaml").exists():
             save_config(cfg, self.run_dir / "config.yaml")
             write_json_atomic(self.run_dir / "inputs.json", self._inputs_dict())
@@ -217,6 +248,7 @@ class Adapter:
         self._load()
         self._validate_source()
         prior = self._shape_prior()
+        self.teacher = self._styled_source()
         net: torch.nn.Module | None = None  # the policy as it stands, kept in memory from one iteration to the next
         weights: PolicyWeights | None = None
         reward_net: RewardNet | None = None
@@ -231,7 +263,7 @@ class Adapter:
                                    lambda: correction_stage(self._corrector(prior), roll.argmax, self._names()),
                                    Corrections.load)
             trusted = self._trusted(corr.valid)
-            reward_net = self._reward(k, roll, corr, trusted)
+            reward_net = self._reward(k, net, roll, corr, trusted)
             weights = self.stages.run(f"iter{k}/ppo", self._path(k, "policy.pt"),
                                       lambda: self._ppo(k, net, reward_net, corr, trusted, roll.argmax),
                                       PolicyWeights.load)
@@ -262,6 +294,8 @@ class Adapter:
             p = getattr(self.inputs, name)
             if p is not None and not Path(p).exists():
                 raise InputError(p, f"{name.replace('_', ' ')} does not exist")
+        if self.cfg.source_teacher.enabled and self.inputs.source_data is None:
+            raise ConfigError("source_teacher.enabled needs the labelled source dataset (--source-data DIR)")
         if (self.cfg.corrector.use_shape_prior and self.inputs.source_data is None
                 and self.inputs.shape_prior is None):
             raise ConfigError("the configuration corrects masks with a shape prior (corrector.use_shape_prior: true) "
@@ -361,6 +395,24 @@ class Adapter:
             return given.prior
         return self.stages.run("shape_prior", path, self._train_shape_prior, load)
 
+    def _styled_source(self) -> StyledPairs | None:
+        """The styled-source stage: source images restyled toward the target, true labels, a held-out split."""
+        tc = self.cfg.source_teacher
+        if not tc.enabled:
+            return None
+
+        def compute() -> tuple[StyledPairs, dict]:
+            source = read_dataset(self.inputs.source_data, with_labels=True)
+            pairs = styled_source_pairs(self.model, source, self.target_cases, tc.pairs,
+                                        seed=_stage_seed(self.cfg.seed, 0, 7))
+            pairs = pairs.split(tc.held_out, seed=_stage_seed(self.cfg.seed, 0, 8))
+            return pairs, {"n_pairs": len(pairs), "n_styled": int(pairs.styled.sum()),
+                           "n_held_out": int(pairs.held_out.sum())}
+
+        pairs = self.stages.run("styled_source", self.run_dir / "styled_source.npz", compute, StyledPairs.load)
+        pairs.images, pairs.labels = pairs.images.to(self.device), pairs.labels.to(self.device)
+        return pairs
+
     def _given_shape_prior(self) -> tuple[_GivenFile, dict]:
         """The user's trained shape prior, copied byte for byte into the run (it stays self-contained)."""
         src = Path(self.inputs.shape_prior)
@@ -392,13 +444,15 @@ class Adapter:
                 f"correction; at least 2 are needed to train the reward network. Checks the corrections failed "
                 f"most: {worst}. Try: " + "; ".join(hints) + ".")
 
-    def _reward(self, k: int, roll: Rollout, corr: Corrections, trusted: np.ndarray) -> RewardNet:
+    def _reward(self, k: int, net: torch.nn.Module, roll: Rollout, corr: Corrections,
+                trusted: np.ndarray) -> RewardNet:
         """The reward stage of iteration ``k`` (with the fallback when too few corrections are trusted).
 
         :param trusted: (N,) bool, the corrections the reward network may learn from."""
         path = self._path(k, "reward_net.pt")
         load = lambda p: RewardNet.load(p, device=self.device)  # noqa: E731
-        if not self.stages.done(f"iter{k}/reward") and trusted.sum() < 2:
+        teaches = self.teacher is not None and self.cfg.source_teacher.reward
+        if not self.stages.done(f"iter{k}/reward") and trusted.sum() < 2 and not teaches:
             why = self._too_few_trusted(k, trusted)
             if k == 0:
                 raise RLAdaptError(why)
@@ -408,18 +462,40 @@ class Adapter:
                 shutil.copyfile(self._path(k - 1, "reward_net.pt"), tmp)
             self.stages.mark(f"iter{k}/reward", {"skipped": True, "reason": "fewer than 2 trusted corrections",
                                                  "n_trusted": int(trusted.sum())})
-        return self.stages.run(f"iter{k}/reward", path, lambda: self._train_reward(k, roll, corr, trusted), load)
+        return self.stages.run(f"iter{k}/reward", path, lambda: self._train_reward(k, net, roll, corr, trusted), load)
 
-    def _train_reward(self, k: int, roll: Rollout, corr: Corrections,
+    def _train_reward(self, k: int, net: torch.nn.Module, roll: Rollout, corr: Corrections,
                       trusted: np.ndarray) -> tuple[RewardNet, dict]:
         idx = np.flatnonzero(trusted)
-        images = self.images[idx].cpu().numpy()
-        segs = [roll.argmax[idx]] + [roll.samples[idx, s] for s in range(roll.samples.shape[1])]
-        dataset = build_reward_dataset(images, segs, corr.corrected[idx], seed=_stage_seed(self.cfg.seed, k, 3))
+        dataset = None
+        if len(idx):
+            images = self.images[idx].cpu().numpy()
+            segs = [roll.argmax[idx]] + [roll.samples[idx, s] for s in range(roll.samples.shape[1])]
+            dataset = build_reward_dataset(images, segs, corr.corrected[idx], seed=_stage_seed(self.cfg.seed, k, 3))
+        extra = {}
+        if self.teacher is not None and self.cfg.source_teacher.reward:
+            taught = self._source_reward_data(k, net)
+            dataset = taught if dataset is None else dataset.concat(taught, prefix="source_")
+            extra["n_source_images"] = int(len(taught.images))
         init = RewardNet.load(self._path(k - 1, "reward_net.pt"), device=self.device) if k > 0 else None
         reward_net, stats = train_reward_net(dataset, self.cfg.reward, device=self.device, init=init,
                                              progress=self.progress, seed=_stage_seed(self.cfg.seed, k, 3))
-        return reward_net, {**stats, "n_images": int(len(idx))}
+        return reward_net, {**stats, "n_images": int(len(idx)), **extra}
+
+    def _source_reward_data(self, k: int, net: torch.nn.Module):
+        """The policy's own masks on training pairs of the styled source, with targets ``mask == true label``."""
+        tc = self.cfg.source_teacher
+        train = np.flatnonzero(~self.teacher.held_out)
+        rng = np.random.default_rng(_stage_seed(self.cfg.seed, k, 9))
+        if tc.reward_images and len(train) > tc.reward_images:
+            train = np.sort(rng.choice(train, tc.reward_images, replace=False))
+        images = self.teacher.images[torch.as_tensor(train, device=self.device)]
+        gen = torch.Generator(device=self.device).manual_seed(_stage_seed(self.cfg.seed, k, 6))
+        argmax, sampled = policy_outputs(net, images, self.cfg.rollout.samples_per_image,
+                                         self.cfg.rollout.batch_size, gen)
+        segs = [argmax] + [sampled[:, s] for s in range(sampled.shape[1])]
+        truth = self.teacher.labels[torch.as_tensor(train, device=self.device)].cpu().numpy()
+        return build_reward_dataset(images.cpu().numpy(), segs, truth, seed=_stage_seed(self.cfg.seed, k, 10))
 
     def _ppo(self, k: int, net: torch.nn.Module, reward_net: RewardNet, corr: Corrections, trusted: np.ndarray,
              argmax_before: np.ndarray) -> tuple[PolicyWeights, dict]:
@@ -433,26 +509,42 @@ class Adapter:
                                   torch.as_tensor(trusted, device=self.device),
                                   self.cfg.correction_reward_weight, self.cfg.myo_la_contact_penalty,
                                   self.cfg.lv_bg_contact_penalty)
+        ppo_cfg, supervised = self._supervised()
+        judge_before = self._styled_argmax(net) if self.cfg.guard == "styled_source" else None
         stats = ppo_phase(network=net, reference=self.source_network, images=self.images, reward_fn=reward_fn,
-                          cfg=self.cfg.ppo, total_images=self.cfg.ppo_images_per_iteration, iteration=k,
+                          cfg=ppo_cfg, total_images=self.cfg.ppo_images_per_iteration, iteration=k,
                           n_iterations=self.cfg.iterations, tensorboard_log=str(self.run_dir / "tensorboard"),
-                          tb_name=f"ppo_iter{k}", progress=self.progress, supervised=self._expert_pairs(),
+                          tb_name=f"ppo_iter{k}", progress=self.progress, supervised=supervised,
                           seed=_stage_seed(self.cfg.seed, k, 4))
         for name, p in net.state_dict().items():
             if torch.is_floating_point(p) and not torch.isfinite(p).all():
                 raise RLAdaptError(f"iteration {k}: non-finite weights in {name}; last good checkpoint kept")
         gen = torch.Generator(device=self.device).manual_seed(_stage_seed(self.cfg.seed, k, 5))
         argmax_after, _ = policy_outputs(net, self.images, 0, self.cfg.rollout.batch_size, gen)
-        verdict = judge(argmax_before, argmax_after, corr.corrected, self._guard_images(), self.cfg.keep_if_closer)
+        if judge_before is not None:  # Dice on the held-out restyled source images (true labels)
+            truth = self.teacher.subset(self.teacher.held_out)[1].cpu().numpy()
+            verdict = judge(judge_before, self._styled_argmax(net), truth, np.arange(len(truth)),
+                            self.cfg.keep_if_closer)
+            what = "held-out restyled source images"
+        else:
+            verdict = judge(argmax_before, argmax_after, corr.corrected, self._guard_images(),
+                            self.cfg.keep_if_closer)
+            what = "corrected masks"
         if verdict.rejected:
-            log.warning("iteration %d: PPO moved the policy away from the corrected masks (agreement %.4f -> "
-                        "%.4f); keeping the previous weights", k, verdict.agreement_before, verdict.agreement_after)
+            log.warning("iteration %d: PPO moved the policy away from the %s (agreement %.4f -> %.4f); keeping the "
+                        "previous weights", k, what, verdict.agreement_before, verdict.agreement_after)
             net.load_state_dict(before_state)
         info = {**stats, "agreement_before": verdict.agreement_before, "agreement_after": verdict.agreement_after,
-                "guard_images": verdict.n_images, "rejected": verdict.rejected}
+                "guard": self.cfg.guard, "guard_images": verdict.n_images, "rejected": verdict.rejected}
         if self.val_cases is not None:
             info.update(self.validate(net))
         return PolicyWeights.of(net, argmax_before if verdict.rejected else argmax_after), info
+
+    def _styled_argmax(self, net: torch.nn.Module) -> np.ndarray:
+        """(M, H, W) uint8 argmax of ``net`` on the held-out restyled source pairs."""
+        images = self.teacher.subset(self.teacher.held_out)[0]
+        gen = torch.Generator(device=self.device).manual_seed(0)  # no samples are drawn
+        return policy_outputs(net, images, 0, self.cfg.rollout.batch_size, gen)[0]
 
     def rejected_iterations(self) -> list[int]:
         """Iterations (0-based) whose finished PPO phase was rejected (by the guard, or for too few trusted
@@ -473,15 +565,23 @@ class Adapter:
         """Indices (into ``target_cases``/``images``) of the target images with an expert mask."""
         return [i for i, c in enumerate(self.target_cases) if c.name in self.expert]
 
-    def _expert_pairs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(M, 1, H, W) target patches with an expert mask and the (M, H, W) int64 masks, for the PPO update's
-        supervised term (``ppo.supervised_coef``); None when the term is off or no image has an expert mask."""
+    def _supervised(self) -> tuple[PPOConfig, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The PPO config and the (M, 1, H, W) images and (M, H, W) int64 masks of the PPO update's supervised term:
+        the target patches with an expert mask (weight ``ppo.supervised_coef``), and with the source teacher its
+        training pairs too (weight ``source_teacher.supervised_coef`` for all of them)."""
         idx = self._expert_indices()
-        if self.cfg.ppo.supervised_coef <= 0 or not idx:
-            return None
-        masks = np.stack([self.expert[self.target_cases[i].name] for i in idx])
-        return (self.images[torch.as_tensor(idx, device=self.images.device)],
-                torch.as_tensor(masks, dtype=torch.int64, device=self.images.device))
+        parts = []
+        if idx:
+            masks = np.stack([self.expert[self.target_cases[i].name] for i in idx])
+            parts.append((self.images[torch.as_tensor(idx, device=self.images.device)],
+                          torch.as_tensor(masks, dtype=torch.int64, device=self.images.device)))
+        cfg = self.cfg.ppo
+        if self.teacher is not None and self.cfg.source_teacher.supervised_coef > 0:
+            parts.append(self.teacher.subset(~self.teacher.held_out))
+            cfg = dataclasses.replace(cfg, supervised_coef=self.cfg.source_teacher.supervised_coef)
+        if cfg.supervised_coef <= 0 or not parts:
+            return cfg, None
+        return cfg, (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
     def _guard_images(self) -> np.ndarray:
         """Indices of the target images the ``keep_if_closer`` guard is judged on (see :class:`AdaptConfig`)."""

@@ -6,9 +6,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 from tqdm import tqdm
 
 from rl_adapt.measures.calibration import auroc, reliability_bins
+
 
 def reward_in_geometry(reward_net, model, case) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The reward of ``model``'s own argmax action, as the reward network sees it during adaptation.
@@ -20,7 +22,6 @@ def reward_in_geometry(reward_net, model, case) -> tuple[np.ndarray, np.ndarray,
 
     :returns: ``(reward (H, W) float32 in [0, 1], prediction (H, W) uint8, covered (H, W) bool)``.
     """
-
     patch, props = model.to_patch(case.image, case.spacing)
     with torch.no_grad():
         out = model.network(patch[None].to(model.device))
@@ -36,49 +37,83 @@ def reward_in_geometry(reward_net, model, case) -> tuple[np.ndarray, np.ndarray,
     return np.clip(back[0], 0.0, 1.0).astype(np.float32), pred, back[1] > 0.5
 
 
+BORDER_PX = 5
+"""Width of the band around a predicted or true border where :func:`reward_reliability` also scores the reward
+(where the errors are: over all pixels the easy background dominates the AUROC)."""
+
+
+def border_band(pred: np.ndarray, truth: np.ndarray, width: int = BORDER_PX) -> np.ndarray:
+    """(H, W) bool: pixels within ``width`` pixels (Euclidean) of a label border of ``pred`` or of ``truth``."""
+    edges = np.zeros(pred.shape, bool)
+    for m in (np.asarray(pred), np.asarray(truth)):
+        edges[:-1] |= m[:-1] != m[1:]
+        edges[1:] |= m[:-1] != m[1:]
+        edges[:, :-1] |= m[:, :-1] != m[:, 1:]
+        edges[:, 1:] |= m[:, :-1] != m[:, 1:]
+    if not edges.any():
+        return edges
+    return ndimage.distance_transform_edt(~edges) <= width
+
+
+class _Reliability:
+    """Reliability bins (exact) and a seeded pixel subsample for the AUROC, accumulated over images."""
+
+    def __init__(self, n_bins: int, per_image: int, rng: np.random.Generator) -> None:
+        self.n_bins, self.per_image, self.rng = n_bins, per_image, rng
+        self.count = np.zeros(n_bins, dtype=np.int64)
+        self.sum_p = np.zeros(n_bins)
+        self.sum_y = np.zeros(n_bins)
+        self.keep_p: list[np.ndarray] = []
+        self.keep_y: list[np.ndarray] = []
+
+    def add(self, p: np.ndarray, y: np.ndarray) -> None:
+        """Pixels' reward ``p`` (P(right)) and whether they are right ``y`` (1-D, same length)."""
+        b = reliability_bins(p, y, self.n_bins)
+        self.count += b.counts
+        self.sum_p += np.nan_to_num(b.confidence) * b.counts
+        self.sum_y += np.nan_to_num(b.accuracy) * b.counts
+        if p.size:
+            sel = self.rng.choice(p.size, size=min(self.per_image, p.size), replace=False)
+            self.keep_p.append(p[sel])
+            self.keep_y.append(y[sel])
+
+    def result(self) -> dict:
+        total = int(self.count.sum())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            conf = np.where(self.count > 0, self.sum_p / np.maximum(self.count, 1), np.nan)
+            acc = np.where(self.count > 0, self.sum_y / np.maximum(self.count, 1), np.nan)
+        ece = float(np.nansum(self.count / max(total, 1) * np.abs(acc - conf))) if total else float("nan")
+        ap = np.concatenate(self.keep_p) if self.keep_p else np.zeros(0)
+        ay = np.concatenate(self.keep_y) if self.keep_y else np.zeros(0, bool)
+        return {"ece": ece, "auroc": auroc(1.0 - ap, ~ay) if ap.size else float("nan"), "n_pixels": total,
+                "error_rate": float(1.0 - self.sum_y.sum() / total) if total else float("nan"),
+                "bins": {"edges": np.linspace(0.0, 1.0, self.n_bins + 1).tolist(), "confidence": conf.tolist(),
+                         "accuracy": acc.tolist(), "count": self.count.tolist()}}
+
+
 def reward_reliability(reward_net, model, cases: Sequence, n_bins: int = 10, max_auroc_pixels: int = 2_000_000,
-                       seed: int = 0, progress: bool = True) -> dict:
+                       seed: int = 0, progress: bool = True, border_px: int = BORDER_PX) -> dict:
     """Per-pixel reliability of ``reward_net`` on ``model``'s argmax predictions vs ground-truth correctness.
 
     The reward network scores the network's argmax action on the patch (:func:`reward_in_geometry`); reward
     and action are mapped back to the image geometry and compared with the ground truth there, over the
-    pixels the patch covers. ECE and the reliability bins are exact over all those pixels; the AUROC of
-    ``1 - reward`` as a detector of wrong pixels uses a seeded subsample.
+    pixels the patch covers, and again over those within ``border_px`` pixels of a predicted or true border
+    (:func:`border_band`). ECE and the reliability bins are exact; the AUROC of ``1 - reward`` as a detector of
+    wrong pixels uses a seeded subsample.
 
-    :returns: ``{"ece", "auroc", "n_pixels", "error_rate", "bins": {"edges", "confidence", "accuracy",
-        "count"}}`` (lists; NaN where a bin is empty).
+    :returns: ``{"ece", "auroc", "n_pixels", "error_rate", "bins": {"edges", "confidence", "accuracy", "count"},
+        "border": {the same keys for the band}, "border_px"}`` (lists; NaN where a bin is empty).
     """
-
-
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    count = np.zeros(n_bins, dtype=np.int64)
-    sum_p = np.zeros(n_bins)
-    sum_y = np.zeros(n_bins)
-    keep_p, keep_y = [], []
-    per_case = max(1, max_auroc_pixels // max(1, len(cases)))
-    rng = np.random.default_rng(seed)
+    per_image = max(1, max_auroc_pixels // max(1, len(cases)))
+    everywhere = _Reliability(n_bins, per_image, np.random.default_rng(seed))
+    border = _Reliability(n_bins, per_image, np.random.default_rng(seed + 1))
     for c in tqdm(cases, desc="reward", unit="img", disable=None if progress else True):
         r, pred, covered = reward_in_geometry(reward_net, model, c)
-        p, y = r[covered], (pred == c.label)[covered]
-        b = reliability_bins(p, y, n_bins)
-        count += b.counts
-        sum_p += np.nan_to_num(b.confidence) * b.counts
-        sum_y += np.nan_to_num(b.accuracy) * b.counts
-        if p.size:
-            sel = rng.choice(p.size, size=min(per_case, p.size), replace=False)
-            keep_p.append(p[sel])
-            keep_y.append(y[sel])
-    total = int(count.sum())
-    with np.errstate(invalid="ignore", divide="ignore"):
-        conf = np.where(count > 0, sum_p / np.maximum(count, 1), np.nan)
-        acc = np.where(count > 0, sum_y / np.maximum(count, 1), np.nan)
-    ece = float(np.nansum(count / max(total, 1) * np.abs(acc - conf))) if total else float("nan")
-    ap = np.concatenate(keep_p) if keep_p else np.zeros(0)
-    ay = np.concatenate(keep_y) if keep_y else np.zeros(0, bool)
-    return {"ece": ece, "auroc": auroc(1.0 - ap, ~ay) if ap.size else float("nan"), "n_pixels": total,
-            "error_rate": float(1.0 - sum_y.sum() / total) if total else float("nan"),
-            "bins": {"edges": edges.tolist(), "confidence": conf.tolist(), "accuracy": acc.tolist(),
-                     "count": count.tolist()}}
+        right = pred == c.label
+        everywhere.add(r[covered], right[covered])
+        band = covered & border_band(pred, c.label, border_px)
+        border.add(r[band], right[band])
+    return {**everywhere.result(), "border": border.result(), "border_px": int(border_px)}
 
 
 def uncertainty_map(reward_net, model, case) -> np.ndarray:

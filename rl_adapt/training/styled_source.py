@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -18,8 +19,9 @@ import torch
 from rl_adapt.config import bounded
 from rl_adapt.data.case import Case
 from rl_adapt.errors import InputError
+from rl_adapt.io_utils import save_npz
 from rl_adapt.policies.inference import centre_pad_crop
-from rl_adapt.styling import estimate_style, restyle
+from rl_adapt.styling import MODES, estimate_style, restyle
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,11 @@ class StyledSourceConfig:
     """How far the amplitude spectrum moves toward the target's (0: histogram only)."""
     histogram: bool = True
     """Match each restyled image's in-sector histogram to a random target image's."""
+    mode: str = bounded("ratio", choices=MODES)
+    """How the texture moves toward the target's (:data:`rl_adapt.styling.MODES`): ``ratio`` (the source's own
+    spectrum re-weighted) or ``degrade`` (low-pass plus independent noise estimated from the spectra)."""
+    depth: bool = False
+    """Also give the restyled images the target's mean intensity profile over depth (attenuation, gain)."""
 
 
 @dataclass
@@ -53,9 +60,40 @@ class StyledPairs:
     """(M,) bool: the image was restyled."""
     names: list[str]
     """(M,) source case names."""
+    held_out: np.ndarray | None = None
+    """(M,) bool: kept out of training (e.g. to judge the adaptation), when a split was made."""
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def split(self, fraction: float, seed: int) -> "StyledPairs":
+        """A copy with a seeded ``held_out`` mask of ``round(fraction * M)`` pairs (by source patient when the
+        names are CAMUS-like, so one patient's views stay on one side)."""
+        patients = [n.split("_")[0] for n in self.names]
+        keys = sorted(set(patients))
+        rng = np.random.default_rng(seed)
+        n_out = int(round(fraction * len(keys)))
+        out_keys = set(np.asarray(keys)[rng.permutation(len(keys))[:n_out]].tolist()) if n_out else set()
+        held = np.array([p in out_keys for p in patients], bool)
+        return StyledPairs(self.images, self.labels, self.styled, self.names, held)
+
+    def subset(self, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of the pairs where ``mask`` (M,) is true."""
+        idx = torch.as_tensor(np.flatnonzero(mask))
+        return self.images[idx], self.labels[idx]
+
+    def save(self, path: Path) -> None:
+        """Write the pairs to one compressed ``.npz`` atomically."""
+        held = np.zeros(len(self), bool) if self.held_out is None else self.held_out
+        save_npz(path, images=self.images.numpy(), labels=self.labels.numpy().astype(np.uint8), styled=self.styled,
+                 names=np.asarray(self.names), held_out=held)
+
+    @classmethod
+    def load(cls, path: Path) -> "StyledPairs":
+        """Read pairs written by :meth:`save`."""
+        with np.load(path) as d:
+            return cls(images=torch.from_numpy(d["images"]), labels=torch.from_numpy(d["labels"].astype(np.int64)),
+                       styled=d["styled"], names=d["names"].tolist(), held_out=d["held_out"])
 
 
 def _subset(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -83,7 +121,8 @@ def styled_source_pairs(model, source: Sequence[Case], target: Sequence[Case], c
     styled = rng.random(len(chosen)) < cfg.styled_fraction
     images, labels = [], []
     for case, on in zip(chosen, styled):
-        image = restyle(case.image, style, rng, cfg.spectrum_strength, cfg.histogram) if on else case.image
+        image = (restyle(case.image, style, rng, cfg.spectrum_strength, cfg.histogram, mode=cfg.mode, depth=cfg.depth)
+                 if on else case.image)
         data, seg, _ = model.preprocess_pair(image, case.label, case.spacing)
         patch, _ = centre_pad_crop(data, model.patch_size, 0.0)
         label, _ = centre_pad_crop(np.maximum(seg, 0)[None], model.patch_size, 0)

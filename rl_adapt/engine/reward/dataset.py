@@ -36,6 +36,14 @@ class RewardDataset:
         """(m, H, W) uint8: 1 where ``segs[idx] == corrected[image_index[idx]]``."""
         return (self.segs[idx] == self.corrected[self.image_index[idx]]).astype(np.uint8)
 
+    def concat(self, other: "RewardDataset", prefix: str = "") -> "RewardDataset":
+        """This dataset followed by ``other`` (its images appended, its kinds prefixed with ``prefix``)."""
+        return RewardDataset(images=np.concatenate([self.images, other.images]),
+                             corrected=np.concatenate([self.corrected, other.corrected]),
+                             segs=np.concatenate([self.segs, other.segs]),
+                             image_index=np.concatenate([self.image_index, other.image_index + len(self.images)]),
+                             kind=list(self.kind) + [prefix + k for k in other.kind])
+
 
 def _nearest_other(mask: np.ndarray, region: np.ndarray, label: int) -> np.ndarray:
     """Labels for ``region`` pixels taken from the nearest pixel whose label is not ``label``."""
