@@ -137,12 +137,20 @@ def test_the_source_teacher_supervises_teaches_the_reward_and_judges_the_guard(t
                          source_data=tiny_world["source"])
     cfg = _cfg(["iterations=1", "source_teacher.enabled=true", "source_teacher.held_out=0.34",
                 "source_teacher.reward_images=8", "guard=styled_source", "keep_if_closer=true",
-                "source_teacher.pairs.style_images=4"])
+                "source_teacher.pairs.style_images=4", "source_teacher.pairs.mode=degrade",
+                "source_teacher.pairs.depth=true", "source_teacher.warm_start.steps=3",
+                "source_teacher.warm_start.batch_size=4"])
     adapter = Adapter(inputs, cfg, run, progress=False)
     adapter.run()
     rec = {json.loads(x)["stage"]: json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()}
     assert rec["styled_source"]["n_pairs"] == 24 and 0 < rec["styled_source"]["n_held_out"] < 24
     assert rec["iter0/reward"]["n_source_images"] == 8
+    assert rec["warm_start"]["steps"] == 3 and "held_out_dice" in rec["warm_start"]
+    warm = torch.load(run / "warm_start.pt")
+    source = torch.load(tiny_world["model"] / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    assert any(not torch.equal(v, source[k].to(v.dtype)) for k, v in warm.items() if torch.is_floating_point(v))
+    # the guard's "before" is the warm-started policy, whose held-out Dice the warm start recorded
+    assert rec["iter0/ppo"]["agreement_before"] == pytest.approx(rec["warm_start"]["held_out_dice"])
     ppo = rec["iter0/ppo"]
     assert ppo["guard"] == "styled_source" and ppo["guard_images"] == rec["styled_source"]["n_held_out"]
     assert ppo["last_supervised_loss"] > 0  # the restyled pairs entered every PPO minibatch

@@ -54,6 +54,7 @@ from rl_adapt.measures.metrics import segmentation_metrics
 from rl_adapt.policies.inference import centre_pad_crop
 from rl_adapt.policies.nnunet import export_model_folder, load_model_folder
 from rl_adapt.postprocessing import CANDIDATES, decide, postprocessing_files
+from rl_adapt.training.finetune import FineTuneConfig, fine_tune
 from rl_adapt.training.styled_source import StyledPairs, StyledSourceConfig, styled_source_pairs
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,11 @@ class SourceTeacherConfig:
     (targets ``mask == true label``): boundary information the automatic corrections of target masks lack."""
     reward_images: int = bounded(256, ge=0)
     """At most this many training pairs (seeded subset) enter the reward network's data each iteration (0: all)."""
+    warm_start: FineTuneConfig = field(default_factory=lambda: FineTuneConfig(steps=0))
+    """Supervised fine-tuning on the training pairs before the first iteration (nnU-Net's loss and augmentation;
+    ``steps: 0``: none): the loop then adapts what the styled-source baseline would deliver."""
+    kl_reference: str = bounded("warm_start", choices=("source", "warm_start"))
+    """The frozen policy of PPO's KL term: the source network, or the warm-started one (when there is one)."""
 
 
 @dataclass
@@ -249,6 +255,7 @@ class Adapter:
         self._validate_source()
         prior = self._shape_prior()
         self.teacher = self._styled_source()
+        self._warm_start()
         net: torch.nn.Module | None = None  # the policy as it stands, kept in memory from one iteration to the next
         weights: PolicyWeights | None = None
         reward_net: RewardNet | None = None
@@ -327,8 +334,9 @@ class Adapter:
         patches = [self.model.to_patch(c.image, c.spacing)[0] for c in cases]
         self.images = torch.stack([torch.as_tensor(p) for p in patches]).float().to(self.device)
         log.info("target: %d images -> patches %s", len(cases), tuple(self.images.shape))
-        self.source_network = copy.deepcopy(self.model.network).to(self.device).eval()
-        for p in self.source_network.parameters():
+        # the frozen policy of PPO's KL term: the source network (the warm start's, with source_teacher.kl_reference)
+        self.reference = copy.deepcopy(self.model.network).to(self.device).eval()
+        for p in self.reference.parameters():
             p.requires_grad_(False)
         self.val_cases = None
         if self.inputs.val_dir is not None:
@@ -373,16 +381,19 @@ class Adapter:
         return np.asarray(patch)[0].astype(np.uint8)
 
     def _network_at(self, iteration: int) -> torch.nn.Module:
-        """Policy network as it stands at the start of ``iteration`` (source weights for 0), read from the run."""
+        """Policy network as it stands at the start of ``iteration`` (the source's weights, or the warm start's, for
+        0), read from the run."""
         net = copy.deepcopy(self.model.network).to(self.device)
         if iteration > 0:
             net.load_state_dict(PolicyWeights.load(self._path(iteration - 1, "policy.pt")).state)
+        elif self.stages.done("warm_start"):
+            net.load_state_dict(PolicyWeights.load(self.run_dir / "warm_start.pt").state)
         return net
 
     # ------------------------------------------------------------------ stages
     def _validate_source(self) -> None:
         if self.val_cases is not None and not self.stages.done("val_source"):
-            self.stages.mark("val_source", self.validate(self.source_network))
+            self.stages.mark("val_source", self.validate(self.model.network))
 
     def _shape_prior(self) -> ShapePrior | None:
         """The shape prior stage: the user's prior copied into the run, or one trained on the source label maps."""
@@ -412,6 +423,29 @@ class Adapter:
         pairs = self.stages.run("styled_source", self.run_dir / "styled_source.npz", compute, StyledPairs.load)
         pairs.images, pairs.labels = pairs.images.to(self.device), pairs.labels.to(self.device)
         return pairs
+
+    def _warm_start(self) -> None:
+        """The warm-start stage: supervised fine-tuning on the restyled source pairs before iteration 0."""
+        tc = self.cfg.source_teacher
+        if self.teacher is None or tc.warm_start.steps <= 0:
+            return
+
+        def compute() -> tuple[PolicyWeights, dict]:
+            net = copy.deepcopy(self.model.network).to(self.device)
+            images, labels = self.teacher.subset(~self.teacher.held_out)
+            losses = fine_tune(net, images, labels, tc.warm_start, seed=_stage_seed(self.cfg.seed, 0, 2),
+                               device=self.device, what="warm start", progress=self.progress)
+            info = {"steps": len(losses), "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:]))}
+            if self.cfg.guard == "styled_source":
+                truth = self.teacher.subset(self.teacher.held_out)[1].cpu().numpy()
+                before = judge(self._styled_argmax(self.model.network), self._styled_argmax(net), truth,
+                               np.arange(len(truth)), False)
+                info.update(held_out_dice_source=before.agreement_before, held_out_dice=before.agreement_after)
+            return PolicyWeights.of(net), info
+
+        weights = self.stages.run("warm_start", self.run_dir / "warm_start.pt", compute, PolicyWeights.load)
+        if tc.kl_reference == "warm_start":
+            self.reference.load_state_dict(weights.state)
 
     def _given_shape_prior(self) -> tuple[_GivenFile, dict]:
         """The user's trained shape prior, copied byte for byte into the run (it stays self-contained)."""
@@ -511,7 +545,7 @@ class Adapter:
                                   self.cfg.lv_bg_contact_penalty)
         ppo_cfg, supervised = self._supervised()
         judge_before = self._styled_argmax(net) if self.cfg.guard == "styled_source" else None
-        stats = ppo_phase(network=net, reference=self.source_network, images=self.images, reward_fn=reward_fn,
+        stats = ppo_phase(network=net, reference=self.reference, images=self.images, reward_fn=reward_fn,
                           cfg=ppo_cfg, total_images=self.cfg.ppo_images_per_iteration, iteration=k,
                           n_iterations=self.cfg.iterations, tensorboard_log=str(self.run_dir / "tensorboard"),
                           tb_name=f"ppo_iter{k}", progress=self.progress, supervised=supervised,
