@@ -68,6 +68,10 @@ MIN_SECTOR_FRACTION = 0.05
 DEPTH_BINS = 32
 """Depth bins of the mean in-sector intensity profiles (attenuation and time-gain compensation differ between
 scanners: a far field darker or brighter than the source's)."""
+ANGLE_BINS = 64
+"""Beam-angle bins of the per-image angular intensity profiles (shadows and dropouts run along beam lines)."""
+ANGLE_TREND_BINS = 8.0
+"""Gaussian width (in angle bins) of the smooth trend an angular profile is divided by: narrower dips are kept."""
 MODES = ("ratio", "degrade")
 """How :func:`restyle` moves the texture: ``ratio`` multiplies the image's own spectrum by the target/source
 amplitude ratio (phase kept; it can only sharpen or soften the source's own speckle); ``degrade`` models the
@@ -243,6 +247,34 @@ def _to_image_grid(shifted: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return 0.5 * (img + img[(-np.arange(h)) % h][:, (-np.arange(w)) % w])
 
 
+def beam_angles(mask: np.ndarray) -> np.ndarray:
+    """(H, W) float: each pixel's beam angle as a fraction of the sector's angular width (0 at its left edge, 1 at
+    its right edge), seen from the apex (the top row's centre of the sector)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    top = rows[0] if rows.size else 0
+    cols = np.flatnonzero(mask[top]) if rows.size else np.arange(mask.shape[1])
+    apex_x = 0.5 * (cols[0] + cols[-1]) if cols.size else mask.shape[1] / 2
+    yy, xx = np.mgrid[: mask.shape[0], : mask.shape[1]]
+    ang = np.arctan2(xx - apex_x, np.maximum(yy - top, 0) + 1.0)
+    inside = ang[mask] if mask.any() else ang.ravel()
+    lo, hi = float(inside.min()), float(inside.max())
+    return np.clip((ang - lo) / max(hi - lo, _EPS), 0.0, 1.0)
+
+
+def _angular_profile(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(ANGLE_BINS,) in-sector mean intensity per beam angle divided by its smooth trend (1 = no dip)."""
+    b = np.minimum((beam_angles(mask)[mask] * ANGLE_BINS).astype(int), ANGLE_BINS - 1)
+    vals = image[mask].astype(np.float64)
+    counts = np.bincount(b, None, ANGLE_BINS)
+    prof = np.bincount(b, vals, ANGLE_BINS) / np.maximum(counts, 1)
+    prof = np.where(counts > 0, prof, np.nan)
+    if np.isnan(prof).all():
+        return np.ones(ANGLE_BINS)
+    prof = np.where(np.isnan(prof), np.nanmean(prof), prof)
+    trend = ndi.gaussian_filter1d(prof, ANGLE_TREND_BINS, mode="nearest")
+    return np.clip(prof / np.maximum(trend, _EPS), 0.0, 1.5)
+
+
 # ----------------------------------------------------------------------------------------------- style
 @dataclass
 class TargetStyle:
@@ -258,6 +290,9 @@ class TargetStyle:
     :ivar target_depth: ``(DEPTH_BINS,)`` float32, mean in-sector intensity (fraction of full scale) of the target
         images per depth bin (rows from the sector's top to its bottom, equal bins); ones when unknown.
     :ivar source_depth: the same for the source images.
+    :ivar target_angular: ``(n_target, ANGLE_BINS)`` float32, each row one target image's in-sector intensity over
+        the beam angle (equal bins from the sector's left edge to its right edge) divided by its smooth trend:
+        the dips of acoustic shadows and dropouts (1 = no dip); None when unknown.
     """
 
     target_amplitude: np.ndarray
@@ -266,6 +301,7 @@ class TargetStyle:
     n_source: int
     target_depth: np.ndarray | None = None
     source_depth: np.ndarray | None = None
+    target_angular: np.ndarray | None = None
 
     def __post_init__(self):
         self.target_amplitude = np.asarray(self.target_amplitude, dtype=np.float32)
@@ -276,6 +312,8 @@ class TargetStyle:
             np.asarray(self.target_depth, dtype=np.float32)
         self.source_depth = np.ones(DEPTH_BINS, np.float32) if self.source_depth is None else \
             np.asarray(self.source_depth, dtype=np.float32)
+        if self.target_angular is not None:
+            self.target_angular = np.asarray(self.target_angular, dtype=np.float32)
         ta, sa, q = self.target_amplitude, self.source_amplitude, self.target_quantiles
         if ta.ndim != 2 or ta.shape[0] != ta.shape[1] or ta.shape != sa.shape or ta.shape[0] < 2:
             raise InputError(None, f"style spectra must be two equal square arrays, got {ta.shape} and {sa.shape}")
@@ -367,7 +405,8 @@ class TargetStyle:
             np.savez_compressed(fh, format_version=np.int64(_FORMAT_VERSION), fftshifted=np.bool_(True),
                                 target_amplitude=self.target_amplitude, source_amplitude=self.source_amplitude,
                                 target_quantiles=self.target_quantiles, n_source=np.int64(self.n_source),
-                                target_depth=self.target_depth, source_depth=self.source_depth)
+                                target_depth=self.target_depth, source_depth=self.source_depth,
+                                **({} if self.target_angular is None else {"target_angular": self.target_angular}))
         log.info("saved target style (size %d, %d target images, %d quantiles) to %s",
                  self.size, self.n_target, self.n_quantiles, path)
         return path
@@ -394,7 +433,8 @@ class TargetStyle:
         try:
             return cls(target_amplitude=data["target_amplitude"], source_amplitude=data["source_amplitude"],
                        target_quantiles=data["target_quantiles"], n_source=int(data["n_source"]),
-                       target_depth=data.get("target_depth"), source_depth=data.get("source_depth"))
+                       target_depth=data.get("target_depth"), source_depth=data.get("source_depth"),
+                       target_angular=data.get("target_angular"))
         except InputError as exc:
             raise InputError(path, exc.problem) from exc
 
@@ -439,11 +479,12 @@ def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[
         return np.where(np.isfinite(prof), prof, np.nanmean(prof))
 
     qbank: list[np.ndarray] = []
+    angular = [_angular_profile(im, sector_mask(im)) for im in tgt]
     source_amp = mean_amplitude(src, None)
     target_amp = mean_amplitude(tgt, qbank)
     style = TargetStyle(target_amplitude=target_amp, source_amplitude=source_amp,
                         target_quantiles=np.stack(qbank), n_source=len(src),
-                        target_depth=mean_depth(tgt), source_depth=mean_depth(src))
+                        target_depth=mean_depth(tgt), source_depth=mean_depth(src), target_angular=np.stack(angular))
     ratio = np.exp(style.log_ratio())
     log.info("estimated target style from %d source / %d target images at %dx%d: amplitude ratio %.2f..%.2f "
              "(median %.2f), target in-sector median %.3f of full scale", len(src), len(tgt), size, size,
@@ -456,7 +497,7 @@ def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[
 def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | int,
             spectrum_strength: float = 1.0, histogram: bool = True,
             ratio_range: tuple[float, float] = RATIO_RANGE, smooth_bins: float = SMOOTH_BINS,
-            mode: str = "ratio", depth: bool = False) -> np.ndarray:
+            mode: str = "ratio", depth: bool = False, angular: bool = False) -> np.ndarray:
     """Restyle one source image toward the target scanner; its label stays valid unchanged.
 
     Steps: sector mask; normalise to zero mean / unit std inside the sector (0 outside); multiply the FFT by
@@ -477,6 +518,8 @@ def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | in
         noise and the low-pass alike (0: none) and ``rng`` also draws the noise.
     :param depth: first multiply the in-sector intensities by the target/source depth profile ratio
         (:meth:`TargetStyle.depth_gain`, interpolated per row).
+    :param angular: also multiply them by one target image's angular dip profile drawn with ``rng`` (its shadows and
+        dropouts along beam lines, :attr:`TargetStyle.target_angular`), mapped onto this image's sector.
     :returns: ``(H, W)`` float32 in the input's intensity units (0..255 for uint8 input, see
         :func:`intensity_scale`).
     :raises InputError: ``image`` is not a non-empty finite 2D array or ``style`` is not a TargetStyle.
@@ -500,6 +543,10 @@ def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | in
         top, bottom = (rows[0], rows[-1]) if rows.size else (0, arr.shape[0] - 1)
         r = (np.arange(arr.shape[0]) - top + 0.5) / max(bottom - top + 1, 1)
         arr = np.where(mask, arr * np.interp(r, centres, style.depth_gain())[:, None], arr)
+    if angular and style.target_angular is not None:
+        dips = style.target_angular[int(rng.integers(len(style.target_angular)))].astype(np.float64)
+        gain = np.interp(beam_angles(mask), (np.arange(ANGLE_BINS) + 0.5) / ANGLE_BINS, dips)
+        arr = np.where(mask, arr * gain, arr)
     z, mu, sd = _normalise(arr, mask)
 
     if spectrum_strength <= 0:

@@ -215,3 +215,36 @@ def test_bad_input_is_refused(shifted_style):
         restyle_batch([], shifted_style, seed=0)
     with pytest.raises(ValueError):
         restyle(good[0], shifted_style, 0, spectrum_strength=1.5)
+
+
+def test_degrade_adds_noise_a_noisier_scanner_has_and_depth_and_angle_profiles_transfer():
+    from rl_adapt.styling import beam_angles, depth_bins
+
+    src = sources(12, (64, 64))
+    rng = np.random.default_rng(5)
+    mask = fan_mask((64, 64))
+    noisy = []
+    for i, im in enumerate(sources(12, (64, 64), first=50)):
+        out = im.astype(np.float64)
+        out = out * np.linspace(1.0, 0.4, 64)[:, None]  # a darker far field
+        ang = beam_angles(mask)
+        out[(ang > 0.45) & (ang < 0.55)] *= 0.2  # a shadow along the middle beams
+        out += rng.normal(0, 25, out.shape) * mask  # electronic noise
+        noisy.append(np.clip(out, 0, 255).astype(np.uint8) * mask)
+    style = estimate_style(src, noisy)
+    assert style.depth_gain()[-1] < style.depth_gain()[0]  # the target's far field is darker
+    dips = style.target_angular.mean(0)
+    assert dips[28:36].mean() < 0.7 * np.r_[dips[8:20], dips[44:56]].mean()  # the shadow is in the middle bins
+    image = src[0]
+    plain = restyle(image, style, 0, mode="degrade", histogram=False)
+    both = restyle(image, style, 0, mode="degrade", histogram=False, depth=True, angular=True)
+    m = sector_mask(image)
+    assert hf_fraction(plain) > hf_fraction(restyle(image, style, 0, mode="ratio", histogram=False, spectrum_strength=0))
+    rows = depth_bins(m)
+    assert both[m & (rows >= 24)].mean() < both[m & (rows < 8)].mean() * plain[m & (rows >= 24)].mean() / max(
+        plain[m & (rows < 8)].mean(), 1e-6)  # relatively darker far field than without the depth profile
+    ang = beam_angles(m)
+    centre, sides = m & (ang > 0.46) & (ang < 0.54), m & ((ang < 0.3) | (ang > 0.7))
+    assert both[centre].mean() / both[sides].mean() < plain[centre].mean() / plain[sides].mean()  # the dip
+    with pytest.raises(ValueError, match="mode"):
+        restyle(image, style, 0, mode="bogus")

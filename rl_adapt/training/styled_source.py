@@ -46,6 +46,8 @@ class StyledSourceConfig:
     spectrum re-weighted) or ``degrade`` (low-pass plus independent noise estimated from the spectra)."""
     depth: bool = False
     """Also give the restyled images the target's mean intensity profile over depth (attenuation, gain)."""
+    angular: bool = False
+    """Also give each restyled image one target image's dips over the beam angle (shadows, dropouts)."""
 
 
 @dataclass
@@ -121,7 +123,8 @@ def styled_source_pairs(model, source: Sequence[Case], target: Sequence[Case], c
     styled = rng.random(len(chosen)) < cfg.styled_fraction
     images, labels = [], []
     for case, on in zip(chosen, styled):
-        image = (restyle(case.image, style, rng, cfg.spectrum_strength, cfg.histogram, mode=cfg.mode, depth=cfg.depth)
+        image = (restyle(case.image, style, rng, cfg.spectrum_strength, cfg.histogram, mode=cfg.mode, depth=cfg.depth,
+                         angular=cfg.angular)
                  if on else case.image)
         data, seg, _ = model.preprocess_pair(image, case.label, case.spacing)
         patch, _ = centre_pad_crop(data, model.patch_size, 0.0)
