@@ -227,6 +227,17 @@ class NnUNetModel:
         :returns: ``data`` ``(C, h, w)`` float32 at the plan spacing (z-scored for non-CT channels) and the
             properties nnU-Net needs to map back (``spacing``, ``bbox_used_for_cropping``, shapes).
         """
+        img = self._checked_image(image, spacing)
+        r, c = float(spacing[0]), float(spacing[1])
+        # the same spacing nnU-Net's SimpleITK reader assigns to a 2D image: a huge dummy slice spacing first
+        props: dict[str, Any] = {"spacing": [max(r, c) * 999, r, c]}
+        data = img.astype(np.float32)[None, None]
+        data, _, props = self._preprocessor.run_case_npy(data, None, props, self.plans_manager,
+                                                         self.configuration_manager, self.dataset_json)
+        return np.ascontiguousarray(data[:, 0], dtype=np.float32), props
+
+    def _checked_image(self, image: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+        """``image`` as an array after the checks preprocessing needs (2D, finite, one channel, valid spacing)."""
         img = np.asarray(image)
         if img.ndim != 2:
             raise InputError(None, f"expected a 2D image (H, W), got shape {img.shape}")
@@ -236,13 +247,7 @@ class NnUNetModel:
             raise InputError(None, f"spacing must be two positive numbers (row, col) in mm, got {spacing}")
         if not np.all(np.isfinite(img)):
             raise InputError(None, "image contains NaN or Inf")
-        r, c = float(spacing[0]), float(spacing[1])
-        # the same spacing nnU-Net's SimpleITK reader assigns to a 2D image: a huge dummy slice spacing first
-        props: dict[str, Any] = {"spacing": [max(r, c) * 999, r, c]}
-        data = img.astype(np.float32)[None, None]
-        data, _, props = self._preprocessor.run_case_npy(data, None, props, self.plans_manager,
-                                                         self.configuration_manager, self.dataset_json)
-        return np.ascontiguousarray(data[:, 0], dtype=np.float32), props
+        return img
 
     def preprocess_pair(self, image: np.ndarray, label: np.ndarray, spacing: Sequence[float]
                         ) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -251,14 +256,13 @@ class NnUNetModel:
         :returns: ``data`` ``(C, h, w)`` float32, ``seg`` ``(h, w)`` int16 (label values; ``-1`` marks pixels
             outside the image's non-zero region, as nnU-Net), props.
         """
-        img = np.asarray(image)
+        img = self._checked_image(image, spacing)
         lab = np.asarray(label)
         if lab.shape != img.shape:
             raise InputError(None, f"label shape {lab.shape} differs from image shape {img.shape}")
         bad = sorted(set(np.unique(lab).tolist()) - set(self.labels.values()))
         if bad:
             raise InputError(None, f"label values {bad} not in dataset.json labels {self.labels}")
-        self.preprocess(img, spacing)  # validates image and spacing
         r, c = float(spacing[0]), float(spacing[1])
         props: dict[str, Any] = {"spacing": [max(r, c) * 999, r, c]}
         data, seg, props = self._preprocessor.run_case_npy(
