@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 
+from rl_adapt.commands import CommandParser
 from rl_adapt.errors import RLAdaptError
 
 COMMANDS = {
@@ -38,7 +39,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         description="Adapt an nnU-Net echocardiography segmentation model to a new centre with RL, and prove the gain.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     chosen = next((a for a in (argv or []) if a in COMMANDS), None)
     for name, help_text in COMMANDS.items():
         if name == chosen:

@@ -152,21 +152,51 @@ def _bounds_problem(bounds: Bounds, value: Any, where: str) -> str | None:
     return f"{where}: {value!r} {problem}" if problem else None
 
 
+def bounds_problem(cfg: Any, where: str = "config") -> str | None:
+    """The first field of a config dataclass instance (recursively) outside its declared bounds, in words
+    (``"<where>.<key>: <value> is out of range (must be ...)"``); None when every field is allowed.
+
+    Use it in a ``__post_init__`` that must raise ``ValueError`` for configs built in code.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            problem = bounds_problem(value, f"{where}.{f.name}")
+        else:
+            bounds = field_bounds(f)
+            problem = bounds and _bounds_problem(bounds, value, f"{where}.{f.name}")
+        if problem:
+            return problem
+    return None
+
+
 def check_bounds(cfg: Any, where: str = "config") -> None:
     """Check every field of a config dataclass instance (recursively) against its declared bounds.
 
     :func:`from_dict` already does this for loaded configs; call it for configs built in code.
     :raises ConfigError: ``"<where>.<key>: <value> is out of range (must be ...)"``.
     """
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            check_bounds(value, f"{where}.{f.name}")
-            continue
-        bounds = field_bounds(f)
-        problem = bounds and _bounds_problem(bounds, value, f"{where}.{f.name}")
-        if problem:
-            raise ConfigError(problem)
+    problem = bounds_problem(cfg, where)
+    if problem:
+        raise ConfigError(problem)
+
+
+def check_value(cls: type, name: str, value: Any, where: str) -> None:
+    """Check one value against the bounds the config dataclass ``cls`` declares for its field ``name``.
+
+    For a command-line option that fills a config field (``rl-adapt evaluate --overlays N``): the message names
+    the option, e.g. ``"--overlays: -1 is out of range (must be >= 0)"``.
+
+    :param where: what the message names (the option).
+    :raises ConfigError: the value is outside the field's bounds.
+    """
+    f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if f is None:
+        raise KeyError(f"{cls.__name__} has no field {name!r}")
+    bounds = field_bounds(f)
+    problem = bounds and _bounds_problem(bounds, value, where)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _type_name(tp: Any) -> str:
@@ -288,6 +318,13 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML parser error in one line: what is wrong and where (``line 2, column 11: expected ',' or ']' ...``)."""
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    mark = getattr(exc, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
 def parse_overrides(overrides: Iterable[str]) -> dict:
     """Turn ``["ppo.lr=1e-5", "seed=3"]`` into a nested dict (values parsed as YAML scalars/lists)."""
     out: dict = {}
@@ -301,7 +338,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
         try:
             value = yaml.safe_load(raw) if raw.strip() != "" else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from exc
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({yaml_problem(exc)})") from None
         _set_dotted(out, key, value)
     return out
 
@@ -324,7 +361,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

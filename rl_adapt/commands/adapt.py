@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rl_adapt.commands import add_config_help
+
 
 def register(sub) -> argparse.ArgumentParser:
     """Add the ``adapt`` subcommand to ``sub``."""
@@ -29,18 +31,39 @@ def register(sub) -> argparse.ArgumentParser:
                    help="override one config value, e.g. --set ppo.lr=1e-5 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_help(p, _config_class, "Config keys (YAML file or --set KEY=VALUE), default and allowed values:")
     return p
+
+
+def _config_class() -> type:
+    from rl_adapt.engine.loop import AdaptConfig
+
+    return AdaptConfig
 
 
 def run(args: argparse.Namespace) -> int:
     """Run or resume the adaptation; prints the adapted model folder."""
-    from rl_adapt.engine.loop import AdaptConfig, AdaptInputs, Adapter
+    from rl_adapt.preflight import check_existing, check_output
+
+    inputs = {"--model": args.model, "--target": args.target, "--source-data": args.source_data,
+              "--expert": args.expert, "--val": args.val, "--shape-prior": args.shape_prior}
+    check_existing({**inputs, "--config": args.config})
+    if not args.resume:  # a resumed run may read the config.yaml it wrote itself
+        inputs["--config"] = args.config
+    check_output(args.out, inputs, may_exist=args.resume, earlier_output=("config.yaml",), command="rl-adapt adapt",
+                 exists_hint="choose a new run folder, or pass --resume to continue the run in it")
+
     from rl_adapt.config import load_config
+    from rl_adapt.engine.loop import AdaptConfig, AdaptInputs, Adapter
+    from rl_adapt.preflight import check_device
 
     cfg_path = args.config
     if args.resume and cfg_path is None and (args.out / "config.yaml").exists():
         cfg_path = args.out / "config.yaml"
     cfg = load_config(AdaptConfig, cfg_path, args.overrides)
+    check_device(cfg.device)
+    if args.shape_prior is not None:
+        _check_shape_prior(args.shape_prior)
     inputs = AdaptInputs(model_dir=args.model, target_dir=args.target, source_data=args.source_data,
                          expert_dir=args.expert, val_dir=args.val, shape_prior=args.shape_prior)
     adapter = Adapter(inputs, cfg, args.out, resume=args.resume, progress=not args.no_progress)
@@ -52,3 +75,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"guard: PPO of iteration(s) {', '.join(map(str, rejected))} rejected{same}; see metrics.jsonl")
     print(f"metrics: {args.out / 'metrics.jsonl'}   tensorboard: tensorboard --logdir {args.out / 'tensorboard'}")
     return 0
+
+
+def _check_shape_prior(path: Path) -> None:
+    """Refuse, in one line, a ``--shape-prior`` file that is not a shape prior (the loader's own message quotes
+    torch's, which runs over several lines)."""
+    from rl_adapt.engine.shape_prior import ShapePrior
+    from rl_adapt.errors import InputError
+
+    try:
+        ShapePrior.load(path, device="cpu")
+    except InputError as exc:
+        raise InputError(path, f"not a shape prior saved by rl-adapt ({exc.problem.split(' (', 1)[0]})") from None
+    except Exception as exc:  # noqa: BLE001 - a foreign payload fails in many ways
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise InputError(path, f"not a shape prior saved by rl-adapt ({type(exc).__name__}: {first})") from None

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rl_adapt.commands import add_config_help
+
 
 def register(sub) -> argparse.ArgumentParser:
     """Add the ``baseline`` subcommand to ``sub``."""
@@ -15,8 +17,8 @@ def register(sub) -> argparse.ArgumentParser:
             "nnU-Net results folder under OUT (the source is never written). tent: entropy minimisation of the "
             "normalisation layers' affine parameters only; entropy: the whole network; pseudo-label: rounds "
             "of self-training on confident pixels; styled-source: supervised fine-tuning on the source images "
-            "(--source-data) restyled toward the target's look, estimated from the target images. Budget knobs (steps, rounds, lr, batch_size, seed, "
-            "confidence) are shared: see rl_adapt.evaluation.baselines.BaselineConfig."
+            "(--source-data) restyled toward the target's look, estimated from the target images. Budget knobs (steps, "
+            "rounds, lr, batch_size, seed, confidence) are shared: see the table below."
         ),
     )
     p.add_argument("--method", required=True, choices=("tent", "entropy", "pseudo-label", "styled-source"))
@@ -29,15 +31,32 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set lr=0.001 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_help(p, _config_class, "Config keys (YAML file or --set KEY=VALUE), default and allowed values:")
     return p
+
+
+def _config_class() -> type:
+    from rl_adapt.evaluation.baselines import BaselineConfig
+
+    return BaselineConfig
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the baseline; prints the model folder to pass to ``rl-adapt evaluate``."""
-    from rl_adapt.evaluation.baselines import BaselineConfig, run_baseline
+    from rl_adapt.preflight import check_existing, check_output
+
+    inputs = {"--model": args.model, "--target": args.target, "--source-data": args.source_data,
+              "--config": args.config}
+    check_existing(inputs)
+    check_output(args.out, inputs, command="rl-adapt baseline",
+                 exists_hint="choose a new output folder (models are never overwritten)")
+
     from rl_adapt.config import load_config
+    from rl_adapt.evaluation.baselines import BaselineConfig, run_baseline
+    from rl_adapt.preflight import check_device
 
     cfg = load_config(BaselineConfig, args.config, [*args.overrides, f"method={args.method}"])
+    check_device(cfg.device)
     folder = run_baseline(args.model, args.target, args.out, cfg, progress=not args.no_progress,
                           source_data=args.source_data)
     print(f"adapted model ({cfg.method}): {folder}")

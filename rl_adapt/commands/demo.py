@@ -29,11 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from rl_adapt.commands import add_config_help
 from rl_adapt.commands.evaluate import format_table
 from rl_adapt.config import bounded, load_config
 from rl_adapt.devices import available_cpus
 from rl_adapt.errors import RLAdaptError
 from rl_adapt.io_utils import read_json
+from rl_adapt.synth.vendors import VENDORS
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +46,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 class DemoConfig:
     """Sizes and presets of the demo run (``configs/demo.yaml``; ``configs/demo_full.yaml`` for GPUs)."""
 
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     """Seed for data synthesis and every stage."""
-    target_domain: str = "target-blur"
+    target_domain: str = bounded("target-blur", choices=tuple(n for n in VENDORS if n != "source"))
     """Synthetic target vendor preset to adapt to."""
-    image_size: int = bounded(128, ge=32)
+    image_size: int = bounded(128, ge=32, le=4096)
     """Synthetic image size in pixels (square)."""
     source_patients: int = bounded(40, ge=2)
     """Labelled source patients (4 images each) for pretraining and the shape prior."""
@@ -62,8 +64,9 @@ class DemoConfig:
     """Adaptation config."""
     baseline_config: str = "configs/baseline_cpu.yaml"
     """Config shared by the baselines (same budget knobs)."""
-    baselines: tuple[str, ...] = ("tent", "pseudo-label")
-    """Baselines evaluated beside the source and the RL-adapted model."""
+    baselines: tuple[str, ...] = bounded(("tent", "pseudo-label"), choices=("tent", "entropy", "pseudo-label"))
+    """Baselines evaluated beside the source and the RL-adapted model (target-only: the demo has no styled-source).
+    """
     in_domain_reference: bool = False
     """Also train the source model's network, with labels, on ``target_patients`` other target-domain patients
     (ids from 6001) and evaluate it beside the others as ``in_domain``: the upper bound of what adaptation can
@@ -303,13 +306,55 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one DemoConfig value, e.g. --set target_domain=target-shadow")
     p.add_argument("--no-progress", action="store_true", help="one log line per stage instead of progress lines")
+    add_config_help(p, lambda: DemoConfig, "DemoConfig keys (YAML file or --set KEY=VALUE), default and allowed "
+                                           "values:")
     return p
+
+
+STAGE_CONFIGS: dict[str, tuple[str, str, str]] = {
+    "pretrain": ("pretrain_config", "rl_adapt.training.pretrain", "PretrainConfig"),
+    "adapt": ("adapt_config", "rl_adapt.engine.loop", "AdaptConfig"),
+    "baseline": ("baseline_config", "rl_adapt.evaluation.baselines", "BaselineConfig"),
+}
+"""The commands whose config the demo passes on: ``DemoConfig`` field of the file, module and class that read it.
+``extra_overrides`` may name only these."""
+
+
+def preflight(cfg: DemoConfig, out: Path, demo_config: Path | None = None) -> None:
+    """Check, before the first stage starts, what would otherwise fail minutes into the demo: the output folder
+    (new, or an earlier demo's to resume), the evaluation device, and every stage's config file with its
+    ``extra_overrides`` (loaded and range-checked as the stage will load it). The target preset is a checked
+    choice of :class:`DemoConfig`.
+
+    :raises RLAdaptError: the first problem, in one line.
+    """
+    import importlib
+
+    from rl_adapt.errors import ConfigError
+    from rl_adapt.preflight import check_device, check_output
+
+    unknown = sorted(set(cfg.extra_overrides) - set(STAGE_CONFIGS))
+    if unknown:
+        raise ConfigError(f"extra_overrides: unknown command(s) {unknown}; the demo passes overrides to "
+                          f"{sorted(STAGE_CONFIGS)}")
+    files = {key: config_path(getattr(cfg, key)) for key, _, _ in STAGE_CONFIGS.values()}
+    check_output(out, {"--config": demo_config, **files}, may_exist=True, earlier_output=("logs",),
+                 command="rl-adapt demo")
+    check_device(cfg.evaluate_device)
+    for command, (key, module, name) in STAGE_CONFIGS.items():
+        overrides = cfg.extra_overrides.get(command, [])
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise ConfigError(f"extra_overrides.{command}: expected a list of KEY=VALUE strings, got {overrides!r}")
+        config_class = getattr(importlib.import_module(module), name)
+        for extra in ([f"method={m}"] for m in cfg.baselines) if command == "baseline" else [[]]:
+            load_config(config_class, files[key], [*overrides, *extra])
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo and print the summary table, the stage times and where the report is."""
     cfg_path = args.config or config_path("configs/demo_full.yaml" if args.full else "configs/demo.yaml")
     cfg = load_config(DemoConfig, cfg_path, args.overrides)
+    preflight(cfg, args.out, cfg_path)
     result = run_demo(cfg, args.out, progress=not args.no_progress)
     print(format_table(result["summary"]))
     print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in result["timings"].items()))

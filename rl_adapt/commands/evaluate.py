@@ -23,36 +23,44 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="new output folder")
     p.add_argument("--reward", type=Path, help="adaptation run folder (or reward_net.pt): reward-net reliability")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring (slower)")
-    p.add_argument("--overlays", type=int, default=4, metavar="N", help="cases per overlay group in the report")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.add_argument("--overlays", type=int, default=4, metavar="N", help="cases per overlay group in the report (>= 0)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:N; checked before any work)")
     p.add_argument("--workers", type=int, default=-1,
-                   help="metric processes running alongside prediction (-1: auto, 0: none, all in this process)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for prediction (0: torch's default)")
+                   help="metric processes running alongside prediction (-1: auto, 0: none, all in this process; >= -1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for prediction (0: torch's default; >= 0)")
     p.add_argument("--postprocessing", default="auto", metavar="auto|none|FILE",
                    help="rule applied to every model besides the raw outputs: auto = the postprocessing.json the "
                         "model folders carry (they must agree), none, or a postprocessing.json / model folder")
     p.add_argument("--no-report", action="store_true", help="tables and summary only")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT that holds an earlier evaluation (summary.json and inputs.json); "
+                        "no other folder is ever replaced")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation and print a short table."""
+    from rl_adapt.config import check_value
     from rl_adapt.evaluation.evaluate import EvaluateConfig, evaluate
     from rl_adapt.evaluation.inputs import parse_model_specs
+    from rl_adapt.preflight import check_existing
 
-    try:
-        cfg = EvaluateConfig(mirror=args.mirror, overlays=args.overlays, device=args.device, workers=args.workers,
-                             torch_threads=args.threads, postprocessing=args.postprocessing,
-                             report=not args.no_report)
-    except ValueError as exc:
-        from rl_adapt.errors import ConfigError
-
-        raise ConfigError(str(exc)) from exc
-    summary = evaluate(parse_model_specs(args.models), args.data, args.out, reward=args.reward, config=cfg,
+    specs = parse_model_specs(args.models)
+    post_file = None if args.postprocessing in ("auto", "none") else Path(args.postprocessing)
+    check_existing({"--data": args.data, **{f"--model {n}": p for n, p in specs.items()}, "--reward": args.reward,
+                    "--postprocessing": post_file})
+    for flag, name, value in (("--overlays", "overlays", args.overlays), ("--workers", "workers", args.workers),
+                              ("--threads", "torch_threads", args.threads)):
+        check_value(EvaluateConfig, name, value, flag)
+    cfg = EvaluateConfig(mirror=args.mirror, overlays=args.overlays, device=args.device, workers=args.workers,
+                         torch_threads=args.threads, postprocessing=args.postprocessing, report=not args.no_report)
+    summary = evaluate(specs, args.data, args.out, reward=args.reward, config=cfg,  # checks OUT and the device first
                        overwrite=args.overwrite, progress=not args.no_progress)
     print(format_table(summary))
+    for warning in summary.get("warnings", {}).values():
+        if isinstance(warning, dict) and warning.get("count") and warning.get("message"):
+            print(f"warning: {warning['message']}")
     print(f"wrote {args.out / 'summary.json'}" + ("" if args.no_report else f" and {args.out / 'report.html'}"))
     return 0
 
@@ -81,4 +89,9 @@ def format_table(summary: dict) -> str:
     if summary.get("postprocessed"):
         lines.append(f"postprocessed, every model the same way ({summary['postprocessing']['rule']}):")
         lines += block(summary["postprocessed"])
+    if summary.get("reward"):
+        r = summary["reward"]
+        lines.append(f"reward network vs the true labels ({r['model']}'s outputs): AUROC {f(r['auroc'])}, "
+                     f"ECE {f(r['ece'])}; within {r['border_px']} px of a border: AUROC {f(r['border_auroc'])}, "
+                     f"ECE {f(r['border_ece'])}")
     return "\n".join(lines)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rl_adapt.commands import add_segmentation_args, refuse_existing
+from rl_adapt.commands import add_segmentation_args
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -33,26 +33,33 @@ def register(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Predict and write masks; nothing is written when loading fails."""
-    from rl_adapt.data.readers import read_dataset
-    from rl_adapt.devices import pick_device
-    from rl_adapt.data.writers import write_mask
     from rl_adapt.errors import InputError
+    from rl_adapt.preflight import check_device, check_existing, check_output, warn_blank_images
+
+    post_file = None if args.postprocessing in ("auto", "none") else Path(args.postprocessing)
+    inputs = {"--model": args.model, "--images": args.images, "--postprocessing": post_file}
+    check_existing(inputs)
+    check_output(args.out, inputs, command="rl-adapt predict")
+    folds = tuple(int(f) if f.strip().isdigit() else f.strip() for f in args.folds.split(",") if f.strip())
+    if not folds:
+        raise InputError(None, f"--folds {args.folds!r}: give at least one fold, e.g. 0 or 0,1,2")
+    device = str(check_device(args.device))
+
+    from rl_adapt.data.readers import read_dataset
+    from rl_adapt.data.writers import write_mask
     from rl_adapt.io_utils import atomic_dir
     from rl_adapt.policies.nnunet import load_model_folder, resolve_model_folder
-
-    refuse_existing(args.out)
-    folds = tuple(int(f) if f.strip().isdigit() else f.strip() for f in args.folds.split(",") if f.strip())
-    device = str(pick_device(args.device))
     from rl_adapt.postprocessing import load_postprocessing
 
     folder = resolve_model_folder(args.model)
     model = load_model_folder(folder, folds=folds, device=device, checkpoint=args.checkpoint)
     post = None
     if args.postprocessing != "none":
-        post = load_postprocessing(folder if args.postprocessing == "auto" else Path(args.postprocessing))
-        if post is None and args.postprocessing != "auto":
-            raise InputError(Path(args.postprocessing), "no postprocessing.json there")
+        post = load_postprocessing(folder if post_file is None else post_file)
+        if post is None and post_file is not None:
+            raise InputError(post_file, "no postprocessing.json there")
     cases = read_dataset(args.images, with_labels=False)
+    blank = warn_blank_images(cases)
     masks = model.predict_cases(cases, progress=not args.no_progress, mirror=args.mirror)
     if post is not None and post.steps:
         print(f"postprocessing: {post.describe()} (from {post.source})")
@@ -61,4 +68,7 @@ def run(args: argparse.Namespace) -> int:
         for case, mask in zip(cases, masks):
             write_mask(tmp / f"{case.name}.nii.gz", mask, like=case)
     print(f"wrote {len(cases)} masks to {args.out}")
+    if blank:
+        print(f"warning: {len(blank)} of {len(cases)} images are blank (every pixel the same value); their masks "
+              "mean nothing")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rl_adapt.commands import add_config_help
+
 
 def register(sub) -> argparse.ArgumentParser:
     """Add the ``pretrain`` subcommand to ``sub``."""
@@ -18,27 +20,45 @@ def register(sub) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--data", required=True, type=Path, help="labelled nnU-Net raw dataset (dataset.json, imagesTr, labelsTr)")
-    p.add_argument("--out", required=True, type=Path, help="results folder to write (an nnUNet_results-style root)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="results folder to write (an nnUNet_results-style root: new, or existing without this "
+                        "dataset's model)")
     p.add_argument("--config", type=Path, help="YAML config (configs/pretrain_cpu.yaml or configs/pretrain_gpu.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--val-fraction", type=float, help="fraction of patients held out (overrides train.val_fraction)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_help(p, _config_class, "Config keys (YAML file or --set KEY=VALUE), default and allowed values:")
     return p
+
+
+def _config_class() -> type:
+    from rl_adapt.training.pretrain import PretrainConfig
+
+    return PretrainConfig
 
 
 def run(args: argparse.Namespace) -> int:
     """Train and export; prints the model folder and the held-out Dice."""
+    from rl_adapt.preflight import check_existing, check_output
+
+    check_existing({"--data": args.data, "--config": args.config})
+    check_output(args.out, {"--data": args.data, "--config": args.config}, may_exist=True,
+                 command="rl-adapt pretrain")
+
     from rl_adapt.config import load_config
     from rl_adapt.errors import InputError
-    from rl_adapt.training.pretrain import PretrainConfig, pretrain
+    from rl_adapt.preflight import check_device
+    from rl_adapt.training.pretrain import PretrainConfig, fold_folder, pretrain
 
     overrides = list(args.overrides)
     if args.val_fraction is not None:
         overrides.append(f"train.val_fraction={args.val_fraction}")
     cfg = load_config(PretrainConfig, args.config, overrides)
-    if not 0 <= cfg.train.val_fraction < 1:
-        raise InputError(None, f"val fraction must be in [0, 1), got {cfg.train.val_fraction}")
+    check_device(cfg.train.device)
+    target = fold_folder(args.data, args.out, cfg)
+    if target.exists():
+        raise InputError(target, "already exists; choose another --out")
     res = pretrain(args.data, args.out, cfg, progress=not args.no_progress)
     print(f"model: {res.model_dir}")
     if res.dice:

@@ -48,6 +48,24 @@ def select_cases(cases, split_file: Path | None, split: str | None):
     return kept
 
 
+def preflight(args: argparse.Namespace) -> None:
+    """Everything ``run`` can check before reading the dataset: split options, preset, seed, output folder."""
+    from rl_adapt.errors import ConfigError
+    from rl_adapt.preflight import check_existing, check_option, check_output
+    from rl_adapt.synth.vendors import get_preset
+
+    if args.split is not None and args.split_file is None:
+        raise ConfigError(f"--split {args.split}: needs --split-file (the JSON file listing the cases of each "
+                          "split); without it every case would be written")
+    if args.split_file is not None and args.split is None:
+        raise ConfigError(f"--split-file {args.split_file}: needs --split (which split to keep)")
+    if args.preset != "none":
+        get_preset(args.preset)
+    check_option("--seed", args.seed, ge=0)
+    check_existing({"--data": args.data, "--split-file": args.split_file})
+    check_output(args.out, {"--data": args.data, "--split-file": args.split_file}, command="rl-adapt shift")
+
+
 def run(args: argparse.Namespace) -> int:
     """Read, shift and write the dataset (atomically)."""
     from tqdm import tqdm
@@ -58,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from rl_adapt.data.label_repair import remove_resize_artefacts
     from rl_adapt.synth.domains import apply_vendor_shift, shifted_spacing
 
+    preflight(args)
     cases = select_cases(read_dataset(args.data), args.split_file, args.split)
     shifted = []
     for i, case in enumerate(tqdm(cases, desc=f"shift {args.preset}", disable=None)):

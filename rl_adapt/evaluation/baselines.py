@@ -35,11 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from rl_adapt.errors import InputError
-from rl_adapt.config import bounded, save_config, to_dict
+from rl_adapt.config import bounded, bounds_problem, save_config, to_dict
 from rl_adapt.data.readers import read_dataset
 from rl_adapt.evaluation.inputs import load_model
 from rl_adapt.io_utils import atomic_dir, write_json_atomic
 from rl_adapt.policies.nnunet import export_model_folder
+from rl_adapt.preflight import check_device, check_output
 from rl_adapt.training.loop import fit
 from rl_adapt.training.pretrain import AugmentConfig, augment, training_loss
 from rl_adapt.training.styled_source import StyledPairs, StyledSourceConfig, styled_source_pairs
@@ -61,28 +62,28 @@ class BaselineConfig:
     method: Literal["tent", "entropy", "pseudo-label", "styled-source"] = "tent"
     """Which baseline: tent (norm affine only), entropy (whole network), pseudo-label (self-training),
     styled-source (supervised fine-tuning on source images restyled toward the target; needs --source-data)."""
-    rounds: int = 1
+    rounds: int = bounded(1, ge=1)
     """Rounds; pseudo-label re-labels the target set with the current network at the start of each round.
     tent/entropy simply run rounds * steps steps."""
-    steps: int = 100
+    steps: int = bounded(100, ge=0)
     """Optimiser steps per round."""
-    batch_size: int = 8
+    batch_size: int = bounded(8, ge=1)
     """Target patches per step."""
-    lr: float = 1e-4
+    lr: float = bounded(1e-4, gt=0, le=10)
     """Learning rate."""
     optimizer: Literal["adam", "sgd"] = "adam"
     """Optimiser: Adam (betas 0.9/0.999) or SGD with Nesterov momentum."""
-    momentum: float = 0.9
+    momentum: float = bounded(0.9, ge=0, lt=1)
     """SGD momentum (ignored by Adam)."""
-    weight_decay: float = 0.0
+    weight_decay: float = bounded(0.0, ge=0)
     """L2 weight decay."""
-    grad_clip: float = 12.0
+    grad_clip: float = bounded(12.0, ge=0)
     """Gradient norm clipping (0: off)."""
-    confidence: float = 0.9
+    confidence: float = bounded(0.9, ge=0, le=1)
     """pseudo-label: minimum softmax probability of the argmax class for a pixel to be trained on."""
-    max_images: int = 0
+    max_images: int = bounded(0, ge=0)
     """Use at most this many target images, chosen with the seed (0: all)."""
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     """Seed of batch sampling, image subsetting and torch."""
     device: str = "cpu"
     """Torch device ("cpu", "cuda")."""
@@ -96,14 +97,9 @@ class BaselineConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.rounds < 1 or self.steps < 0 or self.batch_size < 1:
-            raise ValueError("rounds >= 1, steps >= 0 and batch_size >= 1 are required")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if not 0.0 <= self.confidence <= 1.0:
-            raise ValueError(f"confidence must lie in [0, 1], got {self.confidence}")
-        if self.max_images < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("max_images, grad_clip and weight_decay must be >= 0")
+        problem = bounds_problem(self, "BaselineConfig")  # configs built in code; loaded ones are checked on load
+        if problem:
+            raise ValueError(problem)
 
 
 # --------------------------------------------------------------------------------------------- pieces
@@ -289,19 +285,18 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
     built in a temporary sibling and renamed at the end; the source folder is only read.
 
     :param source_data: the labelled source dataset (``styled-source`` only).
-    :raises InputError: unloadable model, empty/unreadable target, ``out_dir`` already exists, ``styled-source``
-        without source data.
+    :raises InputError: unloadable model, empty/unreadable target, ``out_dir`` already exists (or is, is inside
+        or holds an input, or cannot be written), ``styled-source`` without source data, unavailable device.
     """
 
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise InputError(out_dir, "already exists; choose a new output folder (models are never overwritten)")
-    if Path(model_dir).resolve() == out_dir.resolve():
-        raise InputError(out_dir, "the output folder must differ from the source model folder")
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    out_dir = check_output(out_dir, {"--model": model_dir, "--target": target, "--source-data": source_data},
+                           command="rl-adapt baseline",
+                           exists_hint="choose a new output folder (models are never overwritten)")
     if cfg.method == "styled-source" and source_data is None:
         raise InputError(None, "the styled-source baseline needs the labelled source data (--source-data DIR)")
+    check_device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     model = load_model(model_dir, cfg.device)
     cases = read_dataset(target, with_labels=False, progress=progress)
     if not cases:

@@ -10,7 +10,10 @@ into a new folder (built in a temporary sibling and renamed at the end, so a fai
   ``<index>_pred``, ``<index>_ref`` (the same method on the ground-truth masks), ``<index>_err``
   (pred - ref), ``<index>_err_pct`` for volumes, and ``<index>_meta`` / ``<index>_err_meta`` where the
   dataset's metadata carries EF/EDV/ESV;
-* ``summary.json`` -- the shape scripts read (see :func:`summarise`), strict JSON (undefined -> ``null``);
+* ``summary.json`` -- the shape scripts read (see :func:`summarise`), strict JSON (undefined -> ``null``), with
+  ``summary["warnings"]``: ``blank_images`` (images with one grey value, scored anyway) and
+  ``left_out_of_clinical_indices`` (images not in a complete 2CH/4CH x ED/ES patient, and why), each with a
+  ``count`` and the ``message`` also logged as a WARNING (None when the count is 0);
 * ``overlays.npz`` -- downsampled image, ground truth, each model's mask (and the reward network's
   uncertainty) of the cases the report shows; ``reliability.json`` when a reward network is given;
   ``timings.json`` (seconds per stage); ``report.html`` (:mod:`rl_adapt.evaluation.report`);
@@ -38,17 +41,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rl_adapt.config import bounded, bounds_problem
 from rl_adapt.engine.reward.network import RewardNet
 from rl_adapt.errors import InputError
 from rl_adapt.evaluation.inputs import find_reward_net, load_labelled, load_model, parse_model_specs, resolve_postprocessing
 from rl_adapt.evaluation.overlays import overlay_arrays, select_overlays
 from rl_adapt.evaluation.reliability import reward_reliability
 from rl_adapt.evaluation.report import write_report
-from rl_adapt.evaluation.scoring import (clinical_row, complete_patients, image_metric_columns, patient_columns,
-                                         patient_indices_or_empty, score_image, summarise)
+from rl_adapt.evaluation.scoring import (clinical_exclusions, clinical_row, complete_patients, image_metric_columns,
+                                         patient_columns, patient_indices_or_empty, score_image, summarise)
 from rl_adapt.io_utils import atomic_dir, json_clean, write_csv, write_json_atomic
+from rl_adapt.preflight import check_device, check_output, warn_blank_images
 
 log = logging.getLogger(__name__)
+
+EARLIER_OUTPUT: tuple[str, ...] = ("summary.json", "inputs.json")
+"""What makes a folder an earlier evaluation, the only kind ``--overwrite`` replaces."""
+
+MAX_LISTED = 20
+"""Case names listed per warning in ``summary.json``."""
 
 
 @dataclass
@@ -56,20 +67,20 @@ class EvaluateConfig:
     """How :func:`evaluate` runs; every field has a safe default."""
     mirror: bool = False
     """Test-time mirroring (nnU-Net's flip averaging); slower, usually a small gain."""
-    overlays: int = 4
+    overlays: int = bounded(4, ge=0)
     """Cases per overlay group in the report (helped most, hurt most, random)."""
-    thumb_size: int = 128
+    thumb_size: int = bounded(128, ge=8)
     """Longest side (pixels) of the overlay thumbnails saved for the report."""
-    n_bootstrap: int = 2000
+    n_bootstrap: int = bounded(2000, ge=1)
     """Bootstrap resamples for the paired confidence intervals."""
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     """Seed of the bootstrap and of the random overlay cases."""
-    reliability_bins: int = 10
+    reliability_bins: int = bounded(10, ge=1)
     """Equal-width confidence bins of the reward network's reliability diagram."""
-    workers: int = -1
+    workers: int = bounded(-1, ge=-1)
     """Processes computing metrics and clinical indices while prediction runs (-1: one per CPU core, at
     most 4, so every core stays busy during and after prediction; 0: everything in this process)."""
-    torch_threads: int = 1
+    torch_threads: int = bounded(1, ge=0)
     """Torch CPU threads for prediction (0: leave torch's setting). One thread per image is the fastest on
     small CPUs: batch-1 forwards of small networks scale poorly across threads, and the other cores run
     the metric workers at the same time."""
@@ -84,10 +95,9 @@ class EvaluateConfig:
     ``postprocessing.json`` (or of a model folder holding one)."""
 
     def __post_init__(self) -> None:
-        if self.overlays < 0 or self.thumb_size < 8 or self.n_bootstrap < 1 or self.workers < -1 \
-                or self.torch_threads < 0:
-            raise ValueError("overlays >= 0, thumb_size >= 8, n_bootstrap >= 1, workers >= -1 and "
-                             "torch_threads >= 0 are required")
+        problem = bounds_problem(self, "EvaluateConfig")
+        if problem:
+            raise ValueError(problem)
 
 
 class _Runner:
@@ -125,10 +135,12 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
     :param data: labelled dataset (any format :func:`rl_adapt.data.readers.read_dataset` reads).
     :param out: new output folder (built in a temporary sibling, renamed at the end).
     :param reward: adaptation run folder (or reward_net.pt) whose reward network is scored as uncertainty.
-    :param overwrite: replace an existing ``out``.
+    :param overwrite: replace an existing ``out`` that is an earlier evaluation (holds summary.json and
+        inputs.json); any other existing folder is refused.
     :returns: the summary dict as written to ``summary.json`` (strict-JSON values: None for undefined).
     :raises InputError: bad model folder, unlabelled/empty/mismatched dataset, missing reward network,
-        existing ``out`` without ``overwrite`` -- raised before anything is written.
+        existing ``out`` without ``overwrite``, ``out`` that is, is inside or holds an input, unwritable ``out``,
+        unavailable device -- raised before anything is written.
     """
 
     cfg = config or EvaluateConfig()
@@ -137,14 +149,14 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
     if not specs:
         raise InputError(None, "give at least one model")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(out, "already exists; choose a new output folder or pass --overwrite")
-    for name, path in specs.items():
-        if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
-            raise InputError(out, f"output folder would overwrite model {name!r}")
+    check_output(out, evaluation_inputs(specs, data, reward, cfg.postprocessing), may_exist=overwrite,
+                 earlier_output=EARLIER_OUTPUT, command="rl-adapt evaluate",
+                 exists_hint="choose a new output folder, or pass --overwrite to replace an earlier evaluation")
+    check_device(cfg.device)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     cases = load_labelled(data, progress=progress)
+    blank = warn_blank_images(cases, "scored anyway")
     loaded = {name: load_model(path, cfg.device) for name, path in specs.items()}
     post = resolve_postprocessing(specs, cfg.postprocessing)
     if post is not None:
@@ -158,6 +170,9 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
     names = list(loaded)
     preds: dict[str, list[np.ndarray]] = {}
     patients = complete_patients(cases)
+    left_out = clinical_exclusions(cases, patients)
+    if left_out["count"]:
+        log.warning("%s", left_out["message"])
     runner = _Runner(cfg.workers, cfg.torch_threads)
     cpu0 = _cpu_seconds()
     threads_before = torch.get_num_threads()
@@ -238,6 +253,17 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
         timings["reward"] = time.perf_counter() - t0
 
     summary = summarise(image_rows, patient_rows, names, ece=ece, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+    summary["warnings"] = {
+        "blank_images": {"count": len(blank), "cases": blank[:MAX_LISTED],
+                         "message": f"{len(blank)} of {len(cases)} images are blank (every pixel the same value): "
+                                    "scored anyway, their masks mean nothing" if blank else None},
+        "left_out_of_clinical_indices": left_out,
+    }
+    if rel is not None:  # the reward network against the true labels: everywhere, and near the borders
+        summary["reward"] = {"model": names[0], "ece": rel["ece"], "auroc": rel["auroc"],
+                             "border_px": rel["border_px"], "border_ece": rel["border"]["ece"],
+                             "border_auroc": rel["border"]["auroc"], "error_rate": rel["error_rate"],
+                             "border_error_rate": rel["border"]["error_rate"]}
     if post is not None:
         summary["postprocessed"] = summarise(pp_image_rows, pp_patient_rows, names, n_bootstrap=cfg.n_bootstrap,
                                              seed=cfg.seed)
@@ -279,6 +305,20 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
         write_json_atomic(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
     log.info("evaluation written to %s (%s)", out, ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return json_clean(summary)
+
+
+def evaluation_inputs(specs: Mapping[str, Path], data: str | Path, reward: str | Path | None,
+                      postprocessing: str = "auto") -> dict[str, Path | None]:
+    """Every path an evaluation reads, named as on the command line: the output may not touch any of them.
+
+    The reward network counts as its file (an evaluation may be written inside the adaptation run folder it
+    scores, not over it).
+    """
+    inputs: dict[str, Path | None] = {"--data": Path(data)}
+    inputs.update({f"--model {name}": Path(path) for name, path in specs.items()})
+    inputs["--reward"] = None if reward is None else find_reward_net(reward)
+    inputs["--postprocessing"] = None if postprocessing in ("auto", "none") else Path(postprocessing)
+    return inputs
 
 
 def _cpu_seconds() -> float:

@@ -58,6 +58,7 @@ img.fig{max-width:100%;display:block;margin:8px auto}
 .kpis{display:flex;gap:12px;flex-wrap:wrap;margin:4px 0 0}
 .kpi{background:#f0f4fa;border-radius:6px;padding:8px 14px;font-size:13px}
 .kpi b{display:block;font-size:18px;color:#1f3a5f}
+.warnings{border-left:4px solid #d4a72c;background:#fff8e5}
 .legend span{display:inline-block;margin-right:14px;font-size:13px}
 .legend i{display:inline-block;width:12px;height:12px;border-radius:2px;margin-right:5px;vertical-align:-1px}
 .scroll{overflow-x:auto}
@@ -411,6 +412,11 @@ def build_report(folder: str | Path, title: str = "rl-adapt evaluation") -> str:
     parts = [f"<header><h1>{html.escape(title)}</h1><p>{summary['n_images']} images · {summary['n_patients']} "
              f"patients · {len(models)} model(s): {html.escape(', '.join(models))} · generated "
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p></header><main>"]
+    warnings = [w.get("message") for w in (summary.get("warnings") or {}).values()
+                if isinstance(w, dict) and w.get("count") and w.get("message")]
+    if warnings:
+        parts.append("<section class='warnings'><h2>Warnings</h2><ul>"
+                     + "".join(f"<li>{html.escape(str(w))}</li>" for w in warnings) + "</ul></section>")
     kpi = []
     for m in models:
         e = summary["models"][m]

@@ -179,6 +179,44 @@ def complete_patients(cases: Sequence) -> dict[str, list[int]]:
     return {p: list(g.values()) for p, g in sorted(groups.items()) if len(g) == 4}
 
 
+def clinical_exclusions(cases: Sequence, patients: Mapping[str, Sequence[int]], listed: int = 20) -> dict:
+    """The images left out of the clinical indices (EF, volumes, strain) and why, for a warning a user sees.
+
+    :param patients: :func:`complete_patients` of ``cases``.
+    :returns: ``{"count", "not_camus_named", "incomplete_patients" (patients), "in_incomplete_patients" (images),
+        "duplicates", "cases" (up to ``listed`` names), "message" (None when nothing is left out)}``.
+    """
+    used = {i for idx in patients.values() for i in idx}
+    unnamed, partial, duplicate = [], {}, []
+    for i, c in enumerate(cases):
+        if i in used:
+            continue
+        p, v, ph = c.meta.get("patient"), c.meta.get("view"), c.meta.get("phase")
+        if not (p and v in ("2CH", "4CH") and ph in ("ED", "ES")):
+            unnamed.append(c.name)
+        elif str(p) in patients:
+            duplicate.append(c.name)
+        else:
+            partial.setdefault(str(p), []).append(c.name)
+    left = [*unnamed, *(n for names in partial.values() for n in names), *duplicate]
+    reasons = []
+    if unnamed:
+        reasons.append(f"{len(unnamed)} have no patient/view/phase (names not CAMUS-like "
+                       "patientXXXX_{2CH,4CH}_{ED,ES})")
+    if partial:
+        reasons.append(f"{sum(map(len, partial.values()))} belong to {len(partial)} patient(s) without all four "
+                       "2CH/4CH x ED/ES images")
+    if duplicate:
+        reasons.append(f"{len(duplicate)} repeat a view and phase their patient already has")
+    message = None
+    if left:
+        message = (f"{len(left)} of {len(cases)} images are left out of the clinical indices (EF, volumes, strain; "
+                   f"{len(patients)} complete patient(s) remain): " + "; ".join(reasons))
+    return {"count": len(left), "not_camus_named": len(unnamed), "incomplete_patients": len(partial),
+            "in_incomplete_patients": sum(map(len, partial.values())), "duplicates": len(duplicate),
+            "cases": left[:listed], "message": message}
+
+
 def patient_indices_or_empty(cases: Sequence, masks: Sequence[np.ndarray]) -> dict:
     """:func:`rl_adapt.measures.clinical.patient_indices` of one patient's four cases with ``masks`` as their labels.
 

@@ -11,8 +11,10 @@ Deterministic on CPU for a given seed and thread count; bf16 autocast on CUDA.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rl_adapt.config import to_dict
+from rl_adapt.config import bounded, to_dict
 from rl_adapt.devices import pick_device
 from rl_adapt.errors import InputError
 from rl_adapt.labels import STRUCTURE_NAMES
@@ -32,12 +34,18 @@ from rl_adapt.policies.inference import pad_to_min_size
 from rl_adapt.policies.nnunet import plan_dataset, shrink_plan
 from rl_adapt.training.loop import fit
 from rl_adapt.data.readers import read_dataset
-from rl_adapt.policies.nnunet import DEFAULT_TRAINER, NnUNetModel, build_network, export_model_folder
+from rl_adapt.policies.nnunet import (_DATASET_RE, DEFAULT_TRAINER, NnUNetModel, build_network,
+                                      export_model_folder)
+from rl_adapt.preflight import check_output
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger(__name__)
 
+SMALL_PLANS_NAME = "nnUNetPlansSmall"
+"""Plans name of a ``small`` plan (:func:`rl_adapt.policies.nnunet.shrink_plan`'s default)."""
+DEFAULT_PLANS_NAME = "nnUNetPlans"
+"""Plans name of nnU-Net's own planner (``default`` plan)."""
 
 
 @dataclass
@@ -45,15 +53,15 @@ class PlanConfig:
     """How the network and preprocessing are planned."""
     kind: Literal["small", "default"] = "small"
     """``default``: nnU-Net's 2D plan as its planner makes it; ``small``: that plan with the network below."""
-    features: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 128])
+    features: list[int] = bounded(default_factory=lambda: [16, 32, 64, 128, 128], ge=1)
     """Features per stage of the small plan (its length = number of stages)."""
-    patch_size: list[int] = field(default_factory=lambda: [128, 128])
+    patch_size: list[int] = bounded(default_factory=lambda: [128, 128], ge=8)
     """Small plan patch size (rows, cols), divisible by 2**(stages-1)."""
-    batch_size: int = 12
+    batch_size: int = bounded(12, ge=1)
     """Small plan batch size (the default plan keeps nnU-Net's)."""
-    n_conv_per_stage: int = 2
+    n_conv_per_stage: int = bounded(2, ge=1)
     """Convolutions per encoder stage (small plan)."""
-    n_conv_per_stage_decoder: int = 2
+    n_conv_per_stage_decoder: int = bounded(2, ge=1)
     """Convolutions per decoder stage (small plan)."""
     fit_median_to_patch: bool = True
     """Small plan: coarsen the target spacing so the median image fits one patch."""
@@ -61,30 +69,30 @@ class PlanConfig:
 @dataclass
 class TrainConfig:
     """Optimisation schedule."""
-    epochs: int = 20
+    epochs: int = bounded(20, ge=1)
     """Training epochs."""
-    iterations_per_epoch: int = 0
+    iterations_per_epoch: int = bounded(0, ge=0)
     """Batches per epoch (nnU-Net: 250, whatever the dataset's size); 0 = one pass over the training cases, so that
     a smaller dataset gets fewer updates: every preset in ``configs/`` fixes it."""
     optimizer: Literal["sgd", "adamw"] = "adamw"
     """``sgd`` (nnU-Net: momentum 0.99, Nesterov) or ``adamw``; both with nnU-Net's poly decay."""
-    lr: float = 3e-3
+    lr: float = bounded(3e-3, gt=0, le=10)
     """Initial learning rate (nnU-Net's SGD uses 1e-2)."""
-    weight_decay: float = 3e-5
+    weight_decay: float = bounded(3e-5, ge=0)
     """Weight decay."""
-    momentum: float = 0.99
+    momentum: float = bounded(0.99, ge=0, lt=1)
     """SGD momentum."""
-    grad_clip: float = 12.0
+    grad_clip: float = bounded(12.0, ge=0)
     """Gradient-norm clip (nnU-Net: 12)."""
     deep_supervision: bool = True
     """Train with nnU-Net's deep-supervision loss (the exported network has it off)."""
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     """Seed of the split, initialisation, batches and augmentation."""
-    val_fraction: float = 0.1
+    val_fraction: float = bounded(0.1, ge=0, lt=1)
     """Fraction of patients held out for the reported Dice."""
-    val_every: int = 5
+    val_every: int = bounded(5, ge=1)
     """Held-out Dice every N epochs (and after the last)."""
-    fold: int = 0
+    fold: int = bounded(0, ge=0)
     """Fold number of the written results folder."""
     device: str = "auto"
     """``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``..."""
@@ -92,7 +100,7 @@ class TrainConfig:
     """bf16 autocast on CUDA (ignored on CPU)."""
     channels_last: bool = False
     """channels_last memory format on CUDA."""
-    num_threads: int = 1
+    num_threads: int = bounded(1, ge=0)
     """torch CPU threads (0 = leave torch's default). On a busy shared 2-core machine 1 thread was 8x faster
     than 2 (OpenMP oversubscription); raise it on an idle many-core machine."""
 
@@ -100,34 +108,40 @@ class TrainConfig:
 @dataclass
 class AugmentConfig:
     """Echo-suitable augmentation, applied on the fly in torch (no flips)."""
-    p_affine: float = 0.7
+    p_affine: float = bounded(0.7, ge=0, le=1)
     """Probability of a random rotation/scale/translation."""
-    rotation_deg: float = 15.0
+    rotation_deg: float = bounded(15.0, ge=0, le=180)
     """Maximum absolute rotation in degrees."""
-    scale: list[float] = field(default_factory=lambda: [0.85, 1.2])
+    scale: list[float] = bounded(default_factory=lambda: [0.85, 1.2], gt=0)
     """Zoom range (isotropic)."""
-    translate: float = 0.08
+    translate: float = bounded(0.08, ge=0, le=1)
     """Maximum translation as a fraction of the patch."""
-    p_gamma: float = 0.3
+    p_gamma: float = bounded(0.3, ge=0, le=1)
     """Probability of a gamma change (on the image rescaled to [0, 1])."""
-    gamma: list[float] = field(default_factory=lambda: [0.7, 1.5])
+    gamma: list[float] = bounded(default_factory=lambda: [0.7, 1.5], gt=0)
     """Gamma range."""
-    p_brightness: float = 0.3
+    p_brightness: float = bounded(0.3, ge=0, le=1)
     """Probability of multiplicative brightness."""
-    brightness: list[float] = field(default_factory=lambda: [0.75, 1.25])
+    brightness: list[float] = bounded(default_factory=lambda: [0.75, 1.25], ge=0)
     """Brightness factor range."""
-    p_contrast: float = 0.3
+    p_contrast: float = bounded(0.3, ge=0, le=1)
     """Probability of a contrast change around the mean."""
-    contrast: list[float] = field(default_factory=lambda: [0.75, 1.25])
+    contrast: list[float] = bounded(default_factory=lambda: [0.75, 1.25], ge=0)
     """Contrast factor range."""
-    p_noise: float = 0.15
+    p_noise: float = bounded(0.15, ge=0, le=1)
     """Probability of additive Gaussian noise."""
-    noise_std: float = 0.1
+    noise_std: float = bounded(0.1, ge=0)
     """Maximum noise standard deviation (image units: z-scored)."""
-    p_blur: float = 0.15
+    p_blur: float = bounded(0.15, ge=0, le=1)
     """Probability of Gaussian blur."""
-    blur_sigma: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    blur_sigma: list[float] = bounded(default_factory=lambda: [0.5, 1.0], gt=0)
     """Blur sigma range in pixels."""
+
+    def __post_init__(self) -> None:
+        for name in ("scale", "gamma", "brightness", "contrast", "blur_sigma"):
+            pair = getattr(self, name)
+            if len(pair) != 2 or pair[0] > pair[1]:
+                raise ValueError(f"{name}: expected a range [low, high] with low <= high, got {list(pair)}")
 
 @dataclass
 class PretrainConfig:
@@ -331,25 +345,39 @@ def make_plans(data_dir: str | Path, cfg: PlanConfig) -> tuple[dict, dict, dict]
     return plans, dataset_json, fingerprint
 
 
+def fold_folder(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig) -> Path:
+    """The fold folder :func:`pretrain` writes, known before planning:
+    ``out_dir/<Dataset>/nnUNetTrainer__<Plans>__2d/fold_<fold>`` (the dataset named as :func:`plan_dataset` names
+    it, the plans as the plan kind does)."""
+    raw = Path(data_dir).resolve()
+    name = raw.name if _DATASET_RE.match(raw.name) else "Dataset999_" + re.sub(r"[^A-Za-z0-9]", "", raw.name or "data")
+    plans_name = SMALL_PLANS_NAME if cfg.plan.kind == "small" else DEFAULT_PLANS_NAME
+    return Path(out_dir) / name / f"{DEFAULT_TRAINER}__{plans_name}__2d" / f"fold_{cfg.train.fold}"
+
+
 def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, progress: bool = True) -> PretrainResult:
     """Plan, train and export a source model; see the module docstring.
 
     :param data_dir: nnU-Net raw dataset (dataset.json, imagesTr, labelsTr).
-    :param out_dir: results root; the model folder is ``out_dir/<Dataset>/nnUNetTrainer__<Plans>__2d``.
-    :raises InputError: bad dataset, or the target fold already exists (checked before training).
+    :param out_dir: results root (new, or an existing nnUNet_results-style root); the model folder is
+        ``out_dir/<Dataset>/nnUNetTrainer__<Plans>__2d``.
+    :raises InputError: bad dataset, an output that touches the dataset or cannot be written, or the target fold
+        already exists (all checked before planning).
     """
-
-
     t0 = time.time()
     tc = cfg.train
-    if tc.num_threads > 0:
-        torch.set_num_threads(tc.num_threads)
-    device = pick_device(tc.device)
-    plans, dataset_json, fingerprint = make_plans(data_dir, cfg.plan)
-    model = NnUNetModel.from_plans(plans, dataset_json, device="cpu", seed=tc.seed, mirror_axes=None)
-    target = Path(out_dir) / model.dataset_name / f"{DEFAULT_TRAINER}__{model.plans_name}__2d" / f"fold_{tc.fold}"
+    check_output(out_dir, {"--data": data_dir}, may_exist=True, command="rl-adapt pretrain")
+    target = fold_folder(data_dir, out_dir, cfg)
     if target.exists():
         raise InputError(target, "already exists; choose another --out")
+    device = pick_device(tc.device)
+    if tc.num_threads > 0:
+        torch.set_num_threads(tc.num_threads)
+    plans, dataset_json, fingerprint = make_plans(data_dir, cfg.plan)
+    model = NnUNetModel.from_plans(plans, dataset_json, device="cpu", seed=tc.seed, mirror_axes=None)
+    planned = Path(out_dir) / model.dataset_name / f"{DEFAULT_TRAINER}__{model.plans_name}__2d" / f"fold_{tc.fold}"
+    if planned.exists():  # fold_folder guessed another name than the planner gave
+        raise InputError(planned, "already exists; choose another --out")
 
     cases = [c for c in read_dataset(data_dir, fmt="nnunet") if c.label is not None]
     if len(cases) < 2:
@@ -379,8 +407,9 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
     use_bf16 = device.type == "cuda" and tc.bf16
     history: list[dict] = []
 
-    with tempfile.TemporaryDirectory(prefix="rl_adapt_tb_") as tb_dir:
-        writer = SummaryWriter(tb_dir)
+    # closing() stops the writer's thread before the folder goes, also on Ctrl-C or an error mid-training
+    with (tempfile.TemporaryDirectory(prefix="rl_adapt_tb_") as tb_dir,
+          contextlib.closing(SummaryWriter(tb_dir)) as writer):
         dice: dict[str, float] = {}
         for epoch in range(tc.epochs):
             net.train()
