@@ -120,7 +120,7 @@ def test_bad_inputs_are_refused_before_writing(tiny_world, tmp_path):
     with pytest.raises(RLAdaptError, match="--resume"):
         Adapter(ok, _cfg(), run, progress=False)
     inside = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"])
-    with pytest.raises(InputError, match="inside the source model folder"):
+    with pytest.raises(InputError, match="inside the --model input"):
         Adapter(inside, _cfg(), tiny_world["model"] / "run", progress=False)
     junk = tmp_path / "prior.pt"
     junk.write_bytes(b"not a checkpoint")
@@ -218,6 +218,28 @@ def test_a_later_iteration_without_trusted_corrections_keeps_the_previous_weight
     a, b = torch.load(run / "iter0" / "policy.pt"), torch.load(run / "iter1" / "policy.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (run / "iter1" / "reward_net.pt").read_bytes() == (run / "iter0" / "reward_net.pt").read_bytes()
+
+
+def test_a_run_that_fails_before_any_stage_leaves_no_run_folder_and_unmatched_experts_are_counted(tiny_world, tmp_path):
+    from rl_adapt.data.readers import read_dataset
+
+    empty = tmp_path / "empty_target"
+    empty.mkdir()
+    (empty / "dataset.json").write_text("{}")  # exists, but holds no image: found only when the run reads it
+    with pytest.raises(InputError):
+        Adapter(AdaptInputs(model_dir=tiny_world["model"], target_dir=empty), _cfg(), tmp_path / "run",
+                progress=False).run()
+    assert not (tmp_path / "run").exists()
+    expert = tmp_path / "expert"
+    _expert_folder(tiny_world, expert, 1)
+    _expert_folder(tiny_world, expert, 2, name="nobody_2CH_ED")
+    adapter = Adapter(AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"], expert_dir=expert),
+                      _cfg(), tmp_path / "run2", progress=False)
+    adapter._load()
+    rec = [json.loads(x) for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    inputs = next(r for r in rec if r["stage"] == "inputs")
+    assert inputs["n_expert"] == 1 and inputs["warning_unmatched_expert_masks"] == 1
+    assert inputs["n_target"] == len(read_dataset(tiny_world["target"], with_labels=False))
 
 
 def test_a_given_shape_prior_is_reused_not_retrained(tiny_world, tmp_path):
@@ -405,7 +427,7 @@ def test_train_on_expert_keeps_only_the_images_with_an_expert_mask(tiny_world, t
     _expert_folder(tiny_world, other, 2, name="nobody_2CH_ED")
     stray = Adapter(AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"], expert_dir=other),
                     _cfg(["train_on=expert"]), tmp_path / "d", progress=False)
-    with pytest.raises(InputError, match="no expert mask is named like a target image"):
+    with pytest.raises(InputError, match="expert masks is named like a target image"):
         stray._load()
     with pytest.raises(ConfigError, match="train_on"):
         _cfg(["train_on=some"])

@@ -36,7 +36,6 @@ import torch
 from rl_adapt.cleanup import CleanupConfig
 from rl_adapt.config import bounded, save_config, to_dict
 from rl_adapt.data.readers import read_dataset
-from rl_adapt.devices import pick_device
 from rl_adapt.engine.corrector import Corrections, Corrector, CorrectorConfig, correction_stage
 from rl_adapt.engine.guard import judge
 from rl_adapt.engine.ppo import PolicyWeights, PPOConfig, ppo_phase
@@ -54,6 +53,7 @@ from rl_adapt.measures.metrics import segmentation_metrics
 from rl_adapt.policies.inference import centre_pad_crop
 from rl_adapt.policies.nnunet import export_model_folder, load_model_folder
 from rl_adapt.postprocessing import CANDIDATES, decide, postprocessing_files
+from rl_adapt.preflight import check_device, check_output, match_expert_names, warn_blank_images
 from rl_adapt.training.finetune import FineTuneConfig, fine_tune
 from rl_adapt.training.styled_source import StyledPairs, StyledSourceConfig, styled_source_pairs
 
@@ -93,23 +93,23 @@ class AdaptConfig:
     """Master seed; each stage derives its own seed from it (same seed, same run on CPU)."""
     device: str = "auto"
     """"cpu", "cuda", "cuda:1" or "auto" (CUDA when available)."""
-    threads: int = 0
+    threads: int = bounded(0, ge=0)
     """torch CPU threads (0: leave torch's default)."""
-    iterations: int = 4
+    iterations: int = bounded(4, ge=1)
     """Rounds of rollout -> correct -> reward -> PPO."""
-    max_target_images: int = 0
+    max_target_images: int = bounded(0, ge=0)
     """Use at most this many target images (0: all), picked with the seed."""
-    ppo_images_per_iteration: int = 512
+    ppo_images_per_iteration: int = bounded(512, ge=1)
     """Target images (one-step episodes) PPO consumes per iteration."""
-    correction_reward_weight: float = 0.0
+    correction_reward_weight: float = bounded(0.0, ge=0.0, le=1.0)
     """Weight w of the corrected masks in the PPO reward: per pixel r = w * 1[label == corrected] + (1 - w) *
     reward_net, for target images whose correction is anatomically valid (w = 0 elsewhere). 0 is RL4Seg's
     pure learned reward; see README (measured: PPO exploits a small CPU-trained reward network)."""
-    myo_la_contact_penalty: float = 0.0
+    myo_la_contact_penalty: float = bounded(0.0, ge=0.0)
     """Subtracted from the per-pixel reward of every MYO pixel touching an LA pixel and every LA pixel touching a
     MYO pixel (8-neighbourhood) in the sampled segmentation: the anatomy check ``frontier_myo_la`` as a
     per-pixel penalty. 0: off."""
-    lv_bg_contact_penalty: float = 0.0
+    lv_bg_contact_penalty: float = bounded(0.0, ge=0.0)
     """Subtracted from the per-pixel reward of every LV pixel touching a background pixel (8-neighbourhood) in the
     sampled segmentation: the anatomy check ``frontier_lv_bg`` as a per-pixel penalty. 0: off."""
     keep_if_closer: bool = True
@@ -121,14 +121,14 @@ class AdaptConfig:
     else on the whole target set; on real images the corrections are ~99 % the source's own masks, so any change
     lowers it. ``styled_source``: the policy's Dice on the held-out restyled source images (true labels, see
     ``source_teacher``) does not fall: a signal that can rise when masks get better."""
-    trusted_corrections: str = "valid"
+    trusted_corrections: str = bounded("valid", choices=("valid", "all"))
     """Which corrections the reward network learns from, the PPO reward blends in
     (``correction_reward_weight``) and the export's postprocessing is decided against: ``valid`` (only the
     anatomically valid ones; RL4Seg) or ``all`` (every correction, valid or not: for a source model whose outputs
     the corrector cannot make valid, e.g. at a coarse patch size or briefly trained). With fewer than 2 trusted
     corrections the first iteration stops with an error saying what to try; a later iteration keeps the previous
     weights (recorded as ``rejected`` with the reason, as the guard does) and the run goes on."""
-    train_on: str = "all"
+    train_on: str = bounded("all", choices=("all", "expert"))
     """Which target images the loop trains on: ``all`` (every image given as ``--target``; the expert masks, if
     any, override the automatic corrections of their images) or ``expert`` (only the images with an expert mask;
     needs ``--expert``). Measured on real CAMUS (CPU, small plan, low-gain shift, expert masks for 10 of 50
@@ -140,7 +140,7 @@ class AdaptConfig:
     way but label-free: a step is kept when it raises the final policy's agreement with the last iteration's
     anatomically valid corrections (no label worse). The kept steps are stored with the adapted model as
     ``postprocessing.json``/``.pkl`` (nnU-Net's format), which ``predict`` and ``evaluate`` apply. Empty: none."""
-    postprocessing_validity_tolerance: float = 0.01
+    postprocessing_validity_tolerance: float = bounded(0.01, ge=0.0, le=1.0)
     """The ``anatomical_cleanup`` candidate is also kept when it raises the anatomical validity of the final
     policy's outputs on all target images and no label's agreement with the trusted corrections falls by more
     than this (Dice). 0: agreement alone decides, as nnU-Net's Dice does."""
@@ -164,10 +164,6 @@ class AdaptConfig:
     def __post_init__(self) -> None:
         if self.guard == "styled_source" and not self.source_teacher.enabled:
             raise ValueError("guard: styled_source needs source_teacher.enabled: true")
-        if self.trusted_corrections not in ("valid", "all"):
-            raise ValueError(f"trusted_corrections must be 'valid' or 'all', got {self.trusted_corrections!r}")
-        if self.train_on not in ("all", "expert"):
-            raise ValueError(f"train_on must be 'all' or 'expert', got {self.train_on!r}")
         unknown = [c for c in self.postprocessing if c not in CANDIDATES]
         if unknown:
             raise ValueError(f"postprocessing: unknown candidate(s) {unknown}; valid: {list(CANDIDATES)}")
@@ -233,24 +229,41 @@ class Adapter:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self._check_inputs()
-        if self.run_dir.exists() and any(self.run_dir.iterdir()) and not resume:
-            raise RLAdaptError(f"{self.run_dir}: run folder exists and is not empty (use --resume to continue it)")
+        check_output(self.run_dir, {"--model": inputs.model_dir, "--target": inputs.target_dir,
+                                    "--source-data": inputs.source_data, "--expert": inputs.expert_dir,
+                                    "--val": inputs.val_dir, "--shape-prior": inputs.shape_prior},
+                     may_exist=resume, earlier_output=("config.yaml",), command="rl-adapt adapt",
+                     exists_hint="choose a new run folder, or pass --resume to continue the run in it")
+        self.device = check_device(cfg.device)
         if resume and not (self.run_dir / "state.json").exists():
             log.info("%s: nothing to resume, starting a new run", self.run_dir)
+        self._created = not self.run_dir.exists()  # removed again if the run fails before any stage finished
+        settings = {"cfg": to_dict(cfg), "inputs": self._inputs_dict()}
+        self.state = RunState(self.run_dir, config_sha(settings), settings) if (self.run_dir / "state.json").exists() \
+            else None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.state = RunState(self.run_dir, config_sha({"cfg": to_dict(cfg), "inputs": self._inputs_dict()}))
+        if self.state is None:
+            self.state = RunState(self.run_dir, config_sha(settings), settings)
         self.stages = Stages(self.state, self.run_dir / "metrics.jsonl")
         self.teacher: StyledPairs | None = None  # the restyled source pairs, once their stage ran
         if not (self.run_dir / "config.yaml").exists():
             save_config(cfg, self.run_dir / "config.yaml")
             write_json_atomic(self.run_dir / "inputs.json", self._inputs_dict())
-        self.device = pick_device(cfg.device)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Path:
-        """Run every unfinished stage; returns the adapted nnU-Net model folder."""
+        """Run every unfinished stage; returns the adapted nnU-Net model folder. A run folder this call created is
+        removed again when the run fails before any stage finished (e.g. an unreadable target image)."""
+        try:
+            return self._run()
+        except BaseException:
+            if self._created and not self.state.completed and self.run_dir.is_dir():
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def _run(self) -> Path:
         self._load()
         self._validate_source()
         prior = self._shape_prior()
@@ -315,11 +328,6 @@ class Adapter:
             except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
                 raise InputError(self.inputs.shape_prior,
                                  f"not a shape prior saved by rl-adapt ({type(exc).__name__}: {exc})") from exc
-        try:
-            if self.run_dir.resolve().is_relative_to(Path(self.inputs.model_dir).resolve()):
-                raise InputError(self.run_dir, "the run folder may not be inside the source model folder")
-        except OSError:
-            pass
 
     def _load(self) -> None:
         self.model = load_model_folder(self.inputs.model_dir, device=str(self.device))
@@ -331,6 +339,10 @@ class Adapter:
             keep = sorted(rng.choice(len(cases), self.cfg.max_target_images, replace=False))
             cases = [cases[i] for i in keep]
         self.target_cases = cases
+        self.warnings: dict[str, int] = {}
+        blank = warn_blank_images(cases, "adapted on anyway")
+        if blank:
+            self.warnings["blank_target_images"] = len(blank)
         patches = [self.model.to_patch(c.image, c.spacing)[0] for c in cases]
         self.images = torch.stack([torch.as_tensor(p) for p in patches]).float().to(self.device)
         log.info("target: %d images -> patches %s", len(cases), tuple(self.images.shape))
@@ -353,13 +365,26 @@ class Adapter:
                      len(keep), len(self.target_cases))
             self.target_cases = [self.target_cases[i] for i in keep]
             self.images = self.images[torch.as_tensor(keep, device=self.images.device)]
+        if not self.stages.done("inputs"):  # what the run read, with the warnings a user must not miss
+            self.stages.mark("inputs", {"n_target": len(self.target_cases), "n_expert": len(self.expert),
+                                        **{f"warning_{k}": v for k, v in self.warnings.items()}})
 
     def _load_expert(self) -> dict[str, np.ndarray]:
         if self.inputs.expert_dir is None:
             return {}
         names = {c.name: i for i, c in enumerate(self.target_cases)}
+        experts = read_dataset(self.inputs.expert_dir, with_labels=False)
+        matched, unmatched = match_expert_names([c.name for c in experts], names)
+        if not matched:
+            raise InputError(self.inputs.expert_dir, f"none of its {len(experts)} expert masks is named like a target "
+                                                     f"image (e.g. {experts[0].name if experts else '-'} vs "
+                                                     f"{self.target_cases[0].name}); name them like the target cases")
+        if unmatched:
+            log.warning("%d of %d expert masks match no target image and are ignored (e.g. %s)", len(unmatched),
+                        len(experts), ", ".join(unmatched[:3]))
+            self.warnings["unmatched_expert_masks"] = len(unmatched)
         out = {}
-        for case in read_dataset(self.inputs.expert_dir, with_labels=False):
+        for case in experts:
             key = case.name
             if key not in names:
                 continue

@@ -40,6 +40,7 @@ from torch import nn
 
 from rl_adapt.envs.segmentation_env import RewardFn
 from rl_adapt.envs.vector_env import TorchSegmentationVecEnv
+from rl_adapt.config import bounded
 from rl_adapt.errors import TrainingDiverged
 from rl_adapt.io_utils import save_torch
 from rl_adapt.measures.anatomy import validity_rate
@@ -59,32 +60,32 @@ _PALETTE = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 110, 240], [2
 @dataclass
 class PPOConfig:
     """Hyperparameters of pixel-wise PPO (one-step episodes, per-pixel ratios and advantages)."""
-    lr: float = 1e-4
+    lr: float = bounded(1e-4, gt=0.0, le=1.0)
     """Adam learning rate of actor and value head (constant)."""
-    n_envs: int = 8
+    n_envs: int = bounded(8, ge=1)
     """Images per environment step (the vector env's batch B)."""
-    n_steps: int = 4
+    n_steps: int = bounded(4, ge=1)
     """Environment steps per rollout; a rollout holds n_envs * n_steps images."""
-    n_epochs: int = 5
+    n_epochs: int = bounded(5, ge=1)
     """PPO epochs (passes over the rollout) per rollout: RL4Seg's K = 5."""
-    batch_size: int = 8
+    batch_size: int = bounded(8, ge=1)
     """Images per minibatch in the PPO epochs."""
-    clip_range: float = 0.2
+    clip_range: float = bounded(0.2, gt=0.0, lt=1.0)
     """PPO clip epsilon on the per-pixel ratio."""
-    beta_kl: float = 0.05
+    beta_kl: float = bounded(0.05, ge=0.0)
     """Weight of the KL-to-reference penalty in the shaped reward, r - beta*(log pi_old - log pi_ref)."""
     beta_kl_final: float | None = None
     """beta at the last adaptation iteration (linear schedule from beta_kl; RL4Seg 0.05 -> 0.0125); None: constant."""
-    ent_coef: float = 0.15
+    ent_coef: float = bounded(0.15, ge=0.0)
     """Weight of the mean per-pixel entropy bonus (nats)."""
     ent_coef_final: float | None = None
     """Entropy weight at the last adaptation iteration (linear from ent_coef; RL4Seg 0.15 -> 0.0375); None: constant."""
-    vf_coef: float = 0.5
+    vf_coef: float = bounded(0.5, ge=0.0)
     """Weight of the per-pixel value MSE."""
-    supervised_coef: float = 0.0
+    supervised_coef: float = bounded(0.0, ge=0.0)
     """Weight of a cross-entropy term on supervised (image, mask) pairs added to every minibatch loss (the loop
     passes the target images that have an expert mask); 0 or no pairs: pure PPO."""
-    max_grad_norm: float = 0.5
+    max_grad_norm: float = bounded(0.5, gt=0.0)
     """Global gradient-norm clip."""
     target_kl: float | None = None
     """Stop the epochs of a rollout early when the approximate KL to the rollout policy exceeds 1.5x this; None: never."""
@@ -96,11 +97,11 @@ class PPOConfig:
     """With the shared head: keep value-loss gradients out of the actor's features (measured: learns faster)."""
     bf16: bool = True
     """bf16 autocast for the networks on CUDA (no effect on CPU)."""
-    log_images_every: int = 0
+    log_images_every: int = bounded(0, ge=0)
     """Log an image/sample/reward overlay to TensorBoard every this many rollouts; 0: never."""
-    validity_max_masks: int = 32
+    validity_max_masks: int = bounded(32, ge=0)
     """At most this many sampled masks per rollout are passed to validity_fn (it runs on CPU numpy)."""
-    weight_average_decay: float = 0.0
+    weight_average_decay: float = bounded(0.0, ge=0.0, lt=1.0)
     """Keep an exponential moving average of the policy network's floating-point state (parameters and buffers)
     over the optimizer steps of a ``learn`` call (decay per step, e.g. 0.95 averages over ~20 steps);
     :meth:`PixelPPO.averaged_network_state` returns it and the adaptation loop exports it instead of the last

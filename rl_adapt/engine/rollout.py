@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rl_adapt.config import bounded
 from rl_adapt.io_utils import save_npz
 from rl_adapt.policies.distribution import PixelCategorical
 
@@ -15,9 +16,9 @@ from rl_adapt.policies.distribution import PixelCategorical
 class RolloutConfig:
     """How the policy's outputs on the target set are gathered for correction and reward training."""
 
-    samples_per_image: int = 2
+    samples_per_image: int = bounded(2, ge=0)
     """Policy samples per target image added to the reward-net training set (besides the argmax)."""
-    batch_size: int = 16
+    batch_size: int = bounded(16, ge=1)
     """Images per forward pass."""
 
 

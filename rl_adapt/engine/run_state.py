@@ -24,17 +24,43 @@ def config_sha(config_dict: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def differences(then: dict, now: dict) -> list[str]:
+    """Human-readable differences of two nested settings dicts: ``"cfg.ppo.lr: 0.0001 then, 1e-05 now"``; the
+    ``inputs.`` prefix is shown as the command-line flag (``--target``)."""
+    a, b = _flat(then), _flat(now)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            name = key[len("cfg."):] if key.startswith("cfg.") else key
+            if name.startswith("inputs."):
+                name = "--" + name[len("inputs."):].replace("_dir", "").replace("_", "-")
+            out.append(f"{name}: {a.get(key, 'unset')} then, {b.get(key, 'unset')} now")
+    return out
+
+
 class RunState:
     """Completed-stage bookkeeping of one run folder.
 
     :param run_dir: the run folder (created if needed).
     :param sha: the config hash of this run; resuming with another hash raises :class:`RLAdaptError`.
+    :param settings: what the hash was computed from (saved with the state), so that a mismatch can name the keys
+        that differ.
     """
 
-    def __init__(self, run_dir: str | Path, sha: str):
+    def __init__(self, run_dir: str | Path, sha: str, settings: dict | None = None):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "state.json"
         self.sha = sha
+        self.settings = settings
         self.completed: dict[str, dict[str, Any]] = {}
         if self.path.exists():
             try:
@@ -42,10 +68,11 @@ class RunState:
             except (OSError, json.JSONDecodeError) as exc:
                 raise RLAdaptError(f"{self.path}: unreadable run state ({exc})") from exc
             if data.get("config_sha") != sha:
-                raise RLAdaptError(
-                    f"{self.path}: this run was started with another configuration "
-                    f"({data.get('config_sha')} != {sha}); resume without --config/--set changes"
-                )
+                diff = differences(data.get("settings"), settings) if data.get("settings") and settings else []
+                what = ("; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")) if diff else \
+                    f"configuration {data.get('config_sha')} then, {sha} now"
+                raise RLAdaptError(f"{self.run_dir}: this run was started with other settings ({what}); resume it "
+                                   "with the same inputs, --config and --set, or start a new run folder")
             self.completed = dict(data.get("completed", {}))
 
     def done(self, stage: str) -> bool:
@@ -59,5 +86,6 @@ class RunState:
     def mark(self, stage: str, info: dict[str, Any] | None = None) -> None:
         """Record ``stage`` as finished (atomic rewrite of ``state.json``)."""
         self.completed[stage] = dict(info or {})
-        write_json_atomic(self.path, {"version": 1, "config_sha": self.sha, "completed": self.completed})
+        write_json_atomic(self.path, {"version": 1, "config_sha": self.sha, "settings": self.settings,
+                                      "completed": self.completed})
         log.debug("stage %s complete", stage)

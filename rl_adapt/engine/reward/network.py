@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rl_adapt.measures.calibration import error_detection_report
-from rl_adapt.config import from_dict, to_dict
+from rl_adapt.config import bounded, from_dict, to_dict
 from rl_adapt.errors import InputError
 from rl_adapt.engine.reward.dataset import RewardDataset
 from rl_adapt.io_utils import atomic_path
@@ -38,19 +38,19 @@ class RewardNetConfig:
 
     num_classes: int = 4
     """K, number of labels of the segmentations (one-hot input channels)"""
-    features: int = 16
+    features: int = bounded(16, ge=1)
     """channels of the first U-Net stage (doubled at each stage down)"""
-    depth: int = 3
+    depth: int = bounded(3, ge=1)
     """number of U-Net stages (depth - 1 poolings by 2)"""
-    lr: float = 2e-3
+    lr: float = bounded(2e-3, gt=0.0, le=1.0)
     """AdamW learning rate"""
-    weight_decay: float = 1e-4
+    weight_decay: float = bounded(1e-4, ge=0.0)
     """AdamW weight decay"""
-    steps: int = 400
+    steps: int = bounded(400, ge=0)
     """optimizer steps (batches) of training"""
-    batch_size: int = 16
+    batch_size: int = bounded(16, ge=1)
     """(image, segmentation) pairs per batch"""
-    val_fraction: float = 0.2
+    val_fraction: float = bounded(0.2, ge=0.0, lt=1.0)
     """fraction of the images held out (half to fit the temperature, half to report ECE/AUROC)"""
     class_balanced: bool = False
     """weight the BCE so right and wrong pixels count equally (biases raw probabilities; off by default)"""
@@ -58,11 +58,11 @@ class RewardNetConfig:
     """randomly mirror image and segmentation left-right during training"""
     calibrate: bool = True
     """fit a temperature on held-out images after training (LBFGS on one scalar)"""
-    ece_bins: int = 15
+    ece_bins: int = bounded(15, ge=1)
     """bins of the expected calibration error"""
     max_eval_pixels: int = 2_000_000
     """held-out pixels kept (random subsample) for the temperature fit and the reported metrics"""
-    grad_clip: float = 1.0
+    grad_clip: float = bounded(1.0, ge=0.0)
     """gradient norm clipping"""
     bf16: bool = True
     """bf16 autocast on CUDA devices (ignored on CPU)"""
