@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+TEST_THREADS = int(os.environ.get("RL_ADAPT_TEST_THREADS", "1"))
+"""torch CPU threads the tests run with (1 by default; ``RL_ADAPT_TEST_THREADS=2`` shows nothing depends on it)."""
 CAMUS_CANDIDATES = [REPO.parent / "shared" / "data" / "Dataset501_CAMUS224"]
 
 
@@ -21,12 +24,13 @@ def camus_dir() -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_threads():
-    """One torch thread: on a 2-core CI box OpenMP oversubscription made these small networks 3-8x slower."""
+    """One torch thread by default (on a 2-core CI box OpenMP oversubscription made these small networks 3-8x
+    slower); ``RL_ADAPT_TEST_THREADS=2`` runs the suite with two, to show it does not depend on the count."""
     os.environ.setdefault("nnUNet_compile", "f")
     try:
         import torch
     except ImportError:  # pragma: no cover
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     yield

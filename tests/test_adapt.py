@@ -18,6 +18,7 @@ import torch
 from rl_adapt.engine.loop import AdaptConfig, AdaptInputs, Adapter
 from rl_adapt.config import load_config
 from rl_adapt.errors import ConfigError, InputError, RLAdaptError
+from conftest import TEST_THREADS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 # corrections pass the anatomy checks or not depending on the CPU's float rounding), and the shape prior is off
 # unless a test gives source data.
 TINY_ADAPT = [
-    "device=cpu", "threads=1", "iterations=2", "ppo_images_per_iteration=16", "trusted_corrections=all",
+    "device=cpu", f"threads={TEST_THREADS}", "iterations=2", "ppo_images_per_iteration=16",
+    "trusted_corrections=all",
     "corrector.use_shape_prior=false",
     "correction_reward_weight=1.0", "keep_if_closer=false",  # 16 images: the guard would often keep the source
     "rollout.samples_per_image=1", "rollout.batch_size=8",
@@ -59,7 +61,7 @@ def tiny_world(tmp_path_factory) -> dict:
     tgt = write_nnunet_raw(tgt_cases, root / "Dataset902_Tgt", dataset_name="Dataset902_Tgt", labelled=False)
     cfg = load_config(PretrainConfig, None, [
         "plan.features=[8, 16, 32, 32]", "plan.patch_size=[96, 96]", "plan.batch_size=8",
-        "train.epochs=25", "train.device=cpu", "train.num_threads=1", "train.val_every=100", "train.lr=0.01",
+        "train.epochs=25", "train.device=cpu", f"train.num_threads={TEST_THREADS}", "train.val_every=100", "train.lr=0.01",
     ])
     res = pretrain(src, root / "models", cfg, progress=False)
     return {"root": root, "source": src, "target": tgt, "model": Path(res.model_dir)}

@@ -14,6 +14,7 @@ from rl_adapt.evaluation.baselines import (IGNORE, METHODS, TARGET_METHODS, Base
                                           norm_parameters, pseudo_label_loss, pseudo_labels, run_baseline)
 from rl_adapt.errors import ConfigError, InputError
 from test_evaluate import build_tiny_world
+from conftest import TEST_THREADS  # noqa: E402
 
 
 def tiny_net(seed: int = 0) -> torch.nn.Module:
@@ -64,7 +65,7 @@ def test_pseudo_labels_threshold_and_masked_loss():
 
 
 def test_tent_updates_only_norm_affine_parameters():
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     net = tiny_net()
     src = copy.deepcopy(net)
     adapt_network(net, patches(), cfg("tent"), progress=False)
@@ -76,7 +77,7 @@ def test_tent_updates_only_norm_affine_parameters():
 
 @pytest.mark.parametrize("method", ["entropy", "pseudo-label"])
 def test_full_network_methods_update_convolutions(method):
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     net = tiny_net()
     src = copy.deepcopy(net)
     hist = adapt_network(net, patches(), cfg(method, rounds=2), progress=False)
@@ -90,7 +91,7 @@ def test_full_network_methods_update_convolutions(method):
 
 @pytest.mark.parametrize("method", TARGET_METHODS)
 def test_same_seed_same_weights(method):
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     nets = [tiny_net() for _ in range(3)]
     adapt_network(nets[0], patches(), cfg(method, seed=5), progress=False)
     adapt_network(nets[1], patches(), cfg(method, seed=5), progress=False)
@@ -129,7 +130,7 @@ def _sha(folder) -> str:
 def test_run_baseline_writes_loadable_new_folder(world, tmp_path, method):
     from rl_adapt.policies.nnunet import load_model_folder
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     before = _sha(world["src"])
     source = world["data"] if method == "styled-source" else None  # a labelled set; its images are the target too
     out = run_baseline(world["src"], world["data"], tmp_path / "b", cfg(method, steps=2), progress=False,
@@ -149,7 +150,7 @@ def test_run_baseline_writes_loadable_new_folder(world, tmp_path, method):
 def test_styled_source_is_seeded_and_needs_the_source_data(world, tmp_path):
     from rl_adapt.policies.nnunet import load_model_folder
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     with pytest.raises(InputError, match="--source-data"):
         run_baseline(world["src"], world["data"], tmp_path / "none", cfg("styled-source"), progress=False)
     assert not (tmp_path / "none").exists()

@@ -11,6 +11,7 @@ from gymnasium import spaces
 from rl_adapt.errors import TrainingDiverged
 from rl_adapt.policies.actor_critic import PixelActorCriticPolicy, plain_unet
 from rl_adapt.engine.ppo import PixelPPO, PPOConfig
+from conftest import TEST_THREADS  # noqa: E402
 
 SIZE = 32
 K = 3
@@ -104,7 +105,7 @@ def test_policy_sb3_surface(data):
 
 def test_oracle_reward_raises_pixel_accuracy(data):
     """CI learning test: tiny net, 32x32 blobs, 3 classes, true-label reward, RL4Seg coefficients."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     images, labels = data
     model = make_model(images, labels, ent_coef=0.15, beta_kl=0.05)
     before = pixel_accuracy(model, images, labels)
@@ -244,7 +245,7 @@ def _nop_callback(model):
 def test_supervised_term_teaches_the_masks_an_uninformative_reward_cannot(data):
     """A constant reward carries no information; the cross-entropy term on (image, mask) pairs alone must move
     the policy toward the masks, and only when its coefficient is on."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     images, labels = data
 
     def constant(imgs, actions, indices):
@@ -273,7 +274,7 @@ def test_supervised_term_teaches_the_masks_an_uninformative_reward_cannot(data):
 def test_weight_average_is_the_moving_average_of_the_optimizer_iterates(data):
     """``weight_average_decay`` keeps avg <- d * avg + (1 - d) * w after every optimizer step of a learn call,
     starting from the weights the call began with; it does not change the training path itself."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     images, labels = data
     decay = 0.8
     plain = make_model(images, labels)

@@ -14,6 +14,7 @@ from scipy.ndimage import gaussian_filter
 
 from rl_adapt.cli import main
 from rl_adapt.training.pretrain import (AugmentConfig, augment, deep_supervision_weights, dice_per_structure,
+from conftest import TEST_THREADS  # noqa: E402
                                soft_dice_loss, split_cases, training_loss)
 
 LABELS = {"background": 0, "LV": 1, "MYO": 2, "LA": 3}
@@ -52,7 +53,7 @@ def raw(tmp_path_factory) -> Path:
 
 TINY = ["--set", "plan.features=[4, 8, 16]", "--set", "plan.patch_size=[32, 32]", "--set", "plan.batch_size=4",
         "--set", "train.epochs=2", "--set", "train.iterations_per_epoch=2", "--set", "train.val_every=1",
-        "--set", "train.device=cpu", "--set", "train.num_threads=1", "--val-fraction", "0.25", "--no-progress"]
+        "--set", "train.device=cpu", "--set", f"train.num_threads={TEST_THREADS}", "--val-fraction", "0.25", "--no-progress"]
 
 
 def test_soft_dice_and_loss():

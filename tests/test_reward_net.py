@@ -14,6 +14,7 @@ from rl_adapt.engine.reward.network import RewardNet, RewardNetConfig, fit_tempe
 
 from phantoms import BG, LA, LV, MYO  # noqa: E402,F401
 from phantoms import heart as phantom_heart  # noqa: E402
+from conftest import TEST_THREADS  # noqa: E402
 
 
 def heart(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -101,7 +102,7 @@ def test_build_reward_dataset_pairs_and_targets():
 # ------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def trained():
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     images, masks = synthetic_set(40, 32, 0)
     rng = np.random.default_rng(1)
     preds = np.stack([perturb_mask(m, rng, "erode") if i % 2 else m for i, m in enumerate(masks)])

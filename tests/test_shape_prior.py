@@ -10,6 +10,7 @@ from rl_adapt.errors import InputError
 from rl_adapt.engine.shape_prior import ShapePrior, ShapePriorConfig, train_shape_prior
 
 from phantoms import BG, LA, LV, MYO, heart  # noqa: E402,F401
+from conftest import TEST_THREADS  # noqa: E402
 
 
 
@@ -21,7 +22,7 @@ def _disk(shape, cy, cx, r):
 
 @pytest.fixture(scope="module")
 def prior() -> ShapePrior:
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     rng = np.random.default_rng(0)
     masks = np.stack([heart(64, rng) for _ in range(48)])
     cfg = ShapePriorConfig(size=32, features=8, latent_dim=32, steps=250, batch_size=16, lr=5e-3, seed=0)
