@@ -14,8 +14,9 @@ from scipy.ndimage import gaussian_filter
 
 from rl_adapt.cli import main
 from rl_adapt.training.pretrain import (AugmentConfig, augment, deep_supervision_weights, dice_per_structure,
+                                        soft_dice_loss, split_cases, training_loss)
+
 from conftest import TEST_THREADS  # noqa: E402
-                               soft_dice_loss, split_cases, training_loss)
 
 LABELS = {"background": 0, "LV": 1, "MYO": 2, "LA": 3}
 
