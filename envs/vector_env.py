@@ -29,12 +29,16 @@ class TorchSegmentationVecEnv(VectorEnv):
     :param num_envs: B, images per step.
     :param device: where images, actions and rewards live.
     :param seed: seed of the image order (also settable through ``reset(seed=...)``).
+    :param rank: this process's rank in a data-parallel job, and ``world_size`` the number of processes: every
+        process draws the same image order, takes global batches of ``num_envs * world_size`` images and serves its
+        own slice of each (``num_envs`` images), so the processes together serve what one process with
+        ``num_envs * world_size`` would. Defaults: one process.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
 
     def __init__(self, images: torch.Tensor, num_classes: int, reward_fn: RewardFn, num_envs: int = 8,
-                 device: str | torch.device = "cpu", seed: int | None = None):
+                 device: str | torch.device = "cpu", seed: int | None = None, rank: int = 0, world_size: int = 1):
         images = torch.as_tensor(images)
         if images.dim() != 4 or images.shape[1] != 1 or images.shape[0] == 0:
             raise ValueError(f"images must be (N, 1, H, W) with N >= 1, got {tuple(images.shape)}")
@@ -45,6 +49,9 @@ class TorchSegmentationVecEnv(VectorEnv):
         self.reward_fn = reward_fn
         self.num_envs = int(num_envs)
         self.num_classes = int(num_classes)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.rank, self.world_size = int(rank), int(world_size)
         _, c, h, w = self.images.shape
         self.single_observation_space = image_space((c, h, w))
         self.single_action_space = label_space(num_classes, h, w)
@@ -66,8 +73,13 @@ class TorchSegmentationVecEnv(VectorEnv):
             self._cursor = 0
 
     def _next_indices(self) -> torch.Tensor:
-        """Next B image indices (CPU int64): without replacement within each pass over the set."""
-        parts, need = [], self.num_envs
+        """Next B image indices (CPU int64): without replacement within each pass over the set (this rank's slice of
+        the next global batch in a data-parallel job)."""
+        batch = self._next_global_indices(self.num_envs * self.world_size)
+        return batch if self.world_size == 1 else batch[self.rank * self.num_envs:(self.rank + 1) * self.num_envs]
+
+    def _next_global_indices(self, need: int) -> torch.Tensor:
+        parts = []
         while need > 0:
             if self._cursor >= len(self._order):
                 self._order = torch.randperm(len(self.images), generator=self._order_gen)
@@ -97,7 +109,7 @@ class TorchSegmentationVecEnv(VectorEnv):
         :param actions: labels (B, H, W) or flattened (B, H*W), integer tensor.
         :return: next obs (B,1,H,W); reward (B,) float32 = mean of the reward map; terminated (B,) all True;
             truncated (B,) all False; info with "reward_map" (B,H,W) float32, "final_obs" (the scored images
-            (B,1,H,W)) and "index" (B,) of the scored images.
+            (B,1,H,W)), "index" (B,) of the scored images and "next_index" (B,) of the images served next.
         """
         if self._obs is None:
             raise RuntimeError("call reset() before step()")
@@ -111,7 +123,7 @@ class TorchSegmentationVecEnv(VectorEnv):
         terminated = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
         truncated = torch.zeros_like(terminated)
         obs = self._serve()
-        info = {"reward_map": reward_map, "final_obs": images, "index": indices}
+        info = {"reward_map": reward_map, "final_obs": images, "index": indices, "next_index": self._indices}
         return obs, reward, terminated, truncated, info
 
     def close_extras(self, **kwargs: Any) -> None:

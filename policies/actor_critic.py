@@ -294,15 +294,17 @@ class PixelActorCriticPolicy(ActorCriticPolicy):
         return logits, values
 
     def act(
-        self, obs: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None
+        self, obs: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PixelCategorical]:
         """Sample (or take the mode of) one label per pixel.
 
+        :param noise: optional ``Exp(1)`` draws (B, K, H, W) of the sampling (see :meth:`PixelCategorical.sample`).
         :return: actions (B, H, W) int64, values (B, H, W) float32, log-probs (B, H, W) float32, distribution.
         """
         logits, values = self.logits_and_values(obs)
         dist = PixelCategorical(logits)
-        actions = dist.get_actions(deterministic, generator)
+        actions = dist.mode() if deterministic else dist.sample(generator, noise)
         return actions, values, dist.log_prob(actions), dist
 
     def evaluate(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, PixelCategorical]:

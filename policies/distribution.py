@@ -53,17 +53,19 @@ class PixelCategorical:
         """K, the number of classes."""
         return int(self.log_probs.shape[1])
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Draw one label per pixel by the Gumbel-max trick.
 
         ``argmax_k(log p_k + G_k)`` with ``G_k = -log E_k``, ``E_k ~ Exp(1)``, which equals
         ``argmax_k(p_k / E_k)`` (no logarithm needed).
 
         :param generator: optional torch generator on the logits' device (seeded sampling).
+        :param noise: the ``Exp(1)`` draws themselves, (B, K, H, W) (e.g. seeded per image); overrides ``generator``.
         :return: actions, (B, H, W) int64.
         """
         with torch.no_grad():
-            noise = torch.empty_like(self.log_probs).exponential_(generator=generator)
+            if noise is None:
+                noise = torch.empty_like(self.log_probs).exponential_(generator=generator)
             return torch.argmax(self.probs / noise, dim=1)
 
     def mode(self) -> torch.Tensor:

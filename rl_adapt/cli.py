@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from rl_adapt.commands import CommandParser
@@ -60,10 +61,44 @@ def main(argv: list[str] | None = None) -> int:
     # Batch jobs (--no-progress) get stage and epoch log lines instead of bars; interactive runs stay quiet.
     quiet = logging.INFO if getattr(args, "no_progress", False) else logging.WARNING
     level = {0: quiet, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.command:
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
         parser.print_help()
         return 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: join the job (imports torch only then)
+        return _run_data_parallel(args, level)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    return _run(args)
+
+
+DATA_PARALLEL = ("adapt", "evaluate", "pretrain")
+"""Commands that run data-parallel under ``torchrun`` (the others refuse a multi-process job)."""
+
+
+def _run_data_parallel(args: argparse.Namespace, level: int) -> int:
+    """Run a command as one rank of a ``torchrun`` job: rank 0 logs and prints, every rank computes its share."""
+    from rl_adapt import distributed
+
+    if args.command not in DATA_PARALLEL:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"rl-adapt {args.command}: error: runs in one process; only {', '.join(DATA_PARALLEL)} run "
+                  "data-parallel under torchrun", file=sys.stderr)
+        return 2
+    world = distributed.setup("auto")
+    logging.basicConfig(level=level if world.main else logging.WARNING,
+                        format=f"%(levelname)s [rank {world.rank}] %(name)s: %(message)s")
+    if not world.main:
+        sys.stdout = open(os.devnull, "w")  # rank 0 prints the command's result
+    try:
+        return _run(args)
+    finally:
+        import torch.distributed as td
+
+        if td.is_initialized():
+            td.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(_module(args.command).run(args) or 0)
     except RLAdaptError as exc:

@@ -36,7 +36,8 @@ import torch
 from rl_adapt.cleanup import CleanupConfig
 from rl_adapt.config import bounded, save_config, to_dict
 from rl_adapt.data.readers import read_dataset
-from rl_adapt.engine.corrector import Corrections, Corrector, CorrectorConfig, correction_stage
+from rl_adapt import distributed as dist
+from rl_adapt.engine.corrector import CorrectionResult, Corrections, Corrector, CorrectorConfig, correction_stage
 from rl_adapt.engine.guard import judge
 from rl_adapt.engine.ppo import PolicyWeights, PPOConfig, ppo_phase
 from rl_adapt.engine.reward.blend import BlendedReward
@@ -227,30 +228,36 @@ class Adapter:
         self.inputs = inputs
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.progress = progress
-        self._check_inputs()
-        check_output(self.run_dir, {"--model": inputs.model_dir, "--target": inputs.target_dir,
-                                    "--source-data": inputs.source_data, "--expert": inputs.expert_dir,
-                                    "--val": inputs.val_dir, "--shape-prior": inputs.shape_prior},
-                     may_exist=resume, earlier_output=("config.yaml",), command="rl-adapt adapt",
-                     exists_hint="choose a new run folder, or pass --resume to continue the run in it")
-        self.device = check_device(cfg.device)
-        if resume and not (self.run_dir / "state.json").exists():
-            log.info("%s: nothing to resume, starting a new run", self.run_dir)
-        self._created = not self.run_dir.exists()  # removed again if the run fails before any stage finished
+        self.world = dist.current()
+        self.progress = progress and self.world.main
+        self.device = check_device(dist.device_of(self.world, cfg.device))
         settings = {"cfg": to_dict(cfg), "inputs": self._inputs_dict()}
-        self.state = RunState(self.run_dir, config_sha(settings), settings) if (self.run_dir / "state.json").exists() \
-            else None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.state is None:
-            self.state = RunState(self.run_dir, config_sha(settings), settings)
-        self.stages = Stages(self.state, self.run_dir / "metrics.jsonl")
+        self._created = dist.on_main(lambda: self._prepare_run_folder(resume, settings), self.world)
+        self.state = RunState(self.run_dir, config_sha(settings), settings)
+        self.stages = Stages(self.state, self.run_dir / "metrics.jsonl", self.world)
         self.teacher: StyledPairs | None = None  # the restyled source pairs, once their stage ran
-        if not (self.run_dir / "config.yaml").exists():
-            save_config(cfg, self.run_dir / "config.yaml")
-            write_json_atomic(self.run_dir / "inputs.json", self._inputs_dict())
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+
+    def _prepare_run_folder(self, resume: bool, settings: dict) -> bool:
+        """Check every input and the run folder, create it (or check a resumed one's settings); True when created.
+        Rank 0 of a data-parallel job does this alone."""
+        self._check_inputs()
+        check_output(self.run_dir, {"--model": self.inputs.model_dir, "--target": self.inputs.target_dir,
+                                    "--source-data": self.inputs.source_data, "--expert": self.inputs.expert_dir,
+                                    "--val": self.inputs.val_dir, "--shape-prior": self.inputs.shape_prior},
+                     may_exist=resume, earlier_output=("config.yaml",), command="rl-adapt adapt",
+                     exists_hint="choose a new run folder, or pass --resume to continue the run in it")
+        if resume and not (self.run_dir / "state.json").exists():
+            log.info("%s: nothing to resume, starting a new run", self.run_dir)
+        created = not self.run_dir.exists()
+        if (self.run_dir / "state.json").exists():
+            RunState(self.run_dir, config_sha(settings), settings)  # refuses other settings, naming them
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.run_dir / "config.yaml").exists():
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            write_json_atomic(self.run_dir / "inputs.json", self._inputs_dict())
+        return created
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Path:
@@ -259,7 +266,7 @@ class Adapter:
         try:
             return self._run()
         except BaseException:
-            if self._created and not self.state.completed and self.run_dir.is_dir():
+            if self.world.main and self._created and not self.state.completed and self.run_dir.is_dir():
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             raise
 
@@ -277,22 +284,57 @@ class Adapter:
                 continue
             net = net if net is not None else self._network_at(k)
             roll = self.stages.run(f"iter{k}/rollout", self._path(k, "rollout.npz"),
-                                   lambda: rollout(net, self.images, self.cfg.rollout, _stage_seed(self.cfg.seed, k, 1)),
-                                   Rollout.load)
+                                   lambda: self._rollout(net, k), Rollout.load, parallel=True)
             corr = self.stages.run(f"iter{k}/correct", self._path(k, "corrected.npz"),
-                                   lambda: correction_stage(self._corrector(prior), roll.argmax, self._names()),
-                                   Corrections.load)
+                                   lambda: self._correct(prior, roll), Corrections.load, parallel=True)
             trusted = self._trusted(corr.valid)
             reward_net = self._reward(k, net, roll, corr, trusted)
             weights = self.stages.run(f"iter{k}/ppo", self._path(k, "policy.pt"),
                                       lambda: self._ppo(k, net, reward_net, corr, trusted, roll.argmax),
-                                      PolicyWeights.load)
+                                      PolicyWeights.load, parallel=True)
         self._warn_if_every_phase_was_rejected()
         if net is None:  # every iteration finished in an earlier process
             net = self._network_at(self.cfg.iterations)
         if reward_net is None:
             reward_net = RewardNet.load(self._path(self.cfg.iterations - 1, "reward_net.pt"), device=self.device)
         return self._export(net, reward_net, weights.argmax if weights is not None else None)
+
+    def _rollout(self, net: torch.nn.Module, k: int) -> tuple[Rollout, dict]:
+        """The rollout stage, each rank of a data-parallel job on its shard of the target images."""
+        mine = dist.shard(len(self.images), self.world)
+        seed = _stage_seed(self.cfg.seed, k, 1) + 7919 * self.world.rank
+        roll, info = rollout(net, self.images if not self.world.active else self.images[torch.as_tensor(mine)],
+                             self.cfg.rollout, seed)
+        if not self.world.active:
+            return roll, info
+        n = len(self.images)
+        argmax = np.stack(dist.gather_shards(list(roll.argmax), n, self.world))
+        samples = np.stack(dist.gather_shards(list(roll.samples), n, self.world))
+        return Rollout(argmax=argmax, samples=samples), {"n": n}
+
+    def _correct(self, prior: ShapePrior | None, roll: Rollout) -> tuple[Corrections, dict]:
+        """The correction stage, each rank of a data-parallel job on its shard of the target images."""
+        if not self.world.active:
+            return correction_stage(self._corrector(prior), roll.argmax, self._names())
+        mine = dist.shard(len(roll.argmax), self.world)
+        names = self._names()
+        part = self._corrector(prior).correct(roll.argmax[mine], names=[names[i] for i in mine])
+        fields = ("corrected", "path", "valid_before", "valid_after", "failed_after", "dice_to_input", "accepted")
+        per_image = list(zip(*(list(getattr(part, f)) for f in fields)))
+        full = list(zip(*dist.gather_shards(per_image, len(names), self.world)))
+        res = CorrectionResult(**{f: (np.stack(v) if f == "corrected" else list(v)) for f, v in zip(fields, full)},
+                               names=names)
+        return Corrections(corrected=res.corrected, accepted=np.asarray(res.accepted, bool),
+                           valid=np.asarray(res.valid_after, bool), path=np.asarray(res.path)), res.summary()
+
+    def _argmax(self, net: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
+        """(N, H, W) uint8 argmax of ``net`` on ``images``; each rank of a data-parallel job computes its shard."""
+        gen = torch.Generator(device=self.device).manual_seed(0)  # no samples are drawn
+        if not self.world.active:
+            return policy_outputs(net, images, 0, self.cfg.rollout.batch_size, gen)[0]
+        mine = torch.as_tensor(dist.shard(len(images), self.world))
+        part = policy_outputs(net, images[mine.to(images.device)], 0, self.cfg.rollout.batch_size, gen)[0]
+        return np.stack(dist.gather_shards(list(part), len(images), self.world))
 
     def _path(self, k: int, name: str) -> Path:
         return self.run_dir / f"iter{k}" / name
@@ -459,7 +501,7 @@ class Adapter:
             net = copy.deepcopy(self.model.network).to(self.device)
             images, labels = self.teacher.subset(~self.teacher.held_out)
             losses = fine_tune(net, images, labels, tc.warm_start, seed=_stage_seed(self.cfg.seed, 0, 2),
-                               device=self.device, what="warm start", progress=self.progress)
+                               device=self.device, what="warm start", progress=self.progress, world=self.world)
             info = {"steps": len(losses), "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:]))}
             if self.cfg.guard == "styled_source":
                 truth = self.teacher.subset(self.teacher.held_out)[1].cpu().numpy()
@@ -468,7 +510,8 @@ class Adapter:
                 info.update(held_out_dice_source=before.agreement_before, held_out_dice=before.agreement_after)
             return PolicyWeights.of(net), info
 
-        weights = self.stages.run("warm_start", self.run_dir / "warm_start.pt", compute, PolicyWeights.load)
+        weights = self.stages.run("warm_start", self.run_dir / "warm_start.pt", compute, PolicyWeights.load,
+                                  parallel=True)
         if tc.kl_reference == "warm_start":
             self.reference.load_state_dict(weights.state)
 
@@ -517,11 +560,14 @@ class Adapter:
                 raise RLAdaptError(why)
             # a later iteration falls back as the guard does: the previous weights and reward network stay
             log.warning("%s; keeping the weights of iteration %d", why, k - 1)
-            with atomic_path(path) as tmp:
-                shutil.copyfile(self._path(k - 1, "reward_net.pt"), tmp)
+            if self.world.main:
+                with atomic_path(path) as tmp:
+                    shutil.copyfile(self._path(k - 1, "reward_net.pt"), tmp)
+            dist.barrier(self.world)
             self.stages.mark(f"iter{k}/reward", {"skipped": True, "reason": "fewer than 2 trusted corrections",
                                                  "n_trusted": int(trusted.sum())})
-        return self.stages.run(f"iter{k}/reward", path, lambda: self._train_reward(k, net, roll, corr, trusted), load)
+        return self.stages.run(f"iter{k}/reward", path, lambda: self._train_reward(k, net, roll, corr, trusted), load,
+                               parallel=True)
 
     def _train_reward(self, k: int, net: torch.nn.Module, roll: Rollout, corr: Corrections,
                       trusted: np.ndarray) -> tuple[RewardNet, dict]:
@@ -537,7 +583,7 @@ class Adapter:
             dataset = taught if dataset is None else dataset.concat(taught, prefix="source_")
             extra["n_source_images"] = int(len(taught.images))
         init = RewardNet.load(self._path(k - 1, "reward_net.pt"), device=self.device) if k > 0 else None
-        reward_net, stats = train_reward_net(dataset, self.cfg.reward, device=self.device, init=init,
+        reward_net, stats = train_reward_net(dataset, self.cfg.reward, device=self.device, init=init, world=self.world,
                                              progress=self.progress, seed=_stage_seed(self.cfg.seed, k, 3))
         return reward_net, {**stats, "n_images": int(len(idx)), **extra}
 
@@ -571,15 +617,15 @@ class Adapter:
         ppo_cfg, supervised = self._supervised()
         judge_before = self._styled_argmax(net) if self.cfg.guard == "styled_source" else None
         stats = ppo_phase(network=net, reference=self.reference, images=self.images, reward_fn=reward_fn,
-                          cfg=ppo_cfg, total_images=self.cfg.ppo_images_per_iteration, iteration=k,
-                          n_iterations=self.cfg.iterations, tensorboard_log=str(self.run_dir / "tensorboard"),
+                          cfg=ppo_cfg, total_images=-(-self.cfg.ppo_images_per_iteration // self.world.size),
+                          iteration=k, n_iterations=self.cfg.iterations,
+                          tensorboard_log=str(self.run_dir / "tensorboard") if self.world.main else None,
                           tb_name=f"ppo_iter{k}", progress=self.progress, supervised=supervised,
-                          seed=_stage_seed(self.cfg.seed, k, 4))
+                          seed=_stage_seed(self.cfg.seed, k, 4), world=self.world)
         for name, p in net.state_dict().items():
             if torch.is_floating_point(p) and not torch.isfinite(p).all():
                 raise RLAdaptError(f"iteration {k}: non-finite weights in {name}; last good checkpoint kept")
-        gen = torch.Generator(device=self.device).manual_seed(_stage_seed(self.cfg.seed, k, 5))
-        argmax_after, _ = policy_outputs(net, self.images, 0, self.cfg.rollout.batch_size, gen)
+        argmax_after = self._argmax(net, self.images)
         if judge_before is not None:  # Dice on the held-out restyled source images (true labels)
             truth = self.teacher.subset(self.teacher.held_out)[1].cpu().numpy()
             verdict = judge(judge_before, self._styled_argmax(net), truth, np.arange(len(truth)),
@@ -601,9 +647,7 @@ class Adapter:
 
     def _styled_argmax(self, net: torch.nn.Module) -> np.ndarray:
         """(M, H, W) uint8 argmax of ``net`` on the held-out restyled source pairs."""
-        images = self.teacher.subset(self.teacher.held_out)[0]
-        gen = torch.Generator(device=self.device).manual_seed(0)  # no samples are drawn
-        return policy_outputs(net, images, 0, self.cfg.rollout.batch_size, gen)[0]
+        return self._argmax(net, self.teacher.subset(self.teacher.held_out)[0])
 
     def rejected_iterations(self) -> list[int]:
         """Iterations (0-based) whose finished PPO phase was rejected (by the guard, or for too few trusted
@@ -663,18 +707,15 @@ class Adapter:
             self.model.networks = saved
         return {"val_dice": float(np.mean(dices)), "val_validity": float(np.mean(valid))}
 
-    def _postprocessing_files(self, net: torch.nn.Module, argmax: np.ndarray | None) -> dict:
+    def _postprocessing_files(self, net: torch.nn.Module, argmax: np.ndarray) -> dict:
         """Decide the postprocessing label-free (see ``AdaptConfig.postprocessing``); the files to export.
 
-        :param argmax: (N, H, W) uint8 argmax of ``net`` on the target patches when known (else computed here).
+        :param argmax: (N, H, W) uint8 argmax of ``net`` on the target patches.
         """
         t0 = time.time()
         last = self._path(self.cfg.iterations - 1, "corrected.npz")
         corr = Corrections.load(last)
         trusted = np.flatnonzero(self._trusted(corr.valid))
-        if argmax is None:
-            gen = torch.Generator(device=self.device).manual_seed(_stage_seed(self.cfg.seed, self.cfg.iterations, 6))
-            argmax, _ = policy_outputs(net, self.images, 0, self.cfg.rollout.batch_size, gen)
         rule, info = decide(argmax[trusted], corr.corrected[trusted], self.cfg.postprocessing,
                             cleanup=to_dict(self.cfg.postprocessing_cleanup), all_masks=argmax,
                             validity_tolerance=self.cfg.postprocessing_validity_tolerance)
@@ -685,11 +726,18 @@ class Adapter:
     def _export(self, net: torch.nn.Module, reward_net: RewardNet, argmax: np.ndarray | None) -> Path:
         stage = "export"
         if not self.stages.done(stage):
-            extra = self._postprocessing_files(net, argmax) if self.cfg.postprocessing else None
-            out = export_model_folder(net, self.model, self.run_dir / "model", overwrite=True,
-                                      extra_meta={"rl_adapt_run": str(self.run_dir.resolve())}, extra_files=extra)
-            reward_net.save(self.run_dir / "reward_net.pt")
-            self.state.mark(stage, {"model_folder": str(out), "model_relpath": os.path.relpath(out, self.run_dir)})
+            if self.cfg.postprocessing and argmax is None:
+                argmax = self._argmax(net, self.images)  # every rank of a data-parallel job takes part
+
+            def write() -> None:
+                extra = self._postprocessing_files(net, argmax) if self.cfg.postprocessing else None
+                out = export_model_folder(net, self.model, self.run_dir / "model", overwrite=True,
+                                          extra_meta={"rl_adapt_run": str(self.run_dir.resolve())}, extra_files=extra)
+                reward_net.save(self.run_dir / "reward_net.pt")
+                self.state.mark(stage, {"model_folder": str(out), "model_relpath": os.path.relpath(out, self.run_dir)})
+
+            dist.on_main(write, self.world)
+            self.state.reload()
         info = self.stages.info(stage)
         if "model_relpath" in info:  # relative to the run folder: still right after the folder is moved
             return self.run_dir / info["model_relpath"]

@@ -41,6 +41,7 @@ from torch import nn
 from rl_adapt.envs.segmentation_env import RewardFn
 from rl_adapt.envs.vector_env import TorchSegmentationVecEnv
 from rl_adapt.config import bounded
+from rl_adapt.distributed import SINGLE, World, all_reduce_gradients, all_reduce_sum
 from rl_adapt.errors import TrainingDiverged
 from rl_adapt.io_utils import save_torch
 from rl_adapt.measures.anatomy import validity_rate
@@ -101,6 +102,11 @@ class PPOConfig:
     """Log an image/sample/reward overlay to TensorBoard every this many rollouts; 0: never."""
     validity_max_masks: int = bounded(32, ge=0)
     """At most this many sampled masks per rollout are passed to validity_fn (it runs on CPU numpy)."""
+    sampling: str = bounded("stream", choices=("stream", "per_image"))
+    """How the per-pixel actions are drawn: ``stream`` (one seeded generator for every batch) or ``per_image``
+    (noise seeded by the image and the environment step, so an image draws the same actions whatever the batch
+    holds: what makes a data-parallel run equal to a one-process run with the global batch; always used with more
+    than one process)."""
     weight_average_decay: float = bounded(0.0, ge=0.0, lt=1.0)
     """Keep an exponential moving average of the policy network's floating-point state (parameters and buffers)
     over the optimizer steps of a ``learn`` call (decay per step, e.g. 0.95 averages over ~20 steps);
@@ -213,6 +219,9 @@ class PixelPPO(OnPolicyAlgorithm):
     :param device: "auto", "cpu", "cuda", ...
     :param seed: seed of parameters initialised here, action sampling and minibatch order (the adaptation loop
         derives one per PPO phase from its master seed).
+    :param world: the data-parallel job this process belongs to (:mod:`rl_adapt.distributed`): ``env`` serves this
+        rank's slice of each global batch, gradients are summed over ranks with losses normalised by the global
+        minibatch, so every rank keeps the same weights. One process by default.
     """
 
     policy: PixelActorCriticPolicy
@@ -229,6 +238,7 @@ class PixelPPO(OnPolicyAlgorithm):
         verbose: int = 0,
         device: torch.device | str = "auto",
         seed: int = 0,
+        world: World = SINGLE,
         _init_setup_model: bool = True,
     ):
         cfg = config if config is not None else PPOConfig()
@@ -258,6 +268,7 @@ class PixelPPO(OnPolicyAlgorithm):
             supported_action_spaces=(spaces.MultiDiscrete,),
         )
         self.config = cfg
+        self.world = world
         self.beta_kl = cfg.beta_kl
         self.validity_fn = validity_fn
         self.history: list[dict[str, float]] = []
@@ -286,6 +297,7 @@ class PixelPPO(OnPolicyAlgorithm):
         device: torch.device | str = "auto",
         policy_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
+        world: World = SINGLE,
     ) -> "PixelPPO":
         """Build env + policy + algorithm around a segmentation network.
 
@@ -297,6 +309,7 @@ class PixelPPO(OnPolicyAlgorithm):
         :param reference_network: frozen KL reference; default: a copy of ``network`` as given (the source).
         :param num_classes: K; inferred from the network when None.
         :param seed: seed of the image order, the action sampling and the minibatch order.
+        :param world: the data-parallel job (``config.n_envs`` and ``batch_size`` are per process).
         """
         cfg = config if config is not None else PPOConfig()
         images = torch.as_tensor(images)
@@ -307,7 +320,8 @@ class PixelPPO(OnPolicyAlgorithm):
         if num_classes is None:
             probe = network if network is not None else network_fn()  # type: ignore[misc]
             num_classes = _num_classes_of(probe, images[:1].float())
-        env = TorchSegmentationVecEnv(images, num_classes, reward_fn, num_envs=cfg.n_envs, device=dev, seed=seed)
+        env = TorchSegmentationVecEnv(images, num_classes, reward_fn, num_envs=cfg.n_envs, device=dev, seed=seed,
+                                      rank=world.rank, world_size=world.size)
         kwargs = dict(policy_kwargs or {})
         if network is not None:
             kwargs["network"] = network
@@ -316,7 +330,7 @@ class PixelPPO(OnPolicyAlgorithm):
         if reference_network is not None:
             kwargs["reference_network"] = reference_network
         return cls(PixelActorCriticPolicy, env, cfg, policy_kwargs=kwargs, validity_fn=validity_fn,
-                   tensorboard_log=tensorboard_log, verbose=verbose, device=dev, seed=seed)
+                   tensorboard_log=tensorboard_log, verbose=verbose, device=dev, seed=seed, world=world)
 
     def _attach_env(self, env: TorchSegmentationVecEnv) -> None:
         if not isinstance(env, TorchSegmentationVecEnv):
@@ -356,7 +370,7 @@ class PixelPPO(OnPolicyAlgorithm):
 
     def _excluded_save_params(self) -> list[str]:
         return super()._excluded_save_params() + ["validity_fn", "_last_obs", "_last_episode_starts",
-                                                  "_sample_gen", "_batch_gen", "_rollout_stats",
+                                                  "_sample_gen", "_batch_gen", "_rollout_stats", "world", "_served",
                                                   "_snapshot", "_average", "supervised"]
 
     def _setup_model(self) -> None:
@@ -379,6 +393,8 @@ class PixelPPO(OnPolicyAlgorithm):
         self._sample_gen.manual_seed(seed + 1)
         self._batch_gen = torch.Generator(device="cpu")
         self._batch_gen.manual_seed(seed + 2)
+        self._env_steps = 0  # environment steps taken (the per-image sampling noise is seeded with it)
+        self._served: torch.Tensor | None = None  # indices of the images behind the current observations
         self._snapshot = _UpdateSnapshot()
         self._average: _WeightAverage | None = None
         self.supervised: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -439,14 +455,20 @@ class PixelPPO(OnPolicyAlgorithm):
         callback.on_rollout_start()
         obs = self._last_obs
         if isinstance(obs, tuple):  # gymnasium reset() -> (obs, info)
-            obs = obs[0]
+            obs, info = obs
+            self._served = info["index"]
         if obs is None:
-            obs, _ = env.reset()
+            obs, info = env.reset()
+            self._served = info["index"]
+        per_image = self.config.sampling == "per_image" or self.world.active
         for _ in range(n_rollout_steps):
             with torch.no_grad():
-                actions, values, log_prob, _ = policy.act(obs, generator=self._sample_gen)
+                noise = self._per_image_noise(obs) if per_image else None
+                actions, values, log_prob, _ = policy.act(obs, generator=self._sample_gen, noise=noise)
                 ref_log_prob = policy.reference_log_prob(obs, actions)
             new_obs, rewards, dones, _, infos = env.step(actions)
+            self._served = infos["next_index"]
+            self._env_steps += 1
             self.num_timesteps += env.num_envs
             callback.update_locals(locals())
             if not callback.on_step():
@@ -461,6 +483,48 @@ class PixelPPO(OnPolicyAlgorithm):
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
+
+    def _minibatches(self, buf: PixelRolloutBuffer):
+        """``(minibatch, None)`` over the stored rollout for one process (SB3's shuffled minibatches); in a
+        data-parallel job ``(this rank's part, images in the global minibatch)``: one permutation of the global
+        rollout, shared by the ranks, cut into global minibatches of ``batch_size * world`` images. A rank with no
+        image in a global minibatch gets a stand-in image and the count negated: its loss is then taken times 0, so
+        its (zero) gradient still joins the reduction."""
+        if not self.world.active:
+            for mb in buf.minibatches(self.config.batch_size, self._batch_gen):
+                yield mb, None
+            return
+        b, size = self.n_envs, self.world.size
+        n_global = buf.pos * size
+        perm = torch.randperm(n_global, generator=self._batch_gen)
+        per_step = b * size
+        for start in range(0, n_global, self.config.batch_size * size):
+            gids = perm[start : start + self.config.batch_size * size]
+            step, slot = gids // per_step, gids % per_step
+            mine = (slot // b) == self.world.rank
+            local = (step * b + slot % b)[mine].to(buf.device)
+            if len(local) == 0:  # all of it on other ranks: a stand-in image whose loss is multiplied by 0
+                yield buf.batch(torch.zeros(1, dtype=torch.int64, device=buf.device)), -len(gids)
+                continue
+            yield buf.batch(local), len(gids)
+
+    def _globally_normalised(self, adv: torch.Tensor) -> torch.Tensor:
+        """``adv`` standardised with the mean and (unbiased) std of the whole global minibatch."""
+        s = all_reduce_sum(torch.stack([adv.sum(), (adv * adv).sum(),
+                                        torch.tensor(float(adv.numel()), device=adv.device)]).double(), self.world)
+        mean = s[0] / s[2]
+        std = ((s[1] - s[2] * mean * mean) / (s[2] - 1).clamp_min(1)).clamp_min(0).sqrt()
+        return (adv - mean.float()) / (std.float() + 1e-8)
+
+    def _per_image_noise(self, obs: torch.Tensor) -> torch.Tensor:
+        """``Exp(1)`` sampling noise (B, K, H, W), each image's seeded by (seed, environment step, image index)."""
+        b, _, h, w = obs.shape
+        k = self.policy.num_classes
+        out = torch.empty((b, k, h, w), dtype=torch.float32)
+        for i, index in enumerate(self._served.tolist()):
+            seed = int(np.random.SeedSequence([int(self.seed or 0), self._env_steps, int(index)]).generate_state(1)[0])
+            out[i].exponential_(generator=torch.Generator().manual_seed(seed))
+        return out.to(obs.device)
 
     def _record_rollout_stats(self, buf: PixelRolloutBuffer) -> None:
         n = buf.pos
@@ -524,28 +588,43 @@ class PixelPPO(OnPolicyAlgorithm):
         continue_training = True
         for epoch in range(cfg.n_epochs):
             epoch_kl = torch.zeros(2, device=self.device)
-            for mb in buf.minibatches(cfg.batch_size, self._batch_gen):
+            for mb, n_global in self._minibatches(buf):
                 values, log_prob, dist = policy.evaluate(mb.obs, mb.actions)
                 adv = mb.advantages
-                if cfg.normalize_advantage and adv.numel() > 1:
-                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
                 log_ratio = log_prob - mb.old_log_prob
                 ratio = torch.exp(log_ratio)
-                pg_loss = -torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
-                entropy = dist.entropy().mean()
-                value_loss = F.mse_loss(values, mb.returns)
+                if n_global is None:  # one process: means over the minibatch
+                    if cfg.normalize_advantage and adv.numel() > 1:
+                        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                    pg_loss = -torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
+                    entropy = dist.entropy().mean()
+                    value_loss = F.mse_loss(values, mb.returns)
+                else:  # this rank's share of the means over the global minibatch (the gradients are summed)
+                    if cfg.normalize_advantage:
+                        adv = self._globally_normalised(adv if n_global > 0 else adv[:0])
+                        adv = adv if n_global > 0 else torch.zeros_like(mb.advantages)
+                    per_pixel = abs(n_global) * adv[0].numel()
+                    pg_loss = -torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - clip, 1 + clip)).sum() / per_pixel
+                    entropy = dist.entropy().sum() / per_pixel
+                    value_loss = ((values - mb.returns) ** 2).sum() / per_pixel
                 loss = pg_loss - self.ent_coef * entropy + cfg.vf_coef * value_loss
+                if n_global is not None and n_global < 0:
+                    loss = loss * 0.0
                 sup_loss = torch.zeros((), device=self.device)
                 if sup is not None:
                     pick = torch.randint(0, sup[0].shape[0], (min(cfg.batch_size, sup[0].shape[0]),),
                                          generator=self._batch_gen).to(sup[0].device)
                     sup_logits, _ = policy.logits_and_values(sup[0][pick], with_values=False)
                     sup_loss = F.cross_entropy(sup_logits.float(), sup[1][pick])
-                    loss = loss + cfg.supervised_coef * sup_loss
+                    loss = loss + cfg.supervised_coef * sup_loss / self.world.size  # every rank draws the same pairs
                 policy.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                all_reduce_gradients(params, self.world, average=False)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                if not bool(torch.isfinite(loss.detach() + grad_norm)):  # one sync per minibatch
+                finite = torch.isfinite(loss.detach() + grad_norm)
+                if self.world.active:  # every rank stops together, or none does
+                    finite = all_reduce_sum((~finite).float().reshape(1), self.world)[0] == 0
+                if not bool(finite):  # one sync per minibatch
                     policy.optimizer.zero_grad(set_to_none=True)
                     self._snapshot.restore(policy.optimizer)
                     raise TrainingDiverged(
@@ -563,6 +642,7 @@ class PixelPPO(OnPolicyAlgorithm):
                     epoch_kl += torch.stack([approx_kl, torch.ones((), device=self.device)])
             self._n_updates += 1
             if cfg.target_kl is not None:
+                all_reduce_sum(epoch_kl, self.world)  # the ranks decide together
                 kl = float(epoch_kl[0] / epoch_kl[1])
                 if kl > 1.5 * cfg.target_kl:
                     log.info("early stop at epoch %d: approx KL %.4f > 1.5 x target %.4f", epoch, kl, cfg.target_kl)
@@ -623,6 +703,7 @@ def ppo_phase(
     progress: bool = False,
     supervised: tuple[torch.Tensor, torch.Tensor] | None = None,
     seed: int = 0,
+    world: World = SINGLE,
 ) -> dict:
     """One PPO phase of the adaptation loop: fine-tune ``network`` in place against ``reward_fn``.
 
@@ -634,12 +715,13 @@ def ppo_phase(
     :param iteration: adaptation iteration (0-based), for the beta/entropy schedule of ``cfg``.
     :param supervised: (M, 1, H, W) float32 images and (M, H, W) int64 masks for ``cfg.supervised_coef``.
     :param seed: seed of the phase's image order, action sampling and minibatches.
+    :param world: the data-parallel job (``total_images`` and ``cfg``'s batches are per process).
     :returns: the figures of the phase (the first and last update's logged values: reward, KL, entropy, clip
         fraction...); with ``cfg.weight_average_decay`` > 0 the network holds the phase's weight average.
     """
     model = PixelPPO.from_network(network, images, reward_fn, cfg, reference_network=reference,
                                   validity_fn=validity_rate, tensorboard_log=tensorboard_log,
-                                  device=images.device, seed=seed)
+                                  device=images.device, seed=seed, world=world)
     model.supervised = supervised
     model.set_adaptation_iteration(iteration, n_iterations)
     model.learn(total_timesteps=int(total_images), tb_log_name=tb_name, progress_bar=progress)

@@ -87,12 +87,15 @@ class PixelRolloutBuffer:
         n = self.pos
         perm = torch.randperm(n, generator=generator).to(self.device)
         for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
-            yield PixelBatch(
-                obs=self.obs.index_select(0, idx),
-                actions=self.actions.index_select(0, idx).long(),
-                old_log_prob=self.log_prob.index_select(0, idx),
-                old_values=self.values.index_select(0, idx),
-                advantages=self.advantages.index_select(0, idx),
-                returns=self.returns.index_select(0, idx),
-            )
+            yield self.batch(perm[start : start + batch_size])
+
+    def batch(self, idx: torch.Tensor) -> PixelBatch:
+        """The stored images at positions ``idx`` (1-D int64 on the buffer's device) as one minibatch."""
+        return PixelBatch(
+            obs=self.obs.index_select(0, idx),
+            actions=self.actions.index_select(0, idx).long(),
+            old_log_prob=self.log_prob.index_select(0, idx),
+            old_values=self.values.index_select(0, idx),
+            advantages=self.advantages.index_select(0, idx),
+            returns=self.returns.index_select(0, idx),
+        )

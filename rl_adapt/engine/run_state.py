@@ -75,6 +75,11 @@ class RunState:
                                    "with the same inputs, --config and --set, or start a new run folder")
             self.completed = dict(data.get("completed", {}))
 
+    def reload(self) -> None:
+        """Read the finished stages again from ``state.json`` (another process of the job wrote it)."""
+        if self.path.exists():
+            self.completed = dict(json.loads(self.path.read_text()).get("completed", {}))
+
     def done(self, stage: str) -> bool:
         """Whether ``stage`` finished in this or an earlier process."""
         return stage in self.completed

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
 
+from rl_adapt.distributed import SINGLE, World, barrier
 from rl_adapt.engine.run_state import RunState
 from rl_adapt.io_utils import append_jsonl
 
@@ -37,11 +38,13 @@ class Stages:
 
     :param state: the run's :class:`~rl_adapt.engine.run_state.RunState` (``state.json``).
     :param metrics_path: ``metrics.jsonl``: one JSON line per finished stage with its figures.
+    :param world: the data-parallel job: rank 0 writes results, state and metrics; see :meth:`run`.
     """
 
-    def __init__(self, state: RunState, metrics_path: Path) -> None:
+    def __init__(self, state: RunState, metrics_path: Path, world: World = SINGLE) -> None:
         self.state = state
         self.metrics_path = Path(metrics_path)
+        self.world = world
 
     def done(self, name: str) -> bool:
         """Whether stage ``name`` finished (in this process or an earlier one)."""
@@ -52,18 +55,28 @@ class Stages:
         return self.state.info(name)
 
     def log(self, name: str, record: dict[str, Any]) -> None:
-        """Append ``record`` to ``metrics.jsonl`` under ``name`` and log its scalar figures."""
+        """Append ``record`` to ``metrics.jsonl`` under ``name`` and log its scalar figures (rank 0 only)."""
+        if not self.world.main:
+            return
         append_jsonl(self.metrics_path, {"stage": name, "time": time.time(), **record})
         log.info("%s: %s", name, {k: v for k, v in record.items() if not isinstance(v, (list, dict))})
 
     def mark(self, name: str, info: dict[str, Any]) -> None:
-        """Record ``name`` as finished with ``info`` (state.json) and log it (metrics.jsonl)."""
+        """Record ``name`` as finished with ``info`` (state.json) and log it (metrics.jsonl); the other ranks of a
+        data-parallel job only remember it."""
+        if not self.world.main:
+            self.state.completed[name] = dict(info)
+            return
         self.state.mark(name, info)
         self.log(name, info)
 
     def run(self, name: str, path: Path, compute: Callable[[], tuple[R, dict[str, Any]]],
-            load: Callable[[Path], R]) -> R:
+            load: Callable[[Path], R], parallel: bool = False) -> R:
         """Stage ``name``: ``load(path)`` if it is done; else ``compute()``, save, mark, log, return in memory.
+
+        In a data-parallel job rank 0 saves and marks. A ``parallel`` stage is computed by every rank together
+        (its ``compute`` shards or all-reduces, and every rank ends with the same result); another stage is
+        computed by rank 0 alone while the others wait, then read its saved result.
 
         :param name: the stage's name in ``state.json`` and ``metrics.jsonl`` (e.g. ``iter0/rollout``).
         :param path: where the result is saved (its ``save(path)`` writes atomically).
@@ -73,8 +86,15 @@ class Stages:
         """
         if self.state.done(name):
             return load(path)
+        if not parallel and not self.world.main:
+            barrier(self.world)  # rank 0 computes, saves and marks it
+            self.state.reload()
+            return load(path)
         t0 = time.time()
         result, info = compute()
-        result.save(path)
+        if self.world.main:
+            result.save(path)
         self.mark(name, {**info, "seconds": time.time() - t0})
+        if not parallel:
+            barrier(self.world)
         return result

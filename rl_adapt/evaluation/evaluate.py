@@ -42,8 +42,9 @@ import torch
 from tqdm import tqdm
 
 from rl_adapt.config import bounded, bounds_problem
+from rl_adapt import distributed as dist
 from rl_adapt.engine.reward.network import RewardNet
-from rl_adapt.errors import InputError
+from rl_adapt.errors import InputError, RLAdaptError
 from rl_adapt.evaluation.inputs import find_reward_net, load_labelled, load_model, parse_model_specs, resolve_postprocessing
 from rl_adapt.evaluation.overlays import overlay_arrays, select_overlays
 from rl_adapt.evaluation.reliability import reward_reliability
@@ -149,10 +150,54 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
     if not specs:
         raise InputError(None, "give at least one model")
     out = Path(out)
-    check_output(out, evaluation_inputs(specs, data, reward, cfg.postprocessing), may_exist=overwrite,
-                 earlier_output=EARLIER_OUTPUT, command="rl-adapt evaluate",
-                 exists_hint="choose a new output folder, or pass --overwrite to replace an earlier evaluation")
-    check_device(cfg.device)
+    world = dist.current()
+
+    def preflight() -> None:
+        check_output(out, evaluation_inputs(specs, data, reward, cfg.postprocessing), may_exist=overwrite,
+                     earlier_output=EARLIER_OUTPUT, command="rl-adapt evaluate",
+                     exists_hint="choose a new output folder, or pass --overwrite to replace an earlier evaluation")
+        check_device(cfg.device)
+
+    dist.on_main(preflight, world)
+    given: dict[str, list[np.ndarray]] | None = None
+    if world.active:  # every rank predicts its shard of the cases; rank 0 scores and writes, as one process would
+        given = _predict_sharded(specs, data, cfg, world, progress)
+        if not world.main:  # rank 0 hands on its summary, or the message of what stopped it
+            result = dist.broadcast_object(None, world)
+            if isinstance(result, str):
+                raise RLAdaptError(result)
+            return result
+        try:
+            summary = _evaluate(specs, data, out, reward, cfg, overwrite, progress, given)
+        except RLAdaptError as exc:
+            dist.broadcast_object(str(exc), world)
+            raise
+        return dist.broadcast_object(summary, world)
+    return _evaluate(specs, data, out, reward, cfg, overwrite, progress, given)
+
+
+def _predict_sharded(specs: Mapping[str, Path], data, cfg: EvaluateConfig, world: dist.World,
+                     progress: bool) -> dict[str, list[np.ndarray]]:
+    """Each rank's predictions of its shard of the cases, gathered: ``{model: [(H, W) uint8 mask per case]}``."""
+    cases = load_labelled(data, progress=False)
+    mine = dist.shard(len(cases), world)
+    device = dist.device_of(world, cfg.device)
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    out = {}
+    with torch.inference_mode():
+        for name, path in specs.items():
+            model = load_model(path, device)
+            part = [np.asarray(model.predict(cases[i].image, cases[i].spacing, mirror=cfg.mirror), dtype=np.uint8)
+                    for i in tqdm(mine, desc=f"predict {name} [rank {world.rank}]", unit="img",
+                                  disable=None if progress and world.main else True)]
+            out[name] = dist.gather_shards(part, len(cases), world)
+    return out
+
+
+def _evaluate(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateConfig, overwrite: bool,
+              progress: bool, given: Mapping[str, list[np.ndarray]] | None) -> dict:
+    """:func:`evaluate` in one process; ``given`` holds every model's masks when a data-parallel job predicted them."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     cases = load_labelled(data, progress=progress)
@@ -190,8 +235,10 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
         with torch.inference_mode():
             for name, model in loaded.items():
                 masks, futs = [], []
-                for c in tqdm(cases, desc=f"predict {name}", unit="img", disable=None if progress else True):
-                    m = np.asarray(model.predict(c.image, c.spacing, mirror=cfg.mirror), dtype=np.uint8)
+                for i, c in enumerate(tqdm(cases, desc=f"predict {name}", unit="img",
+                                           disable=None if progress else True)):
+                    m = given[name][i] if given is not None else \
+                        np.asarray(model.predict(c.image, c.spacing, mirror=cfg.mirror), dtype=np.uint8)
                     if m.shape != c.label.shape:
                         raise InputError(c.source or data, f"{c.name}: model {name!r} returned shape {m.shape}, "
                                                            f"label is {c.label.shape}")

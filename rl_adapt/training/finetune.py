@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from rl_adapt.config import bounded
+from rl_adapt.distributed import SINGLE, World, rank_slice
 from rl_adapt.training.loop import fit
 from rl_adapt.training.pretrain import AugmentConfig, augment, training_loss
 
@@ -41,11 +42,14 @@ def index_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[tor
 
 
 def fine_tune(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: FineTuneConfig, seed: int,
-              device: torch.device | str = "cpu", what: str = "fine-tuning", progress: bool = False) -> list[float]:
+              device: torch.device | str = "cpu", what: str = "fine-tuning", progress: bool = False,
+              world: World = SINGLE) -> list[float]:
     """Fine-tune every parameter of ``network`` in place.
 
     :param images: (M, 1, H, W) float32 preprocessed patches; :param labels: (M, H, W) int64 label maps.
     :param seed: seed of the batch order, the augmentation and torch's global generator.
+    :param world: a data-parallel job: ``cfg.batch_size`` patches per rank, each its slice of every global batch
+        (augmented alike on every rank, then sliced), gradients averaged.
     :returns: the loss of every step.
     """
     torch.manual_seed(seed)
@@ -56,15 +60,18 @@ def fine_tune(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    stream = index_batches(len(images), cfg.batch_size, gen)
+    stream = index_batches(len(images), cfg.batch_size * world.size, gen)
     images, labels = images.cpu(), labels.cpu()
 
     def loss_at(step: int) -> torch.Tensor:
         idx = next(stream)
         x, y = augment(images[idx], labels[idx], cfg.augment, gen)
+        if world.active:
+            mine = rank_slice(len(idx), world) if len(idx) % world.size == 0 else slice(None)
+            x, y = x[mine], y[mine]
         return training_loss(network(x.to(device)), y.to(device), batch_dice=True)
 
     losses = fit(loss_at, opt, params, cfg.steps, what=what, grad_clip=cfg.grad_clip, progress=progress,
-                 postfix_every=1)
+                 postfix_every=1, world=world)
     network.eval()
     return losses

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rl_adapt.distributed import SINGLE, World, all_reduce_gradients, all_reduce_sum
 from rl_adapt.errors import TrainingDiverged
 
 
@@ -17,7 +18,7 @@ def fit(loss_at: Callable[[int], torch.Tensor], optimizer: torch.optim.Optimizer
         steps: int, *, what: str, grad_clip: float | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, lr_at: Callable[[int], float] | None = None,
         progress: bool = False, postfix_every: int = 10,
-        on_step: Callable[[int, float], None] | None = None) -> list[float]:
+        on_step: Callable[[int, float], None] | None = None, world: World = SINGLE) -> list[float]:
     """Run ``steps`` optimisation steps; returns the loss of every step (floats).
 
     :param loss_at: ``step -> loss`` (a scalar tensor): draws the step's batch and computes the loss.
@@ -26,21 +27,27 @@ def fit(loss_at: Callable[[int], torch.Tensor], optimizer: torch.optim.Optimizer
     :param scheduler: stepped after every optimizer step.
     :param lr_at: ``step -> learning rate`` set on every parameter group before the step (e.g. nnU-Net's poly).
     :param on_step: called with ``(step, loss)`` after each step (e.g. a TensorBoard writer).
+    :param world: a data-parallel job: each rank's loss is on its slice of the global batch and the gradients are
+        averaged over ranks before clipping, so every rank takes the same step.
     :raises TrainingDiverged: the loss became NaN/Inf (the parameters are those of the previous step).
     """
     params = list(params)
     losses: list[float] = []
-    bar = tqdm(range(steps), desc=what, disable=None if progress else True, leave=False)
+    bar = tqdm(range(steps), desc=what, disable=None if progress and world.main else True, leave=False)
     for step in bar:
         if lr_at is not None:
             lr = lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
         loss = loss_at(step)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if world.active:  # every rank stops together, or none does
+            finite = float(all_reduce_sum(torch.tensor([0.0 if finite else 1.0]), world)[0]) == 0
+        if not finite:
             raise TrainingDiverged(f"{what}: the loss became {loss.item()} at step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        all_reduce_gradients(params, world)
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()

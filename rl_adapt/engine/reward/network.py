@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from rl_adapt.measures.calibration import error_detection_report
 from rl_adapt.config import bounded, from_dict, to_dict
 from rl_adapt.errors import InputError
+from rl_adapt.distributed import SINGLE, World, rank_slice
 from rl_adapt.engine.reward.dataset import RewardDataset
 from rl_adapt.io_utils import atomic_path
 from rl_adapt.training.loop import fit
@@ -307,6 +308,7 @@ def train_reward_net(
     init: RewardNet | None = None,
     progress: bool = False,
     seed: int = 0,
+    world: World = SINGLE,
 ) -> tuple[RewardNet, dict]:
     """Train (or refine, from ``init``) a reward network with per-pixel BCE, then calibrate it.
 
@@ -322,6 +324,8 @@ def train_reward_net(
     :param progress: show a tqdm progress bar.
     :param seed: seed of the split, the batch order, the augmentation and the initial weights (the adaptation loop
         derives one per iteration from its master seed).
+    :param world: a data-parallel job: ``cfg.batch_size`` pairs per rank, each rank its slice of every global batch,
+        gradients averaged (every rank ends with the same network).
     :returns: ``(reward_net, stats)``; stats: train_loss, eval_loss, temperature, ece_before, ece_after,
         auroc, eval_error_rate, eval_mean_reward, n_pairs_* , steps, seconds.
     :raises TrainingDiverged: the loss became NaN/Inf.
@@ -364,18 +368,24 @@ def train_reward_net(
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     net.network.train()
     batches = {"order": rng.permutation(train_pairs), "pos": 0}
+    global_batch = cfg.batch_size * world.size
+    mine = rank_slice(global_batch, world)
 
     def loss_at(step: int) -> torch.Tensor:
-        if batches["pos"] + cfg.batch_size > len(batches["order"]):
+        if batches["pos"] + global_batch > len(batches["order"]):
             batches["order"], batches["pos"] = rng.permutation(train_pairs), 0
-        idx = batches["order"][batches["pos"] : batches["pos"] + cfg.batch_size]
-        batches["pos"] += cfg.batch_size
+        idx = batches["order"][batches["pos"] : batches["pos"] + global_batch]
+        batches["pos"] += global_batch
+        if world.active and len(idx) < global_batch:  # fewer pairs than a global batch: repeat them
+            idx = np.resize(idx, global_batch)
         flip = rng.random(len(idx)) < 0.5 if cfg.flip_augment else None
+        if world.active:
+            idx, flip = idx[mine], None if flip is None else flip[mine]
         im, sg, tg = _batch(dataset, idx, device, flip)
         return F.binary_cross_entropy_with_logits(net.logits(im, sg), tg, pos_weight=pos_weight)
 
     losses = fit(loss_at, opt, net.network.parameters(), cfg.steps, what="reward net", grad_clip=cfg.grad_clip,
-                 scheduler=sched, progress=progress)
+                 scheduler=sched, progress=progress, world=world)
     net.network.eval()
 
     stats: dict = {

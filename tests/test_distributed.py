@@ -1,0 +1,178 @@
+"""Data parallelism with torch.distributed (gloo, 2 CPU processes): identical weights on every rank, the same
+weights as one process with the global batch, byte-identical evaluation tables, and resume after a killed rank."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from rl_adapt import distributed as dist
+from rl_adapt.engine.ppo import PixelPPO, PPOConfig
+
+SIZE, K = 16, 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _blobs(n: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    labels = np.zeros((n, SIZE, SIZE), np.int64)
+    for i in range(n):
+        cy, cx = g.uniform(5, 11, 2)
+        labels[i][(yy - cy) ** 2 + (xx - cx) ** 2 < 16] = 1
+        labels[i][(yy - cy) ** 2 + (xx - cx) ** 2 < 4] = 2
+    images = labels.astype(np.float32) + g.normal(0, 0.6, labels.shape).astype(np.float32)
+    return torch.from_numpy(images)[:, None], torch.from_numpy(labels)
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, K, 3, padding=1))
+
+
+def _ppo_phase(world: dist.World, n_envs: int, batch_size: int, images_per_rank: int, out: Path) -> None:
+    torch.set_num_threads(1)
+    images, labels = _blobs()
+
+    def reward(imgs, actions, indices):
+        return (actions == labels[indices]).float()
+
+    cfg = PPOConfig(lr=3e-3, n_envs=n_envs, n_steps=2, n_epochs=2, batch_size=batch_size, sampling="per_image",
+                    normalize_advantage=True, ent_coef=0.01)
+    model = PixelPPO.from_network(_net(), images, reward, cfg, device="cpu", seed=3, world=world)
+    model.learn(images_per_rank)
+    torch.save({k: v.detach().clone() for k, v in model.policy.network.state_dict().items()},
+               out / f"rank{world.rank}.pt")
+
+
+def _worker(rank: int, size: int, port: int, fn_args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
+                      LOCAL_RANK=str(rank))
+    world = dist.setup("cpu")
+    try:
+        _ppo_phase(world, *fn_args)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_train_the_same_weights_as_one_process_with_the_global_batch(tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir(), one.mkdir()
+    mp.spawn(_worker, args=(2, _free_port(), (4, 4, 16, two)), nprocs=2, join=True)
+    _ppo_phase(dist.SINGLE, 8, 8, 32, one)  # the same global batch (8), minibatch (8) and images (32)
+    r0, r1, single = (torch.load(p) for p in (two / "rank0.pt", two / "rank1.pt", one / "rank0.pt"))
+    for key in single:
+        assert torch.equal(r0[key], r1[key]), key  # the ranks hold identical weights
+        torch.testing.assert_close(r0[key], single[key], rtol=1e-4, atol=1e-5)
+    moved = max(float((single[k] - _net().state_dict()[k]).abs().max()) for k in single)
+    assert moved > 1e-3  # the phase did train
+
+
+def test_rank_helpers_for_one_process():
+    w = dist.SINGLE
+    assert not w.active and w.main and dist.rank_slice(8, w) == slice(0, 8)
+    assert dist.shard(5, w).tolist() == [0, 1, 2, 3, 4] and dist.gather_shards([1, 2], 2, w) == [1, 2]
+    assert dist.rank_slice(8, dist.World(rank=1, size=2)) == slice(4, 8)
+    assert dist.shard(5, dist.World(rank=1, size=2)).tolist() == [1, 3]
+    with pytest.raises(ValueError):
+        dist.rank_slice(7, dist.World(rank=0, size=2))
+
+
+# ------------------------------------------------------------------------------------ torchrun end to end
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from test_adapt import TINY_ADAPT, tiny_world  # noqa: E402,F401  (the module-scoped fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _torchrun(args: list[str], nproc: int = 2, **popen) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "rl_adapt", *args]
+    return subprocess.Popen(cmd, env=env, cwd=REPO, **popen)
+
+
+def _adapt_args(world, out: Path) -> list[str]:
+    sets = [x for s in [*TINY_ADAPT, "ppo.n_envs=2", "ppo.batch_size=2"] for x in ("--set", s)]
+    return ["adapt", "--model", str(world["model"]), "--target", str(world["target"]), "--out", str(out), *sets,
+            "--no-progress"]
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def test_adapt_on_two_ranks_resumes_after_one_rank_is_killed(tiny_world, tmp_path):
+    straight = tmp_path / "straight"
+    done = _torchrun(_adapt_args(tiny_world, straight), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = done.communicate(timeout=600)
+    assert done.returncode == 0, err[-3000:]
+    assert out.count("adapted model:") == 1  # rank 0 prints, the other rank is silent
+    killed = tmp_path / "killed"
+    proc = _torchrun(_adapt_args(tiny_world, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and "iter0/reward" in state.read_text():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)  # one rank dies mid-PPO; torchrun stops the job
+    proc.wait(timeout=120)
+    assert proc.returncode != 0 and "export" not in state.read_text()
+    done_before = set(json.loads(state.read_text())["completed"])
+    resumed = _torchrun(_adapt_args(tiny_world, killed) + ["--resume"], stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    stages = [json.loads(line)["stage"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    for s in done_before:  # finished stages were not redone
+        assert stages.count(s) == 1, s
+    a, b = torch.load(straight / "iter1" / "policy.pt"), torch.load(killed / "iter1" / "policy.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluate_on_two_ranks_writes_the_tables_of_one(tiny_world, tmp_path):
+    from rl_adapt.evaluation.evaluate import EvaluateConfig, evaluate
+
+    source = tiny_world["source"]  # labelled synthetic images
+    evaluate({"a": tiny_world["model"]}, source, tmp_path / "one", config=EvaluateConfig(report=False, workers=0),
+             progress=False)
+    two = _torchrun(["evaluate", "--model", f"a={tiny_world['model']}", "--data", str(source), "--out",
+                     str(tmp_path / "two"), "--no-report", "--no-progress", "--workers", "0"],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = two.communicate(timeout=600)
+    assert two.returncode == 0, err[-3000:]
+    for name in ("per_image.csv", "per_patient.csv"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    one_s = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two_s = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert one_s == two_s
+
+
+def test_commands_that_do_not_run_data_parallel_refuse_a_torchrun_job(tmp_path):
+    p = _torchrun(["synth", "--domain", "source", "--patients", "1", "--out", str(tmp_path / "s")],
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "only adapt, evaluate, pretrain run data-parallel" in err
+    assert not (tmp_path / "s").exists()
