@@ -1,0 +1,73 @@
+"""The stage helper: a finished stage's saved result is read back, an interrupted one is computed again, and a
+result is written atomically before its stage is marked."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rl_adapt.engine.run_state import RunState
+from rl_adapt.engine.stages import Stages
+from rl_adapt.io_utils import atomic_path
+
+
+@dataclass
+class Number:
+    value: int
+
+    def save(self, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(str(self.value))
+
+    @classmethod
+    def load(cls, path: Path) -> "Number":
+        return cls(int(path.read_text()))
+
+
+def _stages(folder: Path) -> Stages:
+    return Stages(RunState(folder, "sha"), folder / "metrics.jsonl")
+
+
+def test_a_stage_is_computed_once_then_read_back(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return Number(7), {"figure": 1.5}
+
+    first = _stages(tmp_path).run("s", tmp_path / "s.txt", compute, Number.load)
+    assert first == Number(7) and calls == [1]
+    again = _stages(tmp_path).run("s", tmp_path / "s.txt", compute, Number.load)  # a new process: read, not computed
+    assert again == Number(7) and calls == [1]
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["stage"] == "s" and record["figure"] == 1.5 and record["seconds"] >= 0
+    assert json.loads((tmp_path / "state.json").read_text())["completed"]["s"]["figure"] == 1.5
+
+
+def test_the_result_in_memory_is_handed_on_not_reloaded(tmp_path):
+    made = Number(3)
+    out = _stages(tmp_path).run("s", tmp_path / "s.txt", lambda: (made, {}), Number.load)
+    assert out is made
+
+
+def test_an_interrupted_stage_is_computed_again_and_leaves_no_partial_file(tmp_path):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _stages(tmp_path).run("s", tmp_path / "s.txt", interrupted, Number.load)
+    assert not (tmp_path / "s.txt").exists() and not _stages(tmp_path).done("s")
+
+    class Broken(Number):
+        def save(self, path: Path) -> None:  # killed while writing: the temporary file never replaces the target
+            with atomic_path(path) as tmp:
+                tmp.write_text("partial")
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _stages(tmp_path).run("s", tmp_path / "s.txt", lambda: (Broken(1), {}), Number.load)
+    assert not (tmp_path / "s.txt").exists() and not list(tmp_path.glob("*.tmp-*"))
+    assert not _stages(tmp_path).done("s")
+    assert _stages(tmp_path).run("s", tmp_path / "s.txt", lambda: (Number(5), {}), Number.load) == Number(5)
