@@ -37,7 +37,7 @@ import torch
 from rl_adapt.cli import main
 from rl_adapt.data.case import Case
 from rl_adapt.data.writers import write_nnunet_raw
-from test_bad_input_reading import _cut, _spacing_file, _write
+from test_bad_input_reading import _cut, _gz_damaged, _spacing_file, _write
 from test_data_bad_input import _nnunet
 from test_evaluate import build_tiny_world
 
@@ -127,11 +127,7 @@ def _truncated(c: Ctx) -> Path:
 
 def _corrupt_gzip(c: Ctx) -> Path:
     d = c.folder("corrupt")
-    p = _write(d / "a.nii.gz")
-    data = bytearray(p.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 8] = bytes(255 - b for b in data[mid:mid + 8])
-    p.write_bytes(bytes(data))
+    _gz_damaged(d)
     return d
 
 
