@@ -147,3 +147,17 @@ def test_every_set_example_in_the_help_and_docs_is_accepted(monkeypatch):
         assert loaded, f"--set {example} (documented) is refused by every config"
         checked += 1
     assert checked >= 6
+
+
+def test_every_shipped_config_loads_with_its_class():
+    from rl_adapt.commands.demo import DemoConfig
+    from rl_adapt.engine.loop import AdaptConfig
+    from rl_adapt.evaluation.baselines import BaselineConfig
+    from rl_adapt.training.pretrain import PretrainConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    classes = {"adapt": AdaptConfig, "pretrain": PretrainConfig, "baseline": BaselineConfig, "demo": DemoConfig}
+    files = sorted((repo / "configs").glob("*.yaml"))
+    assert len(files) >= 10
+    for f in files:
+        load_config(classes[f.stem.split("_")[0]], f)  # unknown keys, wrong types or ranges would raise
