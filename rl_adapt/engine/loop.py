@@ -10,15 +10,18 @@ One run folder holds everything a run produces::
     RUN/iter{k}/reward_net.pt  the reward network of iteration k
     RUN/iter{k}/policy.pt      the policy network's weights after PPO of iteration k
     RUN/shape_prior.pt         the shape autoencoder (trained once on source label maps, if given)
+    RUN/styled_source.npz      with ``source_teacher``: the restyled source images, their labels, the held-out split
+    RUN/warm_start.pt          with ``source_teacher.warm_start``: the policy after the supervised warm start
     RUN/tensorboard/           PPO and reward-net logs
     RUN/model/<Dataset>/nnUNetTrainer__<Plans>__2d/   the adapted model, an nnU-Net results folder (with
                                postprocessing.json/.pkl when ``postprocessing`` names candidates)
     RUN/reward_net.pt          the final reward network (its ``1 - score`` is the uncertainty map)
 
 Every stage writes its outputs atomically and only then is marked finished, so ``--resume`` after a
-``kill -9`` at any moment redoes at most the stage that was running. Target labels are never read.
+``kill -9`` at any moment redoes at most the stage that was running (:mod:`rl_adapt.engine.stages`). Under
+``torchrun`` the per-image stages are sharded over the processes and the trainers are data-parallel
+(:mod:`rl_adapt.engine.sharding`, :mod:`rl_adapt.distributed`). Target labels are never read.
 """
-from __future__ import annotations
 from __future__ import annotations
 
 import copy
@@ -32,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rl_adapt import distributed as dist
 from rl_adapt.config import save_config, to_dict
 from rl_adapt.data.readers import read_dataset
-from rl_adapt import distributed as dist
 from rl_adapt.engine.corrector import Corrections, Corrector
 from rl_adapt.engine.guard import judge
 from rl_adapt.engine.ppo import PolicyWeights, PPOConfig, ppo_phase
@@ -61,6 +64,7 @@ from rl_adapt.training.styled_source import StyledPairs, styled_source_pairs
 log = logging.getLogger(__name__)
 
 __all__ = ["AdaptConfig", "AdaptInputs", "Adapter", "SourceTeacherConfig"]
+
 
 def _stage_seed(seed: int, iteration: int, stage: int) -> int:
     """The seed of one stage of one iteration, derived from the run's master seed."""
