@@ -273,6 +273,16 @@ def test_evaluate_with_reward_network_reports_reliability(tiny_world, tmp_path):
         u = z["uncertainty"].astype(np.float32)
         assert u.shape == z["image"].shape and 0.0 <= u.min() and u.max() <= 1.0
     assert "Reward network as uncertainty" in (out / "report.html").read_text()
+    r = s["reward"]  # also scored near the borders, where the errors are
+    assert r["model"] == "src" and r["border_px"] == 5 and 0.0 <= r["border_ece"] <= 1.0
+    assert rel["border"]["n_pixels"] <= rel["n_pixels"]
+    other = evaluate({"src": tiny_world["src"], "other": tiny_world["other"]}, tiny_world["data"], tmp_path / "e2",
+                     reward=run, config=EvaluateConfig(overlays=0, n_bootstrap=100, workers=0, report=False,
+                                                       reward_model="other"), progress=False)
+    assert other["reward"]["model"] == "other" and other["models"]["src"]["ece"] is None
+    with pytest.raises(InputError, match="reward-model 'nobody'"):
+        evaluate({"src": tiny_world["src"]}, tiny_world["data"], tmp_path / "e3", reward=run,
+                 config=EvaluateConfig(report=False, reward_model="nobody", workers=0), progress=False)
 
 
 def test_evaluate_applies_one_postprocessing_rule_to_every_model(tiny_world, tmp_path):

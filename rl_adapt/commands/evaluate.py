@@ -22,6 +22,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="labelled dataset (CAMUS, nnU-Net raw, or folder)")
     p.add_argument("--out", required=True, type=Path, help="new output folder")
     p.add_argument("--reward", type=Path, help="adaptation run folder (or reward_net.pt): reward-net reliability")
+    p.add_argument("--reward-model", default="",
+                   help="the model (NAME of --model) whose masks the reward network scores (default: the first)")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring (slower)")
     p.add_argument("--overlays", type=int, default=4, metavar="N", help="cases per overlay group in the report (>= 0)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:N; checked before any work)")
@@ -54,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
                               ("--threads", "torch_threads", args.threads)):
         check_value(EvaluateConfig, name, value, flag)
     cfg = EvaluateConfig(mirror=args.mirror, overlays=args.overlays, device=args.device, workers=args.workers,
-                         torch_threads=args.threads, postprocessing=args.postprocessing, report=not args.no_report)
+                         torch_threads=args.threads, postprocessing=args.postprocessing, report=not args.no_report,
+                         reward_model=args.reward_model)
     summary = evaluate(specs, args.data, args.out, reward=args.reward, config=cfg,  # checks OUT and the device first
                        overwrite=args.overwrite, progress=not args.no_progress)
     print(format_table(summary))

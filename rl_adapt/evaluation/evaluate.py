@@ -89,6 +89,9 @@ class EvaluateConfig:
     """Torch device of the models ("cpu", "cuda")."""
     report: bool = True
     """Write report.html next to the tables."""
+    reward_model: str = ""
+    """Whose masks the reward network scores (``--reward``): a model name (e.g. the adapted one, whose uncertainty
+    map users see); empty: the first model."""
     postprocessing: str = "auto"
     """Postprocessing rule applied, in addition to the raw outputs, to EVERY model compared (see
     :mod:`rl_adapt.postprocessing`): "auto" = the rule stored in the model folders (``postprocessing.json``; all
@@ -293,10 +296,13 @@ def _evaluate(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateC
     rel, ece = None, None
     if reward_net is not None:
         t0 = time.perf_counter()
-        rel = reward_reliability(reward_net, loaded[names[0]], cases, n_bins=cfg.reliability_bins,
+        scored = cfg.reward_model or names[0]
+        if scored not in loaded:
+            raise InputError(None, f"--reward-model {scored!r} is not one of the models given: {names}")
+        rel = reward_reliability(reward_net, loaded[scored], cases, n_bins=cfg.reliability_bins,
                                  seed=cfg.seed, progress=progress)
-        rel.update({"model": names[0], "reward_run": str(reward)})
-        ece = {names[0]: rel["ece"]}
+        rel.update({"model": scored, "reward_run": str(reward)})
+        ece = {scored: rel["ece"]}
         timings["reward"] = time.perf_counter() - t0
 
     summary = summarise(image_rows, patient_rows, names, ece=ece, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
@@ -307,7 +313,7 @@ def _evaluate(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateC
         "left_out_of_clinical_indices": left_out,
     }
     if rel is not None:  # the reward network against the true labels: everywhere, and near the borders
-        summary["reward"] = {"model": names[0], "ece": rel["ece"], "auroc": rel["auroc"],
+        summary["reward"] = {"model": rel["model"], "ece": rel["ece"], "auroc": rel["auroc"],
                              "border_px": rel["border_px"], "border_ece": rel["border"]["ece"],
                              "border_auroc": rel["border"]["auroc"], "error_rate": rel["error_rate"],
                              "border_error_rate": rel["border"]["error_rate"]}
@@ -320,7 +326,7 @@ def _evaluate(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateC
     t0 = time.perf_counter()
     chosen = select_overlays(image_rows, [c.name for c in cases], names, cfg.overlays, cfg.seed)
     overlays = overlay_arrays(chosen, cases, preds, image_rows, names, cfg.thumb_size,
-                               reward_net, loaded[names[0]])
+                               reward_net, loaded[cfg.reward_model or names[0]])
     timings["overlays"] = time.perf_counter() - t0
 
     check_cols = []
