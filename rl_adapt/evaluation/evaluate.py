@@ -152,6 +152,8 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
     specs = {str(k): Path(v) for k, v in specs.items()}
     if not specs:
         raise InputError(None, "give at least one model")
+    if cfg.reward_model and cfg.reward_model not in specs:
+        raise InputError(None, f"--reward-model {cfg.reward_model!r} is not one of the models given: {list(specs)}")
     out = Path(out)
     world = dist.current()
 
@@ -297,8 +299,6 @@ def _evaluate(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateC
     if reward_net is not None:
         t0 = time.perf_counter()
         scored = cfg.reward_model or names[0]
-        if scored not in loaded:
-            raise InputError(None, f"--reward-model {scored!r} is not one of the models given: {names}")
         rel = reward_reliability(reward_net, loaded[scored], cases, n_bins=cfg.reliability_bins,
                                  seed=cfg.seed, progress=progress)
         rel.update({"model": scored, "reward_run": str(reward)})
