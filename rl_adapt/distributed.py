@@ -168,6 +168,30 @@ def all_reduce_sum(t: torch.Tensor, world: World) -> torch.Tensor:
     return t
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose backward all-reduces the incoming gradient: with every rank's loss computed from the
+    same global sum, each rank's parameter gradient is then ``world.size`` times its own share, and the averaging
+    of :func:`all_reduce_gradients` leaves exactly the gradient of the one global loss."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = t.clone()
+        td.all_reduce(out, op=td.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        grad = grad.contiguous().clone()
+        td.all_reduce(grad, op=td.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_sum_with_grad(t: torch.Tensor, world: World) -> torch.Tensor:
+    """Sum of ``t`` over ranks as a new tensor that carries gradients back to every rank's ``t`` (``t`` itself for
+    one process). For losses of a global batch split over ranks, e.g. nnU-Net's batch Dice."""
+    return _SumOverRanks.apply(t) if world.active else t
+
+
 def all_reduce_gradients(params: Iterable[torch.Tensor], world: World, average: bool = True) -> None:
     """Sum (or average) the ``.grad`` of ``params`` over ranks, in one flat bucket per dtype and device.
 

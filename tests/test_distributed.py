@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from rl_adapt import distributed as dist
 from rl_adapt.engine.ppo import PixelPPO, PPOConfig
+from policies.nnunet import load_model_folder
 
 SIZE, K = 16, 3
 
@@ -96,6 +97,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 from test_adapt import TINY_ADAPT, tiny_world  # noqa: E402,F401  (the module-scoped fixture)
+from test_pretrain import TINY as TINY_PRETRAIN, raw  # noqa: E402,F401  (the tiny raw dataset)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,3 +179,23 @@ def test_commands_that_do_not_run_data_parallel_refuse_a_torchrun_job(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode != 0 and "only adapt, evaluate, pretrain run data-parallel" in err
     assert not (tmp_path / "s").exists()
+
+
+def test_pretrain_on_two_ranks_takes_the_steps_of_one_process_with_the_global_batch(raw, tmp_path):
+    """2 ranks x batch 2 == 1 process x batch 4 (same crops, augmentation and batch Dice), one model written."""
+    from rl_adapt.cli import main
+
+    assert main(["pretrain", "--data", str(raw), "--out", str(tmp_path / "one"), *TINY_PRETRAIN]) == 0  # batch 4
+    two = _torchrun(["pretrain", "--data", str(raw), "--out", str(tmp_path / "two"), *TINY_PRETRAIN,
+                     "--set", "plan.batch_size=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = two.communicate(timeout=600)
+    assert two.returncode == 0, err[-3000:]
+    folder = f"{raw.name}/nnUNetTrainer__nnUNetPlansSmall__2d"
+    # the logits, not the raw weights: a convolution's bias in front of an instance norm changes nothing, its
+    # gradient is rounding noise, and AdamW scales noise up to a full step, differently in each run
+    one, two = (load_model_folder(tmp_path / o / folder, device="cpu") for o in ("one", "two"))
+    x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(two.network(x), one.network(x), rtol=1e-3, atol=1e-4)
+    summary = json.loads((tmp_path / "two" / folder / "fold_0" / "pretrain_summary.json").read_text())
+    assert summary["processes"] == 2 and set(summary["dice_heldout"]) == {"LV", "MYO", "LA", "mean"}

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rl_adapt import distributed as dist
 from rl_adapt.config import bounded, to_dict
 from rl_adapt.devices import pick_device
 from rl_adapt.errors import InputError
@@ -277,23 +278,30 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, gen: torch.Gen
 
 
 # ---------------------------------------------------------------------- loss
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool, smooth: float = 1e-5) -> torch.Tensor:
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool, smooth: float = 1e-5,
+                   world: dist.World = dist.SINGLE) -> torch.Tensor:
     """nnU-Net's soft Dice loss (softmax, background excluded): ``-mean Dice`` over classes (and samples).
 
     :param logits: (B, K, H, W); :param target: (B, H, W) int64.
+    :param world: a data-parallel job where each rank holds a slice of the global batch: with ``batch_dice`` the
+        overlap sums are added over ranks (a collective that carries gradients), so every rank's loss is the
+        global batch's; per-sample Dice needs no exchange (the ranks' gradients are averaged).
     """
     probs = torch.softmax(logits.float(), 1)[:, 1:]
     onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
     axes = (0, 2, 3) if batch_dice else (2, 3)
     inter = (probs * onehot).sum(axes)
     denom = probs.sum(axes) + onehot.sum(axes)
+    if batch_dice and world.active:
+        inter, denom = dist.all_reduce_sum_with_grad(torch.stack([inter, denom]), world)
     dc = (2 * inter + smooth) / (denom + smooth).clamp_min(1e-8)
     return -dc.mean()
 
 
-def dc_ce_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool) -> torch.Tensor:
-    """Cross-entropy + soft Dice, weights 1:1 (nnU-Net's ``DC_and_CE_loss``)."""
-    return F.cross_entropy(logits.float(), target) + soft_dice_loss(logits, target, batch_dice)
+def dc_ce_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool,
+               world: dist.World = dist.SINGLE) -> torch.Tensor:
+    """Cross-entropy + soft Dice, weights 1:1 (nnU-Net's ``DC_and_CE_loss``); ``world`` as in :func:`soft_dice_loss`."""
+    return F.cross_entropy(logits.float(), target) + soft_dice_loss(logits, target, batch_dice, world=world)
 
 
 def deep_supervision_weights(n: int) -> list[float]:
@@ -304,10 +312,11 @@ def deep_supervision_weights(n: int) -> list[float]:
     return (w / w.sum()).tolist()
 
 
-def training_loss(outputs, target: torch.Tensor, batch_dice: bool) -> torch.Tensor:
-    """Loss for one output (B,K,H,W) or a deep-supervision list (highest resolution first)."""
+def training_loss(outputs, target: torch.Tensor, batch_dice: bool, world: dist.World = dist.SINGLE) -> torch.Tensor:
+    """Loss for one output (B,K,H,W) or a deep-supervision list (highest resolution first); ``world`` as in
+    :func:`soft_dice_loss`."""
     if isinstance(outputs, torch.Tensor):
-        return dc_ce_loss(outputs, target, batch_dice)
+        return dc_ce_loss(outputs, target, batch_dice, world)
     weights = deep_supervision_weights(len(outputs))
     total = 0.0
     for w, out in zip(weights, outputs):
@@ -315,7 +324,7 @@ def training_loss(outputs, target: torch.Tensor, batch_dice: bool) -> torch.Tens
             continue
         t = target if out.shape[-2:] == target.shape[-2:] else \
             F.interpolate(target[:, None].float(), size=out.shape[-2:], mode="nearest")[:, 0].long()
-        total = total + w * dc_ce_loss(out, t, batch_dice)
+        total = total + w * dc_ce_loss(out, t, batch_dice, world)
     return total
 
 
@@ -363,14 +372,21 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
         ``out_dir/<Dataset>/nnUNetTrainer__<Plans>__2d``.
     :raises InputError: bad dataset, an output that touches the dataset or cannot be written, or the target fold
         already exists (all checked before planning).
+
+    Under ``torchrun`` (see :mod:`rl_adapt.distributed`) every rank draws the same global batch of
+    ``world.size x batch_size`` crops (the same permutation, crops and augmentation) and trains on its slice, the
+    batch Dice summed over ranks and the gradients averaged, so the ranks take the steps one process would take
+    with the global batch; rank 0 validates and exports.
     """
     t0 = time.time()
     tc = cfg.train
-    check_output(out_dir, {"--data": data_dir}, may_exist=True, command="rl-adapt pretrain")
+    world = dist.current()
+    dist.on_main(lambda: check_output(out_dir, {"--data": data_dir}, may_exist=True, command="rl-adapt pretrain"),
+                 world)
     target = fold_folder(data_dir, out_dir, cfg)
     if target.exists():
         raise InputError(target, "already exists; choose another --out")
-    device = pick_device(tc.device)
+    device = pick_device(dist.device_of(world, tc.device))
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     plans, dataset_json, fingerprint = make_plans(data_dir, cfg.plan)
@@ -391,10 +407,12 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
     net = build_network(model.plans_manager, model.configuration_manager, dataset_json,
                         deep_supervision=tc.deep_supervision)
     net.load_state_dict(model.network.state_dict())
+    dist.broadcast_module(net, world)  # the same start on every rank, whatever their seeds did
     net = net.to(device)
     if device.type == "cuda" and tc.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    batch_size = int(model.configuration_manager.batch_size)
+    batch_size = int(model.configuration_manager.batch_size) * world.size  # the global batch
+    mine = dist.rank_slice(batch_size, world)  # this rank's part of it
     batch_dice = bool(model.configuration_manager.batch_dice)
     iters = tc.iterations_per_epoch or max(1, math.ceil(len(images) / batch_size))
     total_steps = tc.epochs * iters
@@ -424,26 +442,27 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
                     idx += perm[:batch_size - len(idx)].tolist()
                 x, y = _batch(images, labels, idx, model.patch_size, gen)
                 x, y = augment(x, y, cfg.augment, gen)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = x[mine].to(device, non_blocking=True), y[mine].to(device, non_blocking=True)
                 if device.type == "cuda" and tc.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                     out = net(x)
-                return training_loss(out, y, batch_dice)
+                return training_loss(out, y, batch_dice, world)
 
             def lr_at(it: int, first: int = first) -> float:  # nnU-Net's poly decay over all steps
                 return tc.lr * (1 - (first + it) / total_steps) ** 0.9
 
             losses = fit(loss_at, opt, net.parameters(), iters, what=f"epoch {epoch + 1}/{tc.epochs}",
                          grad_clip=tc.grad_clip, lr_at=lr_at, progress=progress, postfix_every=1,
-                         on_step=lambda it, v, first=first: writer.add_scalar("train/loss", v, first + it + 1))
+                         on_step=lambda it, v, first=first: writer.add_scalar("train/loss", v, first + it + 1),
+                         world=world)
             lr = lr_at(iters - 1)
             rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr, "seconds": time.time() - te}
             if val_cases and ((epoch + 1) % max(1, tc.val_every) == 0 or epoch + 1 == tc.epochs):
                 model.networks[0].load_state_dict(net.state_dict())
                 model.networks[0].to(device)
                 model.device = device
-                dice = evaluate_dice(model, val_cases)
+                dice = dist.on_main(lambda: evaluate_dice(model, val_cases), world)
                 rec["dice"] = dice
                 for k, v in dice.items():
                     writer.add_scalar(f"val/dice_{k}", v, epoch + 1)
@@ -456,6 +475,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
         seconds = time.time() - t0
         summary = {"dice_heldout": dice, "seconds": seconds, "n_train": len(train_cases), "n_val": len(val_cases),
                    "val_cases": [c.name for c in val_cases], "history": history, "config": to_dict(cfg),
+                   "processes": world.size,
                    "device": str(device), "data": str(data_dir)}
         fold = f"fold_{tc.fold}"
 
@@ -463,9 +483,10 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
                  f"{fold}/pretrain_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False),
                  f"{fold}/tensorboard": Path(tb_dir)}
         net_cpu = net.to("cpu")
-        model_dir = export_model_folder(net_cpu.state_dict(), model, out_dir, fold=tc.fold, mirror_axes=None,
-                                        extra_meta={"epochs": tc.epochs, "source": "rl-adapt pretrain",
-                                                    "dice_heldout": dice}, extra_files=extra)
+        model_dir = dist.on_main(lambda: export_model_folder(
+            net_cpu.state_dict(), model, out_dir, fold=tc.fold, mirror_axes=None,
+            extra_meta={"epochs": tc.epochs, "source": "rl-adapt pretrain", "dice_heldout": dice},
+            extra_files=extra), world)
     return PretrainResult(model_dir=model_dir, dice=dice, seconds=seconds, n_train=len(train_cases),
                           n_val=len(val_cases), history=history)
 
