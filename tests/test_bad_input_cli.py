@@ -475,6 +475,12 @@ def test_bad_input(case: Bad, world, tmp_path, capsys, caplog):
         code, stdout, stderr = _run(case, argv, capsys)
     assert "Traceback" not in stderr + stdout, stderr
     after = _snapshot(*roots)
+    if os.environ.get("RL_ADAPT_BAD_INPUT_TABLE"):  # the table of cases and what each now says, for the docs
+        with open(os.environ["RL_ADAPT_BAD_INPUT_TABLE"], "a") as table:
+            said = [line for line in stderr.splitlines() if line.strip()] or [
+                r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            table.write(json.dumps({"id": case.id, "command": case.command, "what": case.what, "exit": code,
+                                    "said": said[:2]}) + "\n")
     if case.code == 0:
         assert code == 0, stderr
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
