@@ -38,7 +38,7 @@ from rl_adapt.policies.actor_critic import plain_unet
 DEFAULT_2D_PARAMS = 33_500_000
 """Parameters of nnU-Net's default 2D network at a 256 x 256 median image (DESIGN.md)."""
 LINKS_GBPS = {"NVLink 4 (H100, per GPU)": 450.0, "InfiniBand NDR 400 Gb/s (per node)": 50.0,
-              "InfiniBand HDR 200 Gb/s (per node)": 25.0}
+              "InfiniBand NDR 400 Gb/s (one per GPU, as in a DGX H100)": 50.0}
 """Usable one-direction bandwidths in GB/s (vendor figures, not measured here)."""
 H100_PPO_IMG_S_BF16 = 945.0
 """PPO-update img/s of the default 2D net at 256 x 256 on one H100, bf16 eager (DESIGN.md, measured while planning)."""
@@ -99,13 +99,16 @@ def allreduce_estimate(params: int, step_s: float) -> list[dict]:
         buffer = params * nbytes
         for gpus, nodes in ((8, 1), (16, 2), (24, 3), (32, 4)):
             ring = 2 * (gpus - 1) / gpus * buffer  # bytes each rank sends (and receives)
-            link = "NVLink 4 (H100, per GPU)" if nodes == 1 else "InfiniBand NDR 400 Gb/s (per node)"
-            # across nodes, the 8 GPUs of a node share its network link
-            per_link = ring if nodes == 1 else ring * 8
-            seconds = per_link / (LINKS_GBPS[link] * 1e9)
-            rows.append({"dtype": dtype, "gpus": gpus, "nodes": nodes, "buffer_MB": buffer / 1e6,
-                         "ring_MB_per_rank": ring / 1e6, "link": link, "allreduce_ms": 1e3 * seconds,
-                         "share_of_step": seconds / (seconds + step_s)})
+            if nodes == 1:
+                links = [("NVLink 4 (H100, per GPU)", ring)]
+            else:  # a flat ring: with one network link per node its 8 GPUs share it; with one per GPU they do not
+                links = [("InfiniBand NDR 400 Gb/s (per node)", ring * 8),
+                         ("InfiniBand NDR 400 Gb/s (one per GPU, as in a DGX H100)", ring)]
+            for link, per_link in links:
+                seconds = per_link / (LINKS_GBPS[link] * 1e9)
+                rows.append({"dtype": dtype, "gpus": gpus, "nodes": nodes, "buffer_MB": buffer / 1e6,
+                             "ring_MB_per_rank": ring / 1e6, "link": link, "allreduce_ms": 1e3 * seconds,
+                             "share_of_step": seconds / (seconds + step_s)})
     return rows
 
 
