@@ -341,7 +341,7 @@ def test_contact_penalties_hit_exactly_the_pixels_the_frontier_checks_count():
     rng = np.random.default_rng(0)
     labels = torch.as_tensor(rng.integers(0, 4, (3, 12, 12)))
     for m in labels.numpy():
-        myo, la = m == 2, m == 3
+        myo = m == 2
         cols = np.flatnonzero(myo.any(0))
         ratio = check_anatomy(m).values()["frontier_myo_la"]
         assert touching(torch.as_tensor(m)[None], 2, 3)[0].sum().item() == pytest.approx(ratio * (cols[-1] - cols[0] + 1))
