@@ -41,8 +41,9 @@ from rl_adapt.evaluation.inputs import load_model
 from rl_adapt.io_utils import atomic_dir, write_json_atomic
 from rl_adapt.policies.nnunet import export_model_folder
 from rl_adapt.preflight import check_device, check_output
+from rl_adapt.training.finetune import FineTuneConfig, fine_tune, index_batches
 from rl_adapt.training.loop import fit
-from rl_adapt.training.pretrain import AugmentConfig, augment, training_loss
+from rl_adapt.training.pretrain import AugmentConfig
 from rl_adapt.training.styled_source import StyledPairs, StyledSourceConfig, styled_source_pairs
 
 log = logging.getLogger(__name__)
@@ -184,14 +185,6 @@ def _optimizer(params: Sequence[nn.Parameter], cfg: BaselineConfig) -> torch.opt
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator):
-    """Endless stream of index batches: seeded permutations, each image once per pass."""
-    while True:
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, batch_size):
-            yield perm[i:i + batch_size]
-
-
 def adapt_network(network: nn.Module, patches: torch.Tensor | np.ndarray, cfg: BaselineConfig,
                   progress: bool = True) -> list[dict]:
     """Adapt ``network`` in place on target ``patches`` with the method of ``cfg``.
@@ -224,7 +217,7 @@ def adapt_network(network: nn.Module, patches: torch.Tensor | np.ndarray, cfg: B
             confident = float((targets != IGNORE).float().mean())
             log.info("round %d: %.1f%% of target pixels pseudo-labelled", rnd, 100 * confident)
         network.train()
-        stream = _batches(x_all.shape[0], cfg.batch_size, gen)
+        stream = index_batches(x_all.shape[0], cfg.batch_size, gen)
 
         def loss_at(step: int, stream=stream, targets=targets) -> torch.Tensor:
             idx = next(stream).to(device)
@@ -243,26 +236,16 @@ def adapt_network(network: nn.Module, patches: torch.Tensor | np.ndarray, cfg: B
 def fine_tune_supervised(network: nn.Module, pairs: StyledPairs, cfg: BaselineConfig, progress: bool = True
                          ) -> list[dict]:
     """Fine-tune every parameter of ``network`` in place on labelled ``pairs`` with nnU-Net's loss (soft Dice +
-    cross-entropy) and ``cfg.augment``, ``cfg.rounds * cfg.steps`` steps of ``cfg.batch_size``.
+    cross-entropy) and ``cfg.augment``, ``cfg.rounds * cfg.steps`` steps of ``cfg.batch_size``
+    (:func:`rl_adapt.training.finetune.fine_tune` with the baseline's optimizer).
 
     :returns: history, one dict per step: ``{"step", "loss"}``.
     """
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
-    network.to(device).train()
-    params = trainable_parameters(network, "entropy")  # every parameter
-    opt = _optimizer(params, cfg)
-    stream = _batches(len(pairs), cfg.batch_size, gen)
-
-    def loss_at(step: int) -> torch.Tensor:
-        idx = next(stream)
-        x, y = augment(pairs.images[idx], pairs.labels[idx], cfg.augment, gen)
-        return training_loss(network(x.to(device)), y.to(device), batch_dice=True)
-
-    losses = fit(loss_at, opt, params, cfg.rounds * cfg.steps, what="baseline styled-source",
-                 grad_clip=cfg.grad_clip, progress=progress, postfix_every=1)
-    network.eval()
+    budget = FineTuneConfig(steps=cfg.rounds * cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, augment=cfg.augment)
+    losses = fine_tune(network, pairs.images, pairs.labels, budget, seed=cfg.seed, device=cfg.device,
+                       what="baseline styled-source", progress=progress,
+                       make_optimizer=lambda params: _optimizer(params, cfg))
     return [{"step": i, "loss": v} for i, v in enumerate(losses)]
 
 

@@ -4,7 +4,7 @@ on restyled source images."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -43,11 +43,14 @@ def index_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[tor
 
 def fine_tune(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: FineTuneConfig, seed: int,
               device: torch.device | str = "cpu", what: str = "fine-tuning", progress: bool = False,
-              world: World = SINGLE) -> list[float]:
+              world: World = SINGLE,
+              make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None) -> list[float]:
     """Fine-tune every parameter of ``network`` in place.
 
     :param images: (M, 1, H, W) float32 preprocessed patches; :param labels: (M, H, W) int64 label maps.
     :param seed: seed of the batch order, the augmentation and torch's global generator.
+    :param make_optimizer: builds the optimizer of the parameters (default: Adam with ``cfg.lr`` and
+        ``cfg.weight_decay``), e.g. the baselines' choice of Adam or SGD.
     :param world: a data-parallel job: ``cfg.batch_size`` patches per rank, each its slice of every global batch
         (augmented alike on every rank, then sliced), gradients averaged.
     :returns: the loss of every step.
@@ -59,7 +62,8 @@ def fine_tune(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
     params = list(network.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = (make_optimizer(params) if make_optimizer is not None
+           else torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     stream = index_batches(len(images), cfg.batch_size * world.size, gen)
     images, labels = images.cpu(), labels.cpu()
 
