@@ -62,8 +62,6 @@ def run(args: argparse.Namespace) -> int:
         cfg_path = args.out / "config.yaml"
     cfg = load_config(AdaptConfig, cfg_path, args.overrides)
     check_device(cfg.device)
-    if args.shape_prior is not None:
-        _check_shape_prior(args.shape_prior)
     inputs = AdaptInputs(model_dir=args.model, target_dir=args.target, source_data=args.source_data,
                          expert_dir=args.expert, val_dir=args.val, shape_prior=args.shape_prior)
     adapter = Adapter(inputs, cfg, args.out, resume=args.resume, progress=not args.no_progress)
@@ -76,17 +74,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"metrics: {args.out / 'metrics.jsonl'}   tensorboard: tensorboard --logdir {args.out / 'tensorboard'}")
     return 0
 
-
-def _check_shape_prior(path: Path) -> None:
-    """Refuse, in one line, a ``--shape-prior`` file that is not a shape prior (the loader's own message quotes
-    torch's, which runs over several lines)."""
-    from rl_adapt.engine.shape_prior import ShapePrior
-    from rl_adapt.errors import InputError
-
-    try:
-        ShapePrior.load(path, device="cpu")
-    except InputError as exc:
-        raise InputError(path, f"not a shape prior saved by rl-adapt ({exc.problem.split(' (', 1)[0]})") from None
-    except Exception as exc:  # noqa: BLE001 - a foreign payload fails in many ways
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise InputError(path, f"not a shape prior saved by rl-adapt ({type(exc).__name__}: {first})") from None

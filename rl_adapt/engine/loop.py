@@ -206,11 +206,7 @@ class Adapter:
                               "trained prior (--shape-prior FILE), or turn it off (--set "
                               "corrector.use_shape_prior=false)")
         if self.inputs.shape_prior is not None:
-            try:
-                ShapePrior.load(self.inputs.shape_prior, device="cpu")
-            except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
-                raise InputError(self.inputs.shape_prior,
-                                 f"not a shape prior saved by rl-adapt ({type(exc).__name__}: {exc})") from exc
+            ShapePrior.load(self.inputs.shape_prior, device="cpu")  # a foreign file: one clear line, before any work
 
     def _load(self) -> None:
         self.model = load_model_folder(self.inputs.model_dir, device=str(self.device))

@@ -238,19 +238,26 @@ class ShapePrior:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ShapePrior":
-        """Load a prior written by :meth:`save`. :raises InputError: missing or foreign file."""
+        """Load a prior written by :meth:`save`.
+
+        :raises InputError: missing file, or (in one line) any file that is not a shape prior saved by rl-adapt.
+        """
         path = Path(path)
         if not path.is_file():
             raise InputError(path, "shape prior file not found")
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(path, f"not a readable shape prior file ({exc})") from exc
-        if not isinstance(payload, dict) or payload.get("format") != "rl_adapt.engine.shape_prior":
-            raise InputError(path, "not a shape prior file written by rl_adapt")
-        cfg = from_dict(ShapePriorConfig, payload["config"], str(path))
-        prior = cls(cfg, device=device, stats=payload.get("stats"))
-        prior.network.load_state_dict(payload["state_dict"])
+        except Exception:  # noqa: BLE001 - torch's own message runs over many lines
+            raise InputError(path, "not a shape prior saved by rl-adapt (not a readable torch file)") from None
+        try:
+            if not isinstance(payload, dict) or payload.get("format") != "rl_adapt.engine.shape_prior":
+                raise ValueError("another file format")
+            cfg = from_dict(ShapePriorConfig, payload["config"], str(path))
+            prior = cls(cfg, device=device, stats=payload.get("stats"))
+            prior.network.load_state_dict(payload["state_dict"])
+        except Exception as exc:  # noqa: BLE001 - a foreign payload fails in many ways
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise InputError(path, f"not a shape prior saved by rl-adapt ({type(exc).__name__}: {first})") from None
         prior.network.eval()
         return prior
 
