@@ -518,7 +518,10 @@ def test_ctrl_c_stops_pretrain_with_one_line_and_leaves_nothing(world, tmp_path)
                              "--no-progress", "--set", "train.epochs=100000", "--set", "plan.features=[4, 8, 16]",
                              "--set", "plan.patch_size=[48, 48]", "--set", "plan.batch_size=2"],
                             cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            # a suite started in the background of a non-interactive shell inherits SIGINT ignored,
+                            # and Python then installs no KeyboardInterrupt handler: give the child the default
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     try:
         for line in proc.stderr:  # INFO lines (--no-progress); interrupt in the middle of training
