@@ -21,7 +21,10 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, type=Path, help="source nnU-Net v2 results folder (never written)")
     p.add_argument("--target", required=True, type=Path, help="unlabelled target images (folder or dataset)")
     p.add_argument("--out", required=True, type=Path, help="run folder (must not exist unless --resume)")
-    p.add_argument("--source-data", type=Path, help="labelled source dataset: its masks train the shape prior")
+    p.add_argument("--source-data", type=Path,
+                   help="labelled source dataset (what the model was trained on): its masks train the shape prior; "
+                        "with source_teacher its images, restyled toward the target, teach the policy, the reward "
+                        "and the guard. Every configs/adapt_*.yaml preset needs it")
     p.add_argument("--shape-prior", type=Path,
                    help="trained shape prior to reuse (shape_prior.pt of an earlier run on the same source data)")
     p.add_argument("--expert", type=Path, help="folder of expert-corrected masks named like the target cases")
