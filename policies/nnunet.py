@@ -360,6 +360,13 @@ class NnUNetModel:
         props = dict(props, preprocessed_shape=tuple(data.shape[-2:]), patch_offsets=offsets)
         return torch.from_numpy(np.ascontiguousarray(patch)), props
 
+    def label_to_patch(self, image: np.ndarray, label: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+        """A label map ``(H, W)`` in the geometry :meth:`to_patch` gives its image: ``(P0, P1)`` uint8 (labels 0..K-1;
+        pixels outside the image's non-zero region and padding are background)."""
+        _, seg, _ = self.preprocess_pair(image, label, spacing)
+        patch, _ = centre_pad_crop(np.maximum(seg, 0)[None], self.patch_size, 0)
+        return np.asarray(patch)[0].astype(np.uint8)
+
     def from_patch(self, patch: np.ndarray | torch.Tensor, props: dict) -> np.ndarray:
         """Inverse of :meth:`to_patch` for a label map or logits.
 

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from rl_adapt import distributed as dist
 from rl_adapt.engine.ppo import PixelPPO, PPOConfig
-from policies.nnunet import load_model_folder
+from rl_adapt.policies.nnunet import load_model_folder
 
 SIZE, K = 16, 3
 

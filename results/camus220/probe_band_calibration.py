@@ -13,7 +13,7 @@ from scipy.ndimage import distance_transform_edt
 from sklearn.linear_model import LogisticRegression
 from rl_adapt.engine.reward.network import RewardNet
 from rl_adapt.evaluation.inputs import load_model, load_labelled
-from rl_adapt.evaluation.reliability import border_band, _Reliability
+from rl_adapt.evaluation.reliability import border_band, label_edges, _Reliability
 from rl_adapt.training.styled_source import StyledPairs
 torch.set_num_threads(1)
 run, data = Path(sys.argv[1]), Path(sys.argv[2])
@@ -21,12 +21,6 @@ pairs = StyledPairs.load(run / "styled_source.npz")
 model = load_model(next((run / "model").glob("*/*/")))
 reward = RewardNet.load(run / "reward_net.pt")
 EDGES = np.array([0.5, 1.01, 1.5, 2.01, 2.9, 4.01, 6.0])
-
-def edges_of(a):
-    e = np.zeros(a.shape, bool)
-    e[:-1] |= a[:-1] != a[1:]; e[1:] |= a[:-1] != a[1:]
-    e[:, :-1] |= a[:, :-1] != a[:, 1:]; e[:, 1:] |= a[:, :-1] != a[:, 1:]
-    return e
 
 def feats(images):
     """per-pixel features (N, P0, P1, F) and actions, at patch geometry"""
@@ -38,7 +32,7 @@ def feats(images):
     conf = prob.max(1).values.double().clamp(1e-5, 1 - 1e-5).numpy()
     act = act.numpy()
     z = np.log(p / (1 - p)); zc = np.log(conf / (1 - conf))
-    d = np.stack([distance_transform_edt(~edges_of(a)) for a in act])
+    d = np.stack([distance_transform_edt(~label_edges(a)) for a in act])
     db = np.searchsorted(EDGES, d)  # 0..7
     D = np.eye(len(EDGES) + 1)[db]
     C = np.eye(4)[act]

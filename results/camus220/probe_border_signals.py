@@ -11,7 +11,7 @@ import numpy as np, torch
 from scipy.ndimage import distance_transform_edt
 from sklearn.metrics import roc_auc_score
 from rl_adapt.evaluation.inputs import load_labelled, load_model
-from rl_adapt.evaluation.reliability import border_band, reward_in_geometry
+from rl_adapt.evaluation.reliability import border_band, label_edges, reward_in_geometry
 from rl_adapt.engine.reward.network import RewardNet
 torch.set_num_threads(1)
 run, model_dir, data = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
@@ -24,10 +24,7 @@ for c in cases:
     logits = model.predict_logits(c.image, c.spacing)
     p = torch.softmax(torch.as_tensor(logits).float(), 0).numpy()
     conf = p.max(0)
-    edge = np.zeros(pred.shape, bool)
-    edge[:-1] |= pred[:-1] != pred[1:]; edge[1:] |= pred[:-1] != pred[1:]
-    edge[:, :-1] |= pred[:, :-1] != pred[:, 1:]; edge[:, 1:] |= pred[:, :-1] != pred[:, 1:]
-    dist = distance_transform_edt(~edge)
+    dist = distance_transform_edt(~label_edges(pred))
     band = cov & border_band(pred, c.label)
     S["reward"].append(r[band]); S["conf"].append(conf[band]); S["dist"].append(dist[band])
     S["wrong"].append(pred[band] != c.label[band])

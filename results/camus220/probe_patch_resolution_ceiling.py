@@ -10,7 +10,6 @@ import numpy as np, torch
 from sklearn.metrics import roc_auc_score
 from rl_adapt.evaluation.inputs import load_labelled, load_model
 from rl_adapt.evaluation.reliability import border_band
-from rl_adapt.policies.inference import centre_pad_crop
 torch.set_num_threads(1)
 model = load_model(Path(sys.argv[1])); cases = load_labelled(Path(sys.argv[2]), progress=False)
 R, W, Wp = [], [], []
@@ -19,8 +18,7 @@ for c in cases:
     with torch.no_grad():
         out = model.network(patch[None].to(model.device)); out = out[0] if isinstance(out, (list, tuple)) else out
     action = out.argmax(1)[0].cpu().numpy()
-    _, seg, _ = model.preprocess_pair(c.image, c.label, c.spacing)
-    lp, _ = centre_pad_crop(np.maximum(seg, 0)[None], model.patch_size, 0); lp = np.asarray(lp)[0]
+    lp = model.label_to_patch(c.image, c.label, c.spacing)
     stack = np.zeros((model.num_classes,) + action.shape, np.float32); stack[0] = (action == lp); stack[1] = 1
     back = model.from_patch(stack, props)
     pred = np.asarray(model.from_patch(action, props), dtype=np.uint8)

@@ -14,7 +14,6 @@ from rl_adapt.evaluation.inputs import load_model, load_labelled
 from rl_adapt.evaluation.reliability import reward_reliability
 from rl_adapt.engine.reward.network import RewardNetConfig, train_reward_net
 from rl_adapt.engine.reward.dataset import RewardDataset
-from rl_adapt.policies.inference import centre_pad_crop
 torch.set_num_threads(1)
 P, target, dev = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 feat, depth, steps = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
@@ -22,11 +21,9 @@ rl = load_model(Path(glob.glob(str(P / "rl/model") + "/*/*/")[0]))
 imgs, labs, acts = [], [], []
 for c in load_labelled(target, progress=False):
     patch, _ = rl.to_patch(c.image, c.spacing)
-    _, seg, _ = rl.preprocess_pair(c.image, c.label, c.spacing)
-    lp, _ = centre_pad_crop(np.maximum(seg, 0)[None], rl.patch_size, 0)
     with torch.no_grad():
         o = rl.network(patch[None].float()); o = o[0] if isinstance(o, (list, tuple)) else o
-    imgs.append(patch.numpy()); labs.append(np.asarray(lp)[0].astype(np.uint8)); acts.append(o.argmax(1)[0].numpy().astype(np.uint8))
+    imgs.append(patch.numpy()); labs.append(rl.label_to_patch(c.image, c.label, c.spacing)); acts.append(o.argmax(1)[0].numpy().astype(np.uint8))
 n = len(imgs)
 ds = RewardDataset(images=np.stack(imgs).astype(np.float32), corrected=np.stack(labs), segs=np.stack(acts),
                    image_index=np.arange(n), kind=["argmax"] * n)

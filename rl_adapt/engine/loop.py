@@ -54,7 +54,6 @@ from rl_adapt.errors import ConfigError, InputError, RLAdaptError
 from rl_adapt.io_utils import atomic_path, write_json_atomic
 from rl_adapt.measures.anatomy import is_valid
 from rl_adapt.measures.metrics import segmentation_metrics
-from rl_adapt.policies.inference import centre_pad_crop
 from rl_adapt.policies.nnunet import export_model_folder, load_model_folder
 from rl_adapt.postprocessing import decide, postprocessing_files
 from rl_adapt.preflight import check_device, check_output, match_expert_names, warn_blank_images
@@ -280,9 +279,7 @@ class Adapter:
 
     def _label_patch(self, image: np.ndarray, label: np.ndarray, spacing) -> np.ndarray:
         """A label map (H, W) brought to the policy's patch geometry, (P0, P1) uint8 (as ``to_patch`` does images)."""
-        _, seg, _ = self.model.preprocess_pair(image, label, spacing)
-        patch, _ = centre_pad_crop(np.maximum(seg, 0)[None], self.model.patch_size, 0)
-        return np.asarray(patch)[0].astype(np.uint8)
+        return self.model.label_to_patch(image, label, spacing)
 
     def _network_at(self, iteration: int) -> torch.nn.Module:
         """Policy network as it stands at the start of ``iteration`` (the source's weights, or the warm start's, for

@@ -42,14 +42,21 @@ BORDER_PX = 5
 (where the errors are: over all pixels the easy background dominates the AUROC)."""
 
 
+def label_edges(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the pixels of a label map ``mask`` (H, W) with a 4-neighbour of another label (both sides of
+    every border)."""
+    m = np.asarray(mask)
+    edges = np.zeros(m.shape, bool)
+    edges[:-1] |= m[:-1] != m[1:]
+    edges[1:] |= m[:-1] != m[1:]
+    edges[:, :-1] |= m[:, :-1] != m[:, 1:]
+    edges[:, 1:] |= m[:, :-1] != m[:, 1:]
+    return edges
+
+
 def border_band(pred: np.ndarray, truth: np.ndarray, width: int = BORDER_PX) -> np.ndarray:
     """(H, W) bool: pixels within ``width`` pixels (Euclidean) of a label border of ``pred`` or of ``truth``."""
-    edges = np.zeros(pred.shape, bool)
-    for m in (np.asarray(pred), np.asarray(truth)):
-        edges[:-1] |= m[:-1] != m[1:]
-        edges[1:] |= m[:-1] != m[1:]
-        edges[:, :-1] |= m[:, :-1] != m[:, 1:]
-        edges[:, 1:] |= m[:, :-1] != m[:, 1:]
+    edges = label_edges(pred) | label_edges(truth)
     if not edges.any():
         return edges
     return ndimage.distance_transform_edt(~edges) <= width
