@@ -166,6 +166,64 @@ def test_the_source_teacher_supervises_teaches_the_reward_and_judges_the_guard(t
                 _cfg(["source_teacher.enabled=true"]), tmp_path / "x", progress=False)
 
 
+TEACHER = ["iterations=1", "source_teacher.enabled=true", "source_teacher.held_out=0.34",
+           "source_teacher.reward_images=8", "guard=styled_source", "keep_if_closer=true",
+           "source_teacher.pairs.style_images=4", "source_teacher.pairs.mode=degrade",
+           "source_teacher.warm_start.steps=3", "source_teacher.warm_start.batch_size=4"]
+
+
+def test_restyling_draws_are_scored_label_free_and_the_best_one_is_kept(tiny_world, tmp_path, monkeypatch):
+    """Two restyling draws: each restyled, warm-started and scored on the target images as stages of their own (a
+    run that fails inside the draws resumes without redoing them); the best score's draw becomes the run's."""
+    import rl_adapt.engine.loop as loop
+
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"],
+                         source_data=tiny_world["source"])
+    cfg = _cfg([*TEACHER, "source_teacher.draws=2", "seed=3"])
+    run = tmp_path / "run"
+    real = loop.sharded_correction
+    calls = []
+
+    def fail_second_score(*args, **kwargs):  # the draw-1 score is interrupted
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "sharded_correction", fail_second_score)
+    with pytest.raises(KeyboardInterrupt):
+        Adapter(inputs, cfg, run, progress=False).run()
+    assert (run / "draws" / "draw1" / "warm_start.pt").is_file()
+    monkeypatch.setattr(loop, "sharded_correction", real)
+    Adapter(inputs, cfg, run, resume=True, progress=False).run()
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    stages = [r["stage"] for r in lines]
+    for d in (0, 1):  # finished draw stages were not redone
+        assert stages.count(f"draw{d}/styled_source") == 1 and stages.count(f"draw{d}/warm_start") == 1
+        assert stages.count(f"draw{d}/score") == 1
+    rec = {r["stage"]: r for r in lines}
+    assert [rec["draw0/score"]["seed"], rec["draw1/score"]["seed"]] == [3, 1003]
+    scores = [rec[f"draw{d}/score"]["agreement"] for d in (0, 1)]
+    assert all(0.0 <= x <= 1.0 for x in scores) and rec["draw_choice"]["scores"] == scores
+    chosen = rec["draw_choice"]["chosen"]
+    assert chosen == (1 if scores[1] > scores[0] else 0)
+    # the run's pairs and warm start are the chosen draw's, and the draws' own files are gone
+    assert rec["styled_source"]["draw"] == chosen == rec["warm_start"]["draw"]
+    assert rec["warm_start"]["held_out_dice"] == rec[f"draw{chosen}/warm_start"]["held_out_dice"]
+    assert rec["iter0/ppo"]["agreement_before"] == pytest.approx(rec["warm_start"]["held_out_dice"])
+    assert not (run / "draws").exists()
+    # draw 0 is the single-draw run's own: same pairs, same warm start
+    single = tmp_path / "single"
+    Adapter(inputs, _cfg([*TEACHER, "seed=3"]), single, progress=False).run()
+    one = {json.loads(x)["stage"]: json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()}
+    assert one["warm_start"]["held_out_dice"] == rec["draw0/warm_start"]["held_out_dice"]
+    assert one["warm_start"]["last_loss"] == rec["draw0/warm_start"]["last_loss"]
+    if chosen == 0:
+        assert (single / "styled_source.npz").read_bytes() == (run / "styled_source.npz").read_bytes()
+    with pytest.raises(ConfigError, match="draws > 1 needs source_teacher.warm_start.steps > 0"):
+        _cfg([*TEACHER, "source_teacher.draws=2", "source_teacher.warm_start.steps=0"])
+
+
 def test_a_config_that_needs_a_shape_prior_without_one_is_refused(tiny_world, tmp_path):
     inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"])
     with pytest.raises(ConfigError, match="--source-data DIR.*--shape-prior FILE.*corrector.use_shape_prior=false"):

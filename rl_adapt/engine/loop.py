@@ -12,6 +12,8 @@ One run folder holds everything a run produces::
     RUN/shape_prior.pt         the shape autoencoder (trained once on source label maps, if given)
     RUN/styled_source.npz      with ``source_teacher``: the restyled source images, their labels, the held-out split
     RUN/warm_start.pt          with ``source_teacher.warm_start``: the policy after the supervised warm start
+    RUN/draws/draw{d}/         with ``source_teacher.draws`` > 1: each restyling draw's pairs and warm start, removed
+                               once the chosen draw's are copied to the two files above
     RUN/tensorboard/           PPO and reward-net logs
     RUN/model/<Dataset>/nnUNetTrainer__<Plans>__2d/   the adapted model, an nnU-Net results folder (with
                                postprocessing.json/.pkl when ``postprocessing`` names candidates)
@@ -71,10 +73,11 @@ def _stage_seed(seed: int, iteration: int, stage: int) -> int:
 
 
 class _GivenFile:
-    """A stage result that is a file the user gave: saved as a byte copy, with the object it holds."""
+    """A stage result that is an existing file (the user's, or an earlier stage's): saved as a byte copy, with the
+    object it holds (``value``)."""
 
-    def __init__(self, source: Path, prior: ShapePrior) -> None:
-        self.source, self.prior = source, prior
+    def __init__(self, source: Path, value) -> None:
+        self.source, self.value = source, value
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
@@ -109,6 +112,7 @@ class Adapter:
         self.state = RunState(self.run_dir, config_sha(settings), settings)
         self.stages = Stages(self.state, self.run_dir / "metrics.jsonl", self.world)
         self.teacher: StyledPairs | None = None  # the restyled source pairs, once their stage ran
+        self._source_cases = None  # the labelled source cases, once a restyling read them
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
 
@@ -147,7 +151,7 @@ class Adapter:
         self._load()
         self._validate_source()
         prior = self._shape_prior()
-        self.teacher = self._styled_source()
+        self.teacher = self._styled_source(prior)
         self._warm_start()
         net: torch.nn.Module | None = None  # the policy as it stands, kept in memory from one iteration to the next
         weights: PolicyWeights | None = None
@@ -304,50 +308,121 @@ class Adapter:
         load = lambda p: ShapePrior.load(p, device=self.device)  # noqa: E731
         if self.inputs.shape_prior is not None:
             given = self.stages.run("shape_prior", path, self._given_shape_prior, _GivenFile.load_with(load))
-            return given.prior
+            return given.value
         return self.stages.run("shape_prior", path, self._train_shape_prior, load)
 
-    def _styled_source(self) -> StyledPairs | None:
-        """The styled-source stage: source images restyled toward the target, true labels, a held-out split."""
+    def _styled_source(self, prior: ShapePrior | None) -> StyledPairs | None:
+        """The styled-source stage: source images restyled toward the target, true labels, a held-out split (with
+        ``source_teacher.draws`` > 1, a copy of the chosen draw's)."""
         tc = self.cfg.source_teacher
         if not tc.enabled:
             return None
-
-        def compute() -> tuple[StyledPairs, dict]:
-            source = read_dataset(self.inputs.source_data, with_labels=True)
-            pairs = styled_source_pairs(self.model, source, self.target_cases, tc.pairs,
-                                        seed=_stage_seed(self.cfg.seed, 0, 7))
-            pairs = pairs.split(tc.held_out, seed=_stage_seed(self.cfg.seed, 0, 8))
-            return pairs, {"n_pairs": len(pairs), "n_styled": int(pairs.styled.sum()),
-                           "n_held_out": int(pairs.held_out.sum())}
-
-        pairs = self.stages.run("styled_source", self.run_dir / "styled_source.npz", compute, StyledPairs.load)
+        if tc.draws > 1:
+            chosen = self._choose_draw(prior)
+            source = self._draw_path(chosen, "styled_source.npz")
+            given = self.stages.run("styled_source", self.run_dir / "styled_source.npz",
+                                    lambda: (_GivenFile(source, StyledPairs.load(source)),
+                                             {**self._figures(f"draw{chosen}/styled_source"), "draw": chosen}),
+                                    _GivenFile.load_with(StyledPairs.load))
+            pairs = given.value
+        else:
+            pairs = self.stages.run("styled_source", self.run_dir / "styled_source.npz",
+                                    lambda: self._restyle(self.cfg.seed), StyledPairs.load)
         pairs.images, pairs.labels = pairs.images.to(self.device), pairs.labels.to(self.device)
         return pairs
 
+    def _figures(self, stage: str) -> dict:
+        """The figures stage ``stage`` recorded, without its timing."""
+        return {k: v for k, v in self.stages.info(stage).items() if k != "seconds"}
+
+    def _restyle(self, seed: int) -> tuple[StyledPairs, dict]:
+        """Source pairs restyled toward the target with master seed ``seed``, split into training and held out."""
+        tc = self.cfg.source_teacher
+        if self._source_cases is None:  # read once, whatever the number of draws
+            self._source_cases = read_dataset(self.inputs.source_data, with_labels=True)
+        pairs = styled_source_pairs(self.model, self._source_cases, self.target_cases, tc.pairs,
+                                    seed=_stage_seed(seed, 0, 7))
+        pairs = pairs.split(tc.held_out, seed=_stage_seed(seed, 0, 8))
+        return pairs, {"n_pairs": len(pairs), "n_styled": int(pairs.styled.sum()),
+                       "n_held_out": int(pairs.held_out.sum())}
+
     def _warm_start(self) -> None:
-        """The warm-start stage: supervised fine-tuning on the restyled source pairs before iteration 0."""
+        """The warm-start stage: supervised fine-tuning on the restyled source pairs before iteration 0 (with
+        ``source_teacher.draws`` > 1, a copy of the chosen draw's warm start)."""
         tc = self.cfg.source_teacher
         if self.teacher is None or tc.warm_start.steps <= 0:
             return
-
-        def compute() -> tuple[PolicyWeights, dict]:
-            net = copy.deepcopy(self.model.network).to(self.device)
-            images, labels = self.teacher.subset(~self.teacher.held_out)
-            losses = fine_tune(net, images, labels, tc.warm_start, seed=_stage_seed(self.cfg.seed, 0, 2),
-                               device=self.device, what="warm start", progress=self.progress, world=self.world)
-            info = {"steps": len(losses), "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:]))}
-            if self.cfg.guard == "styled_source":
-                truth = self.teacher.subset(self.teacher.held_out)[1].cpu().numpy()
-                before = judge(self._styled_argmax(self.model.network), self._styled_argmax(net), truth,
-                               np.arange(len(truth)), False)
-                info.update(held_out_dice_source=before.agreement_before, held_out_dice=before.agreement_after)
-            return PolicyWeights.of(net), info
-
-        weights = self.stages.run("warm_start", self.run_dir / "warm_start.pt", compute, PolicyWeights.load,
-                                  parallel=True)
+        path = self.run_dir / "warm_start.pt"
+        if tc.draws > 1:
+            chosen = self.stages.info("draw_choice")["chosen"]
+            source = self._draw_path(chosen, "warm_start.pt")
+            weights = self.stages.run("warm_start", path,
+                                      lambda: (_GivenFile(source, PolicyWeights.load(source)),
+                                               {**self._figures(f"draw{chosen}/warm_start"), "draw": chosen}),
+                                      _GivenFile.load_with(PolicyWeights.load)).value
+            if self.world.main:  # the chosen draw now lives in the run's own files; the others are not needed
+                shutil.rmtree(self.run_dir / "draws", ignore_errors=True)
+        else:
+            weights = self.stages.run("warm_start", path, lambda: self._warm(self.teacher, self.cfg.seed),
+                                      PolicyWeights.load, parallel=True)
         if tc.kl_reference == "warm_start":
             self.reference.load_state_dict(weights.state)
+
+    def _warm(self, pairs: StyledPairs, seed: int) -> tuple[PolicyWeights, dict]:
+        """Supervised fine-tuning of the source network on the training ``pairs`` with master seed ``seed``."""
+        tc = self.cfg.source_teacher
+        net = copy.deepcopy(self.model.network).to(self.device)
+        images, labels = pairs.subset(~pairs.held_out)
+        losses = fine_tune(net, images, labels, tc.warm_start, seed=_stage_seed(seed, 0, 2),
+                           device=self.device, what="warm start", progress=self.progress, world=self.world)
+        info = {"steps": len(losses), "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:]))}
+        if self.cfg.guard == "styled_source":
+            held, truth = pairs.subset(pairs.held_out)
+            before = judge(self._argmax(self.model.network, held), self._argmax(net, held), truth.cpu().numpy(),
+                           np.arange(len(truth)), False)
+            info.update(held_out_dice_source=before.agreement_before, held_out_dice=before.agreement_after)
+        return PolicyWeights.of(net), info
+
+    # ------------------------------------------------------------------ restyling draws
+    def _draw_path(self, d: int, name: str) -> Path:
+        return self.run_dir / "draws" / f"draw{d}" / name
+
+    def _draw_seed(self, d: int) -> int:
+        """Master seed of restyling draw ``d``; draw 0 has the run's own, so one draw is the run it always was."""
+        return self.cfg.seed + 1000 * d
+
+    def _choose_draw(self, prior: ShapePrior | None) -> int:
+        """The ``draw_choice`` stage: restyle, warm-start and score every draw (each step a stage of its own, so a
+        killed run resumes inside the draw it was at); the best-scoring draw's index."""
+        tc = self.cfg.source_teacher
+        if not self.stages.done("draw_choice"):
+            scores = [self._score_draw(d, prior)[tc.draw_score] for d in range(tc.draws)]
+            chosen = int(np.argmax(scores))  # the first of equals
+            self.stages.mark("draw_choice", {"chosen": chosen, "score": tc.draw_score, "scores": scores})
+            log.info("restyling draws: %s %s; keeping draw %d", tc.draw_score,
+                     ", ".join(f"{x:.4f}" for x in scores), chosen)
+        return int(self.stages.info("draw_choice")["chosen"])
+
+    def _score_draw(self, d: int, prior: ShapePrior | None) -> dict:
+        """Draw ``d``'s label-free figures on the target images: ``validity`` of its warm-started policy's masks and
+        ``agreement`` (mean Dice) of their automatic corrections with them."""
+        name = f"draw{d}"
+        if not self.stages.done(f"{name}/score"):
+            seed = self._draw_seed(d)
+            pairs = self.stages.run(f"{name}/styled_source", self._draw_path(d, "styled_source.npz"),
+                                    lambda: self._restyle(seed), StyledPairs.load)
+            pairs.images, pairs.labels = pairs.images.to(self.device), pairs.labels.to(self.device)
+            weights = self.stages.run(f"{name}/warm_start", self._draw_path(d, "warm_start.pt"),
+                                      lambda: self._warm(pairs, seed), PolicyWeights.load, parallel=True)
+            t0 = time.time()
+            net = copy.deepcopy(self.model.network).to(self.device)
+            net.load_state_dict(weights.state)
+            masks = self._argmax(net, self.images)
+            summary = sharded_correction(self._corrector(prior), masks, self._names(), self.world)[1]
+            self.stages.mark(f"{name}/score", {"seed": seed, "validity": float(summary["validity_before"]),
+                                               "agreement": float(summary["mean_dice_to_input"]),
+                                               "seconds": time.time() - t0})
+        return self.stages.info(f"{name}/score")
 
     def _given_shape_prior(self) -> tuple[_GivenFile, dict]:
         """The user's trained shape prior, copied byte for byte into the run (it stays self-contained)."""

@@ -41,6 +41,20 @@ class SourceTeacherConfig:
     ``steps: 0``: none): the loop then adapts what the styled-source baseline would deliver."""
     kl_reference: str = bounded("warm_start", choices=("source", "warm_start"))
     """The frozen policy of PPO's KL term: the source network, or the warm-started one (when there is one)."""
+    draws: int = bounded(1, ge=1)
+    """Restyling draws to choose from: each draw restyles the source images and warm-starts the policy with its own
+    seed (draw 0 with the run's), and the run keeps the draw whose warm-started policy scores best on the target
+    images by ``draw_score``, label-free. Which draw a seed gives moves the outcome on real images (results/camus220);
+    each extra draw costs one restyling, one warm start and one correction pass. Needs ``warm_start.steps > 0``."""
+    draw_score: str = bounded("agreement", choices=("agreement", "validity"))
+    """How draws are told apart, on the target images, without labels: ``agreement`` (mean Dice of the automatic
+    corrections to the warm-started policy's masks: fewer edits needed) or ``validity`` (fraction of those masks
+    anatomically valid). Ties go to the lower draw."""
+
+    def __post_init__(self) -> None:
+        if self.draws > 1 and self.warm_start.steps <= 0:
+            raise ValueError("source_teacher.draws > 1 needs source_teacher.warm_start.steps > 0: draws are told apart "
+                             "by the warm-started policy's masks on the target images")
 
 
 @dataclass
