@@ -155,6 +155,31 @@ def test_adapt_on_two_ranks_resumes_after_one_rank_is_killed(tiny_world, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_restyling_draws_on_two_ranks_are_scored_once_and_agree(tiny_world, tmp_path):
+    """The source teacher with two restyling draws under torchrun: every draw stage recorded once, one choice, the
+    draws' files removed, and the run's warm start the chosen draw's."""
+    from test_adapt import TEACHER
+
+    run = tmp_path / "run"
+    sets = [x for s in [*TEACHER, "source_teacher.draws=2", "ppo.n_envs=2", "ppo.batch_size=2"]
+            for x in ("--set", s)]
+    args = _adapt_args(tiny_world, run) + ["--source-data", str(tiny_world["source"]), *sets]
+    done = _torchrun(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = done.communicate(timeout=600)
+    assert done.returncode == 0, err[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    stages = [r["stage"] for r in records]
+    for name in ("draw0/styled_source", "draw0/warm_start", "draw0/score", "draw1/score", "draw_choice",
+                 "styled_source", "warm_start"):
+        assert stages.count(name) == 1, name
+    rec = {r["stage"]: r for r in records}
+    chosen = rec["draw_choice"]["chosen"]
+    assert rec["draw_choice"]["scores"] == [rec["draw0/score"]["agreement"], rec["draw1/score"]["agreement"]]
+    assert rec["warm_start"]["draw"] == chosen
+    assert rec["warm_start"]["held_out_dice"] == rec[f"draw{chosen}/warm_start"]["held_out_dice"]
+    assert not (run / "draws").exists() and (run / "warm_start.pt").is_file()
+
+
 def test_evaluate_on_two_ranks_writes_the_tables_of_one(tiny_world, tmp_path):
     from rl_adapt.evaluation.evaluate import EvaluateConfig, evaluate
 
