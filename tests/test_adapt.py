@@ -132,16 +132,18 @@ def test_bad_inputs_are_refused_before_writing(tiny_world, tmp_path):
     assert not (tmp_path / "run2").exists()
 
 
+TEACHER = ["iterations=1", "source_teacher.enabled=true", "source_teacher.held_out=0.34",
+           "source_teacher.reward_images=8", "guard=styled_source", "keep_if_closer=true",
+           "source_teacher.pairs.style_images=4", "source_teacher.pairs.mode=degrade",
+           "source_teacher.warm_start.steps=3", "source_teacher.warm_start.batch_size=4"]
+
+
 def test_the_source_teacher_supervises_teaches_the_reward_and_judges_the_guard(tiny_world, tmp_path):
     """Restyled source images with true labels: a stage of their own, reward data, and the guard's judge."""
     run = tmp_path / "run"
     inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"],
                          source_data=tiny_world["source"])
-    cfg = _cfg(["iterations=1", "source_teacher.enabled=true", "source_teacher.held_out=0.34",
-                "source_teacher.reward_images=8", "guard=styled_source", "keep_if_closer=true",
-                "source_teacher.pairs.style_images=4", "source_teacher.pairs.mode=degrade",
-                "source_teacher.pairs.depth=true", "source_teacher.warm_start.steps=3",
-                "source_teacher.warm_start.batch_size=4"])
+    cfg = _cfg([*TEACHER, "source_teacher.pairs.depth=true"])
     adapter = Adapter(inputs, cfg, run, progress=False)
     adapter.run()
     rec = {json.loads(x)["stage"]: json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()}
@@ -164,12 +166,6 @@ def test_the_source_teacher_supervises_teaches_the_reward_and_judges_the_guard(t
     with pytest.raises(ConfigError, match="--source-data"):
         Adapter(AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"]),
                 _cfg(["source_teacher.enabled=true"]), tmp_path / "x", progress=False)
-
-
-TEACHER = ["iterations=1", "source_teacher.enabled=true", "source_teacher.held_out=0.34",
-           "source_teacher.reward_images=8", "guard=styled_source", "keep_if_closer=true",
-           "source_teacher.pairs.style_images=4", "source_teacher.pairs.mode=degrade",
-           "source_teacher.warm_start.steps=3", "source_teacher.warm_start.batch_size=4"]
 
 
 def test_restyling_draws_are_scored_label_free_and_the_best_one_is_kept(tiny_world, tmp_path, monkeypatch):

@@ -318,22 +318,24 @@ class Adapter:
         if not tc.enabled:
             return None
         if tc.draws > 1:
-            chosen = self._choose_draw(prior)
-            source = self._draw_path(chosen, "styled_source.npz")
-            given = self.stages.run("styled_source", self.run_dir / "styled_source.npz",
-                                    lambda: (_GivenFile(source, StyledPairs.load(source)),
-                                             {**self._figures(f"draw{chosen}/styled_source"), "draw": chosen}),
-                                    _GivenFile.load_with(StyledPairs.load))
-            pairs = given.value
+            self._choose_draw(prior)
+            pairs = self._kept_draw("styled_source", "styled_source.npz", StyledPairs.load)
         else:
             pairs = self.stages.run("styled_source", self.run_dir / "styled_source.npz",
                                     lambda: self._restyle(self.cfg.seed), StyledPairs.load)
+        self._source_cases = None  # every restyling is done: the source images need not stay in memory
         pairs.images, pairs.labels = pairs.images.to(self.device), pairs.labels.to(self.device)
         return pairs
 
-    def _figures(self, stage: str) -> dict:
-        """The figures stage ``stage`` recorded, without its timing."""
-        return {k: v for k, v in self.stages.info(stage).items() if k != "seconds"}
+    def _kept_draw(self, stage: str, filename: str, load):
+        """Stage ``stage``: the kept draw's ``draws/draw{d}/<filename>`` byte-copied to ``RUN/<filename>``, with the
+        figures that draw's own stage recorded; returns what ``load`` reads from it."""
+        chosen = int(self.stages.info("draw_choice")["chosen"])
+        source = self._draw_path(chosen, filename)
+        figures = {k: v for k, v in self.stages.info(f"draw{chosen}/{stage}").items() if k != "seconds"}
+        return self.stages.run(stage, self.run_dir / filename,
+                               lambda: (_GivenFile(source, load(source)), {**figures, "draw": chosen}),
+                               _GivenFile.load_with(load)).value
 
     def _restyle(self, seed: int) -> tuple[StyledPairs, dict]:
         """Source pairs restyled toward the target with master seed ``seed``, split into training and held out."""
@@ -352,19 +354,14 @@ class Adapter:
         tc = self.cfg.source_teacher
         if self.teacher is None or tc.warm_start.steps <= 0:
             return
-        path = self.run_dir / "warm_start.pt"
         if tc.draws > 1:
-            chosen = self.stages.info("draw_choice")["chosen"]
-            source = self._draw_path(chosen, "warm_start.pt")
-            weights = self.stages.run("warm_start", path,
-                                      lambda: (_GivenFile(source, PolicyWeights.load(source)),
-                                               {**self._figures(f"draw{chosen}/warm_start"), "draw": chosen}),
-                                      _GivenFile.load_with(PolicyWeights.load)).value
+            weights = self._kept_draw("warm_start", "warm_start.pt", PolicyWeights.load)
             if self.world.main:  # the chosen draw now lives in the run's own files; the others are not needed
                 shutil.rmtree(self.run_dir / "draws", ignore_errors=True)
         else:
-            weights = self.stages.run("warm_start", path, lambda: self._warm(self.teacher, self.cfg.seed),
-                                      PolicyWeights.load, parallel=True)
+            weights = self.stages.run("warm_start", self.run_dir / "warm_start.pt",
+                                      lambda: self._warm(self.teacher, self.cfg.seed), PolicyWeights.load,
+                                      parallel=True)
         if tc.kl_reference == "warm_start":
             self.reference.load_state_dict(weights.state)
 
