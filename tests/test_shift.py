@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from rl_adapt.cli import main
 from rl_adapt.data.label_repair import remove_resize_artefacts
@@ -17,7 +18,7 @@ def test_shift_keeps_the_split_and_changes_the_look(tmp_path):
     split.write_text(json.dumps({"train": [c.name for c in cases[:4]], "val": [c.name for c in cases[4:]]}))
     out = tmp_path / "Dataset906_Blur"
     assert main(["shift", "--data", str(raw), "--preset", "target-blur", "--out", str(out),
-                 "--split-file", str(split), "--split", "val"]) == 0
+                 "--split-file", str(split), "--split", "val", "--no-progress"]) == 0
     shifted = read_dataset(out)
     assert [c.name for c in shifted] == [c.name for c in cases[4:]]
     for orig, new in zip(cases[4:], shifted):
@@ -44,3 +45,12 @@ def test_label_repair_removes_interpolation_sandwiches(tmp_path):
         assert np.array_equal(a.image, b.image)
         assert np.array_equal(b.label, remove_resize_artefacts(a.label))
         assert np.mean(a.label != b.label) < 0.01  # a clean mask is nearly untouched
+
+
+@pytest.mark.parametrize("command", ["shift", "pretrain", "adapt", "baseline", "evaluate", "predict", "triage", "demo"])
+def test_every_long_running_command_takes_no_progress(command, capsys):
+    """A batch script passes ``--no-progress`` to every step of a protocol (results/camus220/prepare.sh, run.sh)."""
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    assert "--no-progress" in capsys.readouterr().out

@@ -14,7 +14,7 @@ RL=${RL:-.venv/bin/rl-adapt}
 mkdir -p "$OUT"
 mk() {  # name preset split seed
   [ -f "$OUT/$1/dataset.json" ] && return 0
-  "$RL" shift --data "$C" --preset "$2" --repair-labels --split-file "$S" --split "$3" --seed "$4" --out "$OUT/$1"
+  "$RL" shift --data "$C" --preset "$2" --repair-labels --split-file "$S" --split "$3" --seed "$4" --out "$OUT/$1" --no-progress
 }
 mk Dataset520_Camus220Source none source 0
 mk Dataset521_Camus220Dev none dev 0

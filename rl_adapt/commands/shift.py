@@ -26,6 +26,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the per-image shift randomness")
     p.add_argument("--repair-labels", action="store_true",
                    help="undo label-value interpolation artefacts of resized label maps (e.g. CAMUS224)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (one log line when done), as for the other long-running commands")
     return p
 
 
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     preflight(args)
     cases = select_cases(read_dataset(args.data), args.split_file, args.split)
     shifted = []
-    for i, case in enumerate(tqdm(cases, desc=f"shift {args.preset}", disable=None)):
+    for i, case in enumerate(tqdm(cases, desc=f"shift {args.preset}", disable=True if args.no_progress else None)):
         label = case.label
         if args.repair_labels and label is not None:
             label = remove_resize_artefacts(label)
