@@ -162,6 +162,13 @@ def load_postprocessing(path: str | Path) -> Postprocessing | None:
         if found is None:
             return None
         path = found
+    if path.suffix == ".pkl":  # nnU-Net writes the pickle and the JSON side by side; only the JSON is read
+        twin = path.with_suffix(".json")
+        if not twin.is_file():
+            raise InputError(path, "a pickled postprocessing rule is not loaded (unpickling can run code): give the "
+                                   f"{JSON_NAME} that nnU-Net writes beside it, or the model folder")
+        log.info("postprocessing: reading %s (the JSON twin of %s)", twin, path.name)
+        path = twin
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

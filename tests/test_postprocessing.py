@@ -128,6 +128,12 @@ def test_files_are_nnunet_readable_and_json_is_the_rule(tmp_path):
     loaded = load_postprocessing(tmp_path)
     assert loaded is not None and loaded.key() == rule.key()
     assert load_postprocessing(tmp_path / "postprocessing.json").key() == rule.key()
+    # nnU-Net users name the pickle: its JSON twin is read, never the pickle; without a twin one clear refusal
+    assert load_postprocessing(tmp_path / "postprocessing.pkl").key() == rule.key()
+    (tmp_path / "postprocessing.json").unlink()
+    with pytest.raises(InputError, match="postprocessing.pkl.*pickled postprocessing rule is not loaded"):
+        load_postprocessing(tmp_path / "postprocessing.pkl")
+    (tmp_path / "postprocessing.json").write_text(json.dumps(files["postprocessing.json"]))
     # what nnUNetv2_apply_postprocessing does with the pickle: fns applied in order to seg[0] of a (1, 1, H, W) read
     fns, kwargs = pickle.loads(files["postprocessing.pkl"])
     seg = with_strays(hearts(1))[None]                         # (1, 1, H, W)

@@ -32,7 +32,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for prediction (0: torch's default; >= 0)")
     p.add_argument("--postprocessing", default="auto", metavar="auto|none|FILE",
                    help="rule applied to every model besides the raw outputs: auto = the postprocessing.json the "
-                        "model folders carry (they must agree), none, or a postprocessing.json / model folder")
+                        "model folders carry (they must agree), none, or a postprocessing.json (or nnU-Net's .pkl "
+                        "beside it) / model folder")
     p.add_argument("--no-report", action="store_true", help="tables and summary only")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT that holds an earlier evaluation (summary.json and inputs.json); "

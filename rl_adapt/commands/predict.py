@@ -27,7 +27,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in fold_N/")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring over the axes the model allows")
     p.add_argument("--postprocessing", default="auto", metavar="auto|none|FILE",
-                   help="auto: the model folder's postprocessing.json if any; none: raw masks; or a postprocessing.json")
+                   help="auto: the model folder's postprocessing.json if any; none: raw masks; or a postprocessing.json "
+                        "(or nnU-Net's .pkl beside it)")
     return p
 
 
