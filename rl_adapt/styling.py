@@ -72,13 +72,16 @@ ANGLE_BINS = 64
 """Beam-angle bins of the per-image angular intensity profiles (shadows and dropouts run along beam lines)."""
 ANGLE_TREND_BINS = 8.0
 """Gaussian width (in angle bins) of the smooth trend an angular profile is divided by: narrower dips are kept."""
+POLAR_ANGLE_OVERSAMPLE = 2
+"""The beam-space grid has ``size`` depth rows and this many times ``size`` angle columns (the deepest arc of a
+224-pixel CAMUS fan is ~290 pixels long, so each of its pixels gets at least one column)."""
 MODES = ("ratio", "degrade")
 """How :func:`restyle` moves the texture: ``ratio`` multiplies the image's own spectrum by the target/source
 amplitude ratio (phase kept; it can only sharpen or soften the source's own speckle); ``degrade`` models the
 target as the source through a low-pass filter plus independent noise, both estimated from the two mean spectra
 (``H = min(1, A_t / A_s)``, noise amplitude ``sqrt(max(0, A_t^2 - H^2 A_s^2))``), so a noisier scanner gets new
 noise and a blurrier one a blur."""
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 _EPS = 1e-12
 
 
@@ -247,18 +250,75 @@ def _to_image_grid(shifted: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return 0.5 * (img + img[(-np.arange(h)) % h][:, (-np.arange(w)) % w])
 
 
-def beam_angles(mask: np.ndarray) -> np.ndarray:
-    """(H, W) float: each pixel's beam angle as a fraction of the sector's angular width (0 at its left edge, 1 at
-    its right edge), seen from the apex (the top row's centre of the sector)."""
+def _apex(mask: np.ndarray) -> tuple[float, float]:
+    """``(row, column)`` of the fan's apex: one row above the sector's top row, at that row's centre."""
     rows = np.flatnonzero(mask.any(axis=1))
     top = rows[0] if rows.size else 0
     cols = np.flatnonzero(mask[top]) if rows.size else np.arange(mask.shape[1])
     apex_x = 0.5 * (cols[0] + cols[-1]) if cols.size else mask.shape[1] / 2
+    return float(top) - 1.0, float(apex_x)
+
+
+def _radius_angle(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(r, theta)``, each ``(H, W)`` float64: every pixel's distance from the apex (pixels) and beam angle (radians,
+    0 straight down, positive to the right)."""
+    apex_y, apex_x = _apex(mask)
     yy, xx = np.mgrid[: mask.shape[0], : mask.shape[1]]
-    ang = np.arctan2(xx - apex_x, np.maximum(yy - top, 0) + 1.0)
+    dy = np.maximum(yy - apex_y, 1.0)
+    return np.hypot(dy, xx - apex_x), np.arctan2(xx - apex_x, dy)
+
+
+def beam_angles(mask: np.ndarray) -> np.ndarray:
+    """(H, W) float: each pixel's beam angle as a fraction of the sector's angular width (0 at its left edge, 1 at
+    its right edge), seen from the apex (:func:`_apex`)."""
+    ang = _radius_angle(mask)[1]
     inside = ang[mask] if mask.any() else ang.ravel()
     lo, hi = float(inside.min()), float(inside.max())
     return np.clip((ang - lo) / max(hi - lo, _EPS), 0.0, 1.0)
+
+
+@dataclass
+class BeamGrid:
+    """Where the beam-space (polar) samples of one image's fan lie: rows are depths from the apex to the deepest
+    sector pixel, columns beam angles from the sector's left edge to its right edge. Scanners blur and speckle
+    along the beam (depth) and across it (angle), so in this grid their texture is the same everywhere."""
+
+    rows: np.ndarray
+    """(R, A) float64 image row of every sample."""
+    cols: np.ndarray
+    """(R, A) float64 image column of every sample."""
+    inside: np.ndarray
+    """(R, A) bool: the sample lies in the sector."""
+    back: tuple[np.ndarray, np.ndarray]
+    """Fractional (row, column) indices into the grid of every image pixel (each (H, W) float64)."""
+
+    @classmethod
+    def of(cls, mask: np.ndarray, size: int) -> "BeamGrid":
+        """The grid of ``size`` depths x ``POLAR_ANGLE_OVERSAMPLE * size`` angles for the sector ``mask`` (H, W)."""
+        apex_y, apex_x = _apex(mask)
+        r, th = _radius_angle(mask)
+        r_in, th_in = (r[mask], th[mask]) if mask.any() else (r.ravel(), th.ravel())
+        r_max = float(r_in.max())
+        deep = th_in[r_in >= 0.5 * r_max]  # near the apex a pixel's angle is ill-defined (a pixel spans many beams)
+        lo, hi = float(deep.min()), float(deep.max())
+        n_r, n_a = int(size), int(POLAR_ANGLE_OVERSAMPLE * size)
+        rad = (np.arange(n_r) + 0.5) / n_r * r_max
+        ang = lo + (np.arange(n_a) + 0.5) / n_a * max(hi - lo, _EPS)
+        rows = apex_y + rad[:, None] * np.cos(ang)[None, :]
+        cols = apex_x + rad[:, None] * np.sin(ang)[None, :]
+        inside = ndi.map_coordinates(mask.astype(np.float64), [rows, cols], order=1, mode="constant") > 0.5
+        back = (r / r_max * n_r - 0.5, (th - lo) / max(hi - lo, _EPS) * n_a - 0.5)
+        return cls(rows=rows, cols=cols, inside=inside, back=back)
+
+    def sample(self, arr: np.ndarray) -> np.ndarray:
+        """``arr`` (H, W) read on the grid (bilinear): (R, A) float64, 0 outside the sector."""
+        out = ndi.map_coordinates(arr.astype(np.float64, copy=False), [self.rows, self.cols], order=1,
+                                  mode="nearest")
+        return np.where(self.inside, out, 0.0)
+
+    def to_image(self, polar: np.ndarray) -> np.ndarray:
+        """A (R, A) beam-space map read back at every image pixel (bilinear): (H, W) float64."""
+        return ndi.map_coordinates(polar, list(self.back), order=1, mode="nearest")
 
 
 def _angular_profile(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -293,6 +353,10 @@ class TargetStyle:
     :ivar target_angular: ``(n_target, ANGLE_BINS)`` float32, each row one target image's in-sector intensity over
         the beam angle (equal bins from the sector's left edge to its right edge) divided by its smooth trend:
         the dips of acoustic shadows and dropouts (1 = no dip); None when unknown.
+    :ivar target_beam_amplitude: ``(size, size)`` float32, the mean amplitude spectrum of the normalised target images
+        resampled on their :class:`BeamGrid` (rows depth, columns beam angle; fftshifted, bins in cycles per fan depth
+        and per fan width): a scanner's resolution and speckle are the same everywhere in this grid. None when unknown.
+    :ivar source_beam_amplitude: the same for the source images.
     """
 
     target_amplitude: np.ndarray
@@ -302,6 +366,8 @@ class TargetStyle:
     target_depth: np.ndarray | None = None
     source_depth: np.ndarray | None = None
     target_angular: np.ndarray | None = None
+    target_beam_amplitude: np.ndarray | None = None
+    source_beam_amplitude: np.ndarray | None = None
 
     def __post_init__(self):
         self.target_amplitude = np.asarray(self.target_amplitude, dtype=np.float32)
@@ -314,6 +380,15 @@ class TargetStyle:
             np.asarray(self.source_depth, dtype=np.float32)
         if self.target_angular is not None:
             self.target_angular = np.asarray(self.target_angular, dtype=np.float32)
+        if (self.target_beam_amplitude is None) != (self.source_beam_amplitude is None):
+            raise InputError(None, "style beam spectra: give both the target's and the source's, or neither")
+        if self.target_beam_amplitude is not None:
+            self.target_beam_amplitude = np.asarray(self.target_beam_amplitude, dtype=np.float32)
+            self.source_beam_amplitude = np.asarray(self.source_beam_amplitude, dtype=np.float32)
+            for arr in (self.target_beam_amplitude, self.source_beam_amplitude):
+                if arr.shape != self.target_amplitude.shape or not np.all(np.isfinite(arr)):
+                    raise InputError(None, f"style beam spectra must be finite {self.target_amplitude.shape} arrays, "
+                                           f"got {arr.shape}")
         ta, sa, q = self.target_amplitude, self.source_amplitude, self.target_quantiles
         if ta.ndim != 2 or ta.shape[0] != ta.shape[1] or ta.shape != sa.shape or ta.shape[0] < 2:
             raise InputError(None, f"style spectra must be two equal square arrays, got {ta.shape} and {sa.shape}")
@@ -338,14 +413,28 @@ class TargetStyle:
     def n_quantiles(self) -> int:
         return int(self.target_quantiles.shape[1])
 
-    def log_ratio(self, smooth_bins: float = SMOOTH_BINS, ratio_range: tuple[float, float] = RATIO_RANGE
-                  ) -> np.ndarray:
-        """``(size, size)`` float64, fftshifted ``log(target / source)`` amplitude ratio at the working size:
-        clipped to ``log(ratio_range)``, Gaussian-smoothed by ``smooth_bins`` (periodic), clipped again; 0 at
-        the zero frequency (the per-image mean is handled by the intensity steps)."""
+    @property
+    def has_beam(self) -> bool:
+        """Whether the beam-space spectra are known (styles saved before format 3 lack them)."""
+        return self.target_beam_amplitude is not None
+
+    def spectra(self, beam: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(target, source)`` mean amplitude spectra, ``(size, size)`` float64, on the image grid or (``beam``) on
+        the beam grid; raises :class:`InputError` when the beam spectra are asked for and unknown."""
+        if not beam:
+            return self.target_amplitude.astype(np.float64), self.source_amplitude.astype(np.float64)
+        if not self.has_beam:
+            raise InputError(None, "this target style has no beam-space spectra (estimated before format 3): "
+                                   "estimate it again")
+        return self.target_beam_amplitude.astype(np.float64), self.source_beam_amplitude.astype(np.float64)
+
+    def log_ratio(self, smooth_bins: float = SMOOTH_BINS, ratio_range: tuple[float, float] = RATIO_RANGE,
+                  beam: bool = False) -> np.ndarray:
+        """``(size, size)`` float64, fftshifted ``log(target / source)`` amplitude ratio at the working size (of the
+        beam-space spectra with ``beam``): clipped to ``log(ratio_range)``, Gaussian-smoothed by ``smooth_bins``
+        (periodic), clipped again; 0 at the zero frequency (the per-image mean is handled by the intensity steps)."""
         lo, hi = float(np.log(ratio_range[0])), float(np.log(ratio_range[1]))
-        t = self.target_amplitude.astype(np.float64)
-        s = self.source_amplitude.astype(np.float64)
+        t, s = self.spectra(beam)
         floor = _EPS + 1e-6 * max(float(t.mean()), float(s.mean()))
         lr = np.clip(np.log((t + floor) / (s + floor)), lo, hi)
         c = self.size // 2
@@ -356,8 +445,8 @@ class TargetStyle:
         return np.clip(lr, lo, hi)
 
     def amplitude_ratio(self, shape: tuple[int, int], strength: float = 1.0,
-                        ratio_range: tuple[float, float] = RATIO_RANGE, smooth_bins: float = SMOOTH_BINS
-                        ) -> np.ndarray:
+                        ratio_range: tuple[float, float] = RATIO_RANGE, smooth_bins: float = SMOOTH_BINS,
+                        beam: bool = False) -> np.ndarray:
         """The multiplicative amplitude filter for an image of ``shape``, in numpy's *unshifted* FFT order.
 
         Bin ``k`` (cycles per image) of the image reads bin ``k`` of the working grid (bilinear, clamped to
@@ -365,21 +454,23 @@ class TargetStyle:
 
         :param shape: ``(H, W)`` of the image to filter.
         :param strength: exponent in ``[0, 1]``; 0 gives all ones, 1 the full (clipped) ratio.
+        :param beam: the beam-space ratio (``shape`` is then a :class:`BeamGrid`'s).
         :returns: ``(H, W)`` float64, values within ``ratio_range`` (1 at zero frequency).
         """
-        img_lr = _to_image_grid(self.log_ratio(smooth_bins=smooth_bins, ratio_range=ratio_range), shape)
+        img_lr = _to_image_grid(self.log_ratio(smooth_bins=smooth_bins, ratio_range=ratio_range, beam=beam), shape)
         img_lr[0, 0] = 0.0
         return np.exp(float(strength) * img_lr)
 
-    def degradation(self, shape: tuple[int, int], smooth_bins: float = SMOOTH_BINS) -> tuple[np.ndarray, np.ndarray]:
-        """The ``degrade`` model for an image of ``shape`` (numpy's unshifted FFT order): the low-pass gain
-        ``H = min(1, A_t / A_s)`` and the amplitude of the independent noise, ``sqrt(max(0, A_t^2 - H^2 A_s^2))``
-        (per sqrt(sector pixel), as the stored spectra), both from the smoothed mean spectra.
+    def degradation(self, shape: tuple[int, int], smooth_bins: float = SMOOTH_BINS, beam: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``degrade`` model for an image of ``shape`` (numpy's unshifted FFT order; a :class:`BeamGrid`'s shape
+        with ``beam``): the low-pass gain ``H = min(1, A_t / A_s)`` and the amplitude of the independent noise,
+        ``sqrt(max(0, A_t^2 - H^2 A_s^2))`` (per sqrt(sector pixel), as the stored spectra), both from the smoothed
+        mean spectra.
 
         :returns: ``(H (H, W) float64 in [0, 1], noise (H, W) float64 >= 0)``; H is 1 at zero frequency.
         """
-        t = self.target_amplitude.astype(np.float64)
-        s = self.source_amplitude.astype(np.float64)
+        t, s = self.spectra(beam)
         if smooth_bins > 0:
             t, s = ndi.gaussian_filter(t, smooth_bins, mode="wrap"), ndi.gaussian_filter(s, smooth_bins, mode="wrap")
         gain = np.minimum(1.0, t / np.maximum(s, _EPS))
@@ -406,7 +497,9 @@ class TargetStyle:
                                 target_amplitude=self.target_amplitude, source_amplitude=self.source_amplitude,
                                 target_quantiles=self.target_quantiles, n_source=np.int64(self.n_source),
                                 target_depth=self.target_depth, source_depth=self.source_depth,
-                                **({} if self.target_angular is None else {"target_angular": self.target_angular}))
+                                **({} if self.target_angular is None else {"target_angular": self.target_angular}),
+                                **({} if not self.has_beam else {"target_beam_amplitude": self.target_beam_amplitude,
+                                                                 "source_beam_amplitude": self.source_beam_amplitude}))
         log.info("saved target style (size %d, %d target images, %d quantiles) to %s",
                  self.size, self.n_target, self.n_quantiles, path)
         return path
@@ -427,14 +520,16 @@ class TargetStyle:
                    "n_source"} - set(data)
         if missing:
             raise InputError(path, f"not a target style file: missing {sorted(missing)}")
-        if int(data["format_version"]) not in (1, _FORMAT_VERSION):
+        if int(data["format_version"]) not in (1, 2, _FORMAT_VERSION):
             raise InputError(path, f"target style format {int(data['format_version'])} is not supported "
                                    f"(expected {_FORMAT_VERSION})")
         try:
             return cls(target_amplitude=data["target_amplitude"], source_amplitude=data["source_amplitude"],
                        target_quantiles=data["target_quantiles"], n_source=int(data["n_source"]),
                        target_depth=data.get("target_depth"), source_depth=data.get("source_depth"),
-                       target_angular=data.get("target_angular"))
+                       target_angular=data.get("target_angular"),
+                       target_beam_amplitude=data.get("target_beam_amplitude"),
+                       source_beam_amplitude=data.get("source_beam_amplitude"))
         except InputError as exc:
             raise InputError(path, exc.problem) from exc
 
@@ -444,7 +539,8 @@ def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[
     """Estimate a :class:`TargetStyle` from unlabelled source and target images (no labels needed).
 
     Per image: the sector (:func:`sector_mask`), normalisation to zero mean / unit std inside it (0 outside),
-    resize to ``size x size`` (bilinear, anti-aliased), amplitude spectrum; the spectra are averaged per set.
+    resize to ``size x size`` (bilinear, anti-aliased), amplitude spectrum; the spectra are averaged per set. The
+    same on each image's :class:`BeamGrid` gives the beam-space spectra.
     For target images also the in-sector quantile function (``n_quantiles`` probabilities evenly spaced in
     ``[0, 1]``, as fractions of the image's full scale).
 
@@ -463,16 +559,18 @@ def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[
     tgt = _check_images(target_images, "target_images")
     probs = np.linspace(0.0, 1.0, n_quantiles)
 
-    def mean_amplitude(images: list[np.ndarray], quantiles: list | None) -> np.ndarray:
-        acc = np.zeros((size, size), dtype=np.float64)
+    def mean_amplitude(images: list[np.ndarray], quantiles: list | None) -> tuple[np.ndarray, np.ndarray]:
+        acc = np.zeros((2, size, size), dtype=np.float64)
         for im in images:
             arr = im.astype(np.float64)
             mask = sector_mask(im)
             z, _, _ = _normalise(arr, mask)
-            acc += _amplitude(z, mask, size)
+            acc[0] += _amplitude(z, mask, size)
+            grid = BeamGrid.of(mask, size)
+            acc[1] += _amplitude(grid.sample(z), grid.inside, size)
             if quantiles is not None:
                 quantiles.append(np.quantile(arr[mask], probs) / intensity_scale(im))
-        return acc / len(images)
+        return acc[0] / len(images), acc[1] / len(images)
 
     def mean_depth(images: list[np.ndarray]) -> np.ndarray:
         prof = np.nanmean([_depth_profile(im, sector_mask(im)) for im in images], axis=0)
@@ -480,11 +578,12 @@ def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[
 
     qbank: list[np.ndarray] = []
     angular = [_angular_profile(im, sector_mask(im)) for im in tgt]
-    source_amp = mean_amplitude(src, None)
-    target_amp = mean_amplitude(tgt, qbank)
+    source_amp, source_beam = mean_amplitude(src, None)
+    target_amp, target_beam = mean_amplitude(tgt, qbank)
     style = TargetStyle(target_amplitude=target_amp, source_amplitude=source_amp,
                         target_quantiles=np.stack(qbank), n_source=len(src),
-                        target_depth=mean_depth(tgt), source_depth=mean_depth(src), target_angular=np.stack(angular))
+                        target_depth=mean_depth(tgt), source_depth=mean_depth(src), target_angular=np.stack(angular),
+                        target_beam_amplitude=target_beam, source_beam_amplitude=source_beam)
     ratio = np.exp(style.log_ratio())
     log.info("estimated target style from %d source / %d target images at %dx%d: amplitude ratio %.2f..%.2f "
              "(median %.2f), target in-sector median %.3f of full scale", len(src), len(tgt), size, size,
@@ -494,10 +593,27 @@ def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[
 
 
 # ----------------------------------------------------------------------------------------------- restyle
+def _spectral_step(z: np.ndarray, mask: np.ndarray, style: TargetStyle, rng: np.random.Generator, strength: float,
+                   ratio_range: tuple[float, float], smooth_bins: float, mode: str, beam: bool = False) -> np.ndarray:
+    """The texture change of :func:`restyle` on a normalised (H, W) map ``z`` (0 outside ``mask``): (H, W) float64.
+
+    ``degrade`` noise: white noise of unit expected amplitude per FFT bin shaped by the stored amplitudes times
+    ``sqrt(H * W)``, so its in-sector variance is the target's (the stored spectra are per sqrt(sector pixel)).
+    """
+    if mode == "ratio":
+        ratio = style.amplitude_ratio(z.shape, strength, ratio_range, smooth_bins, beam=beam)
+        return np.fft.ifft2(np.fft.fft2(z) * ratio).real
+    gain, noise_amp = style.degradation(z.shape, smooth_bins, beam=beam)
+    gain = 1.0 - float(strength) * (1.0 - gain)
+    white = np.fft.fft2(rng.standard_normal(z.shape)) / np.sqrt(z.size)  # unit expected amplitude per bin
+    noise = np.fft.ifft2(white * noise_amp * float(strength) * np.sqrt(z.size)).real
+    return np.fft.ifft2(np.fft.fft2(z) * gain).real + np.where(mask, noise, 0.0)
+
+
 def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | int,
             spectrum_strength: float = 1.0, histogram: bool = True,
             ratio_range: tuple[float, float] = RATIO_RANGE, smooth_bins: float = SMOOTH_BINS,
-            mode: str = "ratio", depth: bool = False, angular: bool = False) -> np.ndarray:
+            mode: str = "ratio", depth: bool = False, angular: bool = False, beam: bool = False) -> np.ndarray:
     """Restyle one source image toward the target scanner; its label stays valid unchanged.
 
     Steps: sector mask; normalise to zero mean / unit std inside the sector (0 outside); multiply the FFT by
@@ -520,6 +636,9 @@ def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | in
         (:meth:`TargetStyle.depth_gain`, interpolated per row).
     :param angular: also multiply them by one target image's angular dip profile drawn with ``rng`` (its shadows and
         dropouts along beam lines, :attr:`TargetStyle.target_angular`), mapped onto this image's sector.
+    :param beam: do the spectral step on the image's :class:`BeamGrid` with the beam-space spectra (a scanner's blur
+        and speckle run along and across its beams, so their grain turns and widens with the fan as the target's
+        does) and add the change it makes back onto the image grid.
     :returns: ``(H, W)`` float32 in the input's intensity units (0..255 for uint8 input, see
         :func:`intensity_scale`).
     :raises InputError: ``image`` is not a non-empty finite 2D array or ``style`` is not a TargetStyle.
@@ -551,15 +670,14 @@ def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | in
 
     if spectrum_strength <= 0:
         zf = z
-    elif mode == "ratio":
-        ratio = style.amplitude_ratio(arr.shape, spectrum_strength, ratio_range, smooth_bins)
-        zf = np.fft.ifft2(np.fft.fft2(z) * ratio).real
+    elif beam:
+        grid = BeamGrid.of(mask, style.size)
+        zb = grid.sample(z)
+        change = _spectral_step(zb, grid.inside, style, rng, spectrum_strength, ratio_range, smooth_bins, mode,
+                                beam=True) - zb
+        zf = z + np.where(mask, grid.to_image(change), 0.0)
     else:
-        gain, noise_amp = style.degradation(arr.shape, smooth_bins)
-        gain = 1.0 - float(spectrum_strength) * (1.0 - gain)
-        white = np.fft.fft2(rng.standard_normal(arr.shape)) / np.sqrt(arr.size)  # unit expected amplitude
-        noise = np.fft.ifft2(white * noise_amp * float(spectrum_strength) * np.sqrt(max(float(mask.sum()), 1.0)))
-        zf = np.fft.ifft2(np.fft.fft2(z) * gain).real + np.where(mask, noise.real, 0.0)
+        zf = _spectral_step(z, mask, style, rng, spectrum_strength, ratio_range, smooth_bins, mode)
     vals = zf[mask]
     out = arr.copy()
     if histogram:

@@ -248,3 +248,59 @@ def test_degrade_adds_noise_a_noisier_scanner_has_and_depth_and_angle_profiles_t
     assert both[centre].mean() / both[sides].mean() < plain[centre].mean() / plain[sides].mean()  # the dip
     with pytest.raises(ValueError, match="mode"):
         restyle(image, style, 0, mode="bogus")
+
+
+def test_degrade_noise_has_the_in_sector_variance_of_the_target():
+    """The stored spectra are per sqrt(sector pixel): noise drawn from them must have the target's in-sector variance
+    whatever share of the image the fan covers (it came out sqrt(sector share) too weak, ~0.73 on CAMUS fans)."""
+    from rl_adapt.styling import _amplitude, _spectral_step
+
+    rng = np.random.default_rng(0)
+    for radius in (0.95, 0.6):
+        mask = fan_mask((96, 96), radius=radius)
+        field = np.where(mask, rng.standard_normal(mask.shape), 0.0)
+        amp = _amplitude(field, mask, 96)
+        style = TargetStyle(target_amplitude=amp, source_amplitude=amp * 1e-4,
+                            target_quantiles=np.linspace(0, 1, 8)[None], n_source=1)
+        noise = _spectral_step(np.zeros(mask.shape), mask, style, rng, 1.0, (0.2, 5.0), 0.0, "degrade")
+        assert mask.mean() < 0.8 and noise[mask].std() == pytest.approx(1.0, rel=0.08)
+        assert np.all(noise[~mask] == 0)
+
+
+def test_beam_grid_rows_are_depths_and_columns_beam_angles():
+    from rl_adapt.styling import BeamGrid, _radius_angle
+
+    mask = fan_mask((96, 96))
+    grid = BeamGrid.of(mask, 48)
+    assert grid.rows.shape == (48, 96) and grid.inside.mean() > 0.9
+    r, th = _radius_angle(mask)
+    radial, angular = grid.sample(r), grid.sample(th)
+    inner = grid.inside
+    spread_r = [np.ptp(row[ok]) for row, ok in zip(radial, inner) if ok.sum() > 10]
+    assert max(spread_r) < 1.5                                   # a row is one depth...
+    deep = inner & (radial > 15)                                 # near the apex a pixel spans many beams
+    spread_t = [np.ptp(col[ok]) for col, ok in zip(angular.T, deep.T) if ok.sum() > 10]
+    assert max(spread_t) < 0.05                                  # ...a column one beam angle
+    assert np.all(np.diff(radial[:, 48][inner[:, 48]]) > 0)      # depth grows down the rows
+    smooth = np.where(mask, np.cos(r / 30.0) + th, 0.0)          # and the grid maps back onto the image
+    back = grid.to_image(grid.sample(smooth))
+    core = ndi.binary_erosion(mask, iterations=3) & (r > 10)
+    assert np.abs(back - smooth)[core].max() < 0.05
+
+
+def test_beam_restyling_is_seeded_needs_beam_spectra_and_round_trips_through_a_file(shifted_style, tmp_path):
+    img = sources(1, first=77)[0]
+    out = restyle(img, shifted_style, 3, mode="degrade", beam=True)
+    np.testing.assert_array_equal(out, restyle(img, shifted_style, 3, mode="degrade", beam=True))
+    assert out.shape == img.shape and out.dtype == np.float32
+    assert not np.array_equal(out, restyle(img, shifted_style, 3, mode="degrade"))
+    m = sector_mask(img)
+    np.testing.assert_array_equal(out[~m], img[~m].astype(np.float32))
+    assert hf_fraction(out) < hf_fraction(img)                   # the target scanner is blurrier
+    back = TargetStyle.load(shifted_style.save(tmp_path / "style.npz"))
+    np.testing.assert_array_equal(back.target_beam_amplitude, shifted_style.target_beam_amplitude)
+    np.testing.assert_array_equal(restyle(img, back, 3, mode="degrade", beam=True), out)
+    old = TargetStyle(target_amplitude=back.target_amplitude, source_amplitude=back.source_amplitude,
+                      target_quantiles=back.target_quantiles, n_source=back.n_source)  # a style saved before format 3
+    with pytest.raises(InputError, match="beam-space spectra"):
+        restyle(img, old, 3, mode="degrade", beam=True)

@@ -48,6 +48,9 @@ class StyledSourceConfig:
     """Also give the restyled images the target's mean intensity profile over depth (attenuation, gain)."""
     angular: bool = False
     """Also give each restyled image one target image's dips over the beam angle (shadows, dropouts)."""
+    beam: bool = False
+    """Do the spectral step in beam space (:class:`rl_adapt.styling.BeamGrid`: depth x beam angle), where a scanner's
+    blur and speckle grain are the same all over the fan."""
 
 
 @dataclass
@@ -83,6 +86,37 @@ class StyledPairs:
         """(images, labels) of the pairs where ``mask`` (M,) is true."""
         idx = torch.as_tensor(np.flatnonzero(mask))
         return self.images[idx], self.labels[idx]
+
+    def picture(self, target: torch.Tensor | np.ndarray, path: Path, n: int = 6) -> Path:
+        """A PNG to look at the restyling: ``n`` source patches as the source scanner shows them (top row), ``n``
+        restyled toward the target (middle row) and ``n`` target patches (bottom row), each as the policy sees it
+        (preprocessed, stretched between its 1st and 99th percentiles), evenly spread over the sets.
+
+        :param target: (N, 1, P0, P1) or (N, P0, P1) preprocessed target patches.
+        :returns: ``path`` (written atomically).
+        """
+        from PIL import Image
+
+        from rl_adapt.evaluation.overlays import image_to_uint8
+        from rl_adapt.io_utils import atomic_path
+
+        def row(stack, idx) -> np.ndarray:
+            tiles = [image_to_uint8(np.asarray(stack[int(i)], np.float32).reshape(stack.shape[-2:])) for i in idx]
+            blank = np.zeros(stack.shape[-2:], np.uint8)
+            return np.concatenate(tiles + [blank] * (n - len(tiles)), axis=1)
+
+        def spread(k: int) -> np.ndarray:
+            return np.unique(np.linspace(0, k - 1, min(n, k)).round().astype(int)) if k else np.zeros(0, int)
+
+        images = self.images.detach().cpu().numpy()
+        target = target.detach().cpu().numpy() if isinstance(target, torch.Tensor) else np.asarray(target)
+        plain, styled = np.flatnonzero(~self.styled), np.flatnonzero(self.styled)
+        sep = np.full((2, n * images.shape[-1]), 255, np.uint8)
+        grid = np.concatenate([row(images, plain[spread(len(plain))]), sep, row(images, styled[spread(len(styled))]),
+                               sep, row(target, spread(len(target)))], axis=0)
+        with atomic_path(path) as tmp:
+            Image.fromarray(grid).save(tmp, format="PNG")
+        return Path(path)
 
     def save(self, path: Path) -> None:
         """Write the pairs to one compressed ``.npz`` atomically."""
@@ -124,7 +158,7 @@ def styled_source_pairs(model, source: Sequence[Case], target: Sequence[Case], c
     images, labels = [], []
     for case, on in zip(chosen, styled):
         image = (restyle(case.image, style, rng, cfg.spectrum_strength, cfg.histogram, mode=cfg.mode, depth=cfg.depth,
-                         angular=cfg.angular)
+                         angular=cfg.angular, beam=cfg.beam)
                  if on else case.image)
         data, seg, _ = model.preprocess_pair(image, case.label, case.spacing)
         patch, _ = centre_pad_crop(data, model.patch_size, 0.0)
