@@ -148,6 +148,10 @@ def test_the_source_teacher_supervises_teaches_the_reward_and_judges_the_guard(t
     adapter.run()
     rec = {json.loads(x)["stage"]: json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()}
     assert rec["styled_source"]["n_pairs"] == 24 and 0 < rec["styled_source"]["n_held_out"] < 24
+    from PIL import Image
+    with Image.open(run / "styled_source.png") as picture:  # source / restyled / target rows of policy patches
+        side = adapter.images.shape[-1]
+        assert picture.size == (6 * side, 3 * side + 4) and len(set(np.asarray(picture).ravel().tolist())) > 16
     assert rec["iter0/reward"]["n_source_images"] == 8
     assert rec["warm_start"]["steps"] == 3 and "held_out_dice" in rec["warm_start"]
     warm = torch.load(run / "warm_start.pt")

@@ -64,6 +64,9 @@ from rl_adapt.training.styled_source import StyledPairs, styled_source_pairs
 
 log = logging.getLogger(__name__)
 
+STYLED_PICTURE = "styled_source.png"
+"""The run's picture of its restyling (:meth:`StyledPairs.picture`): source, restyled source and target patches."""
+
 __all__ = ["AdaptConfig", "AdaptInputs", "Adapter", "SourceTeacherConfig"]
 
 
@@ -324,6 +327,8 @@ class Adapter:
             pairs = self.stages.run("styled_source", self.run_dir / "styled_source.npz",
                                     lambda: self._restyle(self.cfg.seed), StyledPairs.load)
         self._source_cases = None  # every restyling is done: the source images need not stay in memory
+        if self.world.main and not (self.run_dir / STYLED_PICTURE).is_file():
+            pairs.picture(self.images, self.run_dir / STYLED_PICTURE)
         pairs.images, pairs.labels = pairs.images.to(self.device), pairs.labels.to(self.device)
         return pairs
 
