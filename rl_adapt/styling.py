@@ -535,12 +535,13 @@ class TargetStyle:
 
 
 def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[np.ndarray],
-                   size: int = DEFAULT_SIZE, n_quantiles: int = DEFAULT_QUANTILES) -> TargetStyle:
+                   size: int = DEFAULT_SIZE, n_quantiles: int = DEFAULT_QUANTILES, beam: bool = False) -> TargetStyle:
     """Estimate a :class:`TargetStyle` from unlabelled source and target images (no labels needed).
 
     Per image: the sector (:func:`sector_mask`), normalisation to zero mean / unit std inside it (0 outside),
     resize to ``size x size`` (bilinear, anti-aliased), amplitude spectrum; the spectra are averaged per set. The
-    same on each image's :class:`BeamGrid` gives the beam-space spectra.
+    same on each image's :class:`BeamGrid` gives the beam-space spectra (only with ``beam``: they take about as long
+    again).
     For target images also the in-sector quantile function (``n_quantiles`` probabilities evenly spaced in
     ``[0, 1]``, as fractions of the image's full scale).
 
@@ -548,6 +549,7 @@ def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[
     :param target_images: the same for the target scanner.
     :param size: working size of the spectra (>= 8).
     :param n_quantiles: quantiles per target image (>= 2).
+    :param beam: also estimate the beam-space spectra (needed by ``restyle(..., beam=True)``).
     :raises InputError: empty input or a non-2D / empty / non-finite image.
     """
     if int(size) < 8:
@@ -566,8 +568,9 @@ def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[
             mask = sector_mask(im)
             z, _, _ = _normalise(arr, mask)
             acc[0] += _amplitude(z, mask, size)
-            grid = BeamGrid.of(mask, size)
-            acc[1] += _amplitude(grid.sample(z), grid.inside, size)
+            if beam:
+                grid = BeamGrid.of(mask, size)
+                acc[1] += _amplitude(grid.sample(z), grid.inside, size)
             if quantiles is not None:
                 quantiles.append(np.quantile(arr[mask], probs) / intensity_scale(im))
         return acc[0] / len(images), acc[1] / len(images)
@@ -583,7 +586,8 @@ def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[
     style = TargetStyle(target_amplitude=target_amp, source_amplitude=source_amp,
                         target_quantiles=np.stack(qbank), n_source=len(src),
                         target_depth=mean_depth(tgt), source_depth=mean_depth(src), target_angular=np.stack(angular),
-                        target_beam_amplitude=target_beam, source_beam_amplitude=source_beam)
+                        target_beam_amplitude=target_beam if beam else None,
+                        source_beam_amplitude=source_beam if beam else None)
     ratio = np.exp(style.log_ratio())
     log.info("estimated target style from %d source / %d target images at %dx%d: amplitude ratio %.2f..%.2f "
              "(median %.2f), target in-sector median %.3f of full scale", len(src), len(tgt), size, size,

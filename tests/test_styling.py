@@ -288,7 +288,9 @@ def test_beam_grid_rows_are_depths_and_columns_beam_angles():
     assert np.abs(back - smooth)[core].max() < 0.05
 
 
-def test_beam_restyling_is_seeded_needs_beam_spectra_and_round_trips_through_a_file(shifted_style, tmp_path):
+def test_beam_restyling_is_seeded_needs_beam_spectra_and_round_trips_through_a_file(tmp_path):
+    shifted_style = estimate_style(sources(10), targets(10), size=64, n_quantiles=128, beam=True)
+    assert not estimate_style(sources(2), targets(2), size=64).has_beam  # only estimated when asked for
     img = sources(1, first=77)[0]
     out = restyle(img, shifted_style, 3, mode="degrade", beam=True)
     np.testing.assert_array_equal(out, restyle(img, shifted_style, 3, mode="degrade", beam=True))

@@ -153,7 +153,7 @@ def styled_source_pairs(model, source: Sequence[Case], target: Sequence[Case], c
     rng = np.random.default_rng(seed)
     chosen = [source[i] for i in _subset(len(source), cfg.images, rng)]
     style = estimate_style([source[i].image for i in _subset(len(source), cfg.style_images, rng)],
-                           [target[i].image for i in _subset(len(target), cfg.style_images, rng)])
+                           [target[i].image for i in _subset(len(target), cfg.style_images, rng)], beam=cfg.beam)
     styled = rng.random(len(chosen)) < cfg.styled_fraction
     images, labels = [], []
     for case, on in zip(chosen, styled):
