@@ -89,13 +89,12 @@ def _run_data_parallel(args: argparse.Namespace, level: int) -> int:
                         format=f"%(levelname)s [rank {world.rank}] %(name)s: %(message)s")
     if not world.main:
         sys.stdout = open(os.devnull, "w")  # rank 0 prints the command's result
+    code = 1
     try:
-        return _run(args)
+        code = _run(args)
+        return code
     finally:
-        import torch.distributed as td
-
-        if td.is_initialized():
-            td.destroy_process_group()
+        distributed.teardown(world, clean=code == 0)
 
 
 def _run(args: argparse.Namespace) -> int:

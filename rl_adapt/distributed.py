@@ -82,6 +82,20 @@ def setup(device: str = "auto") -> World:
     return world
 
 
+def teardown(world: World, clean: bool = True) -> None:
+    """Leave the process group (no-op when none was joined). With ``clean`` (the rank's work ended normally) every
+    rank first waits for the others, so none tears down its connections while another is still finishing its last
+    collective (with gloo that can abort the other rank's process); after a failure the group is destroyed at once,
+    as waiting could hang."""
+    if not (td.is_available() and td.is_initialized()):
+        return
+    try:
+        if clean and world.active:
+            td.barrier()
+    finally:
+        td.destroy_process_group()
+
+
 def current() -> World:
     """The world of the running job (after :func:`setup`; one process before it or without torchrun)."""
     return from_environment() if td.is_available() and td.is_initialized() else SINGLE

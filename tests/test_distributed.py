@@ -60,10 +60,12 @@ def _worker(rank: int, size: int, port: int, fn_args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
                       LOCAL_RANK=str(rank))
     world = dist.setup("cpu")
+    clean = False
     try:
         _ppo_phase(world, *fn_args)
+        clean = True
     finally:
-        torch.distributed.destroy_process_group()
+        dist.teardown(world, clean)
 
 
 def test_two_gloo_processes_train_the_same_weights_as_one_process_with_the_global_batch(tmp_path):
@@ -85,6 +87,8 @@ def test_rank_helpers_for_one_process():
     assert dist.shard(5, w).tolist() == [0, 1, 2, 3, 4] and dist.gather_shards([1, 2], 2, w) == [1, 2]
     assert dist.rank_slice(8, dist.World(rank=1, size=2)) == slice(4, 8)
     assert dist.shard(5, dist.World(rank=1, size=2)).tolist() == [1, 3]
+    dist.teardown(w)  # no group joined: nothing to leave
+    assert not torch.distributed.is_initialized()
     with pytest.raises(ValueError):
         dist.rank_slice(7, dist.World(rank=0, size=2))
 

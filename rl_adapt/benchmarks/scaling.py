@@ -86,10 +86,12 @@ def _worker(rank: int, size: int, port: int, args: tuple, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
                       LOCAL_RANK=str(rank))
     world = dist.setup("cpu")
+    clean = False
     try:
         out[rank] = measure(world, *args)
+        clean = True
     finally:
-        torch.distributed.destroy_process_group()
+        dist.teardown(world, clean)
 
 
 def allreduce_estimate(params: int, step_s: float) -> list[dict]:
