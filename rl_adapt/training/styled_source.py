@@ -100,20 +100,20 @@ class StyledPairs:
         from rl_adapt.evaluation.overlays import image_to_uint8
         from rl_adapt.io_utils import atomic_path
 
-        def row(stack, idx) -> np.ndarray:
-            tiles = [image_to_uint8(np.asarray(stack[int(i)], np.float32).reshape(stack.shape[-2:])) for i in idx]
-            blank = np.zeros(stack.shape[-2:], np.uint8)
+        def row(stack, idx) -> np.ndarray:  # only the chosen patches leave the device
+            tiles = [image_to_uint8(torch.as_tensor(stack[int(i)]).detach().float().cpu().numpy()
+                                    .reshape(stack.shape[-2:])) for i in idx]
+            blank = np.zeros(tuple(stack.shape[-2:]), np.uint8)
             return np.concatenate(tiles + [blank] * (n - len(tiles)), axis=1)
 
         def spread(k: int) -> np.ndarray:
             return np.unique(np.linspace(0, k - 1, min(n, k)).round().astype(int)) if k else np.zeros(0, int)
 
-        images = self.images.detach().cpu().numpy()
-        target = target.detach().cpu().numpy() if isinstance(target, torch.Tensor) else np.asarray(target)
         plain, styled = np.flatnonzero(~self.styled), np.flatnonzero(self.styled)
-        sep = np.full((2, n * images.shape[-1]), 255, np.uint8)
-        grid = np.concatenate([row(images, plain[spread(len(plain))]), sep, row(images, styled[spread(len(styled))]),
-                               sep, row(target, spread(len(target)))], axis=0)
+        sep = np.full((2, n * self.images.shape[-1]), 255, np.uint8)
+        grid = np.concatenate([row(self.images, plain[spread(len(plain))]), sep,
+                               row(self.images, styled[spread(len(styled))]), sep,
+                               row(target, spread(len(target)))], axis=0)
         with atomic_path(path) as tmp:
             Image.fromarray(grid).save(tmp, format="PNG")
         return Path(path)
