@@ -60,7 +60,7 @@ from rl_adapt.policies.nnunet import export_model_folder, load_model_folder
 from rl_adapt.postprocessing import decide, postprocessing_files
 from rl_adapt.preflight import check_device, check_output, match_expert_names, warn_blank_images
 from rl_adapt.training.finetune import fine_tune
-from rl_adapt.training.styled_source import StyledPairs, styled_source_pairs
+from rl_adapt.training.styled_source import StyledPairs, fitted_scanner, styled_source_pairs
 
 log = logging.getLogger(__name__)
 
@@ -350,8 +350,10 @@ class Adapter:
         pairs = styled_source_pairs(self.model, self._source_cases, self.target_cases, tc.pairs,
                                     seed=_stage_seed(seed, 0, 7))
         pairs = pairs.split(tc.held_out, seed=_stage_seed(seed, 0, 8))
-        return pairs, {"n_pairs": len(pairs), "n_styled": int(pairs.styled.sum()),
-                       "n_held_out": int(pairs.held_out.sum())}
+        info = {"n_pairs": len(pairs), "n_styled": int(pairs.styled.sum()), "n_held_out": int(pairs.held_out.sum())}
+        if tc.pairs.mode == "scanner":  # the fit is cached: this only reads it back
+            info["scanner"] = fitted_scanner(self._source_cases, self.target_cases, tc.pairs.fit).to_dict()
+        return pairs, info
 
     def _warm_start(self) -> None:
         """The warm-start stage: supervised fine-tuning on the restyled source pairs before iteration 0 (with

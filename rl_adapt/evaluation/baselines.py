@@ -44,7 +44,7 @@ from rl_adapt.preflight import check_device, check_output
 from rl_adapt.training.finetune import FineTuneConfig, fine_tune, index_batches
 from rl_adapt.training.loop import fit
 from rl_adapt.training.pretrain import AugmentConfig
-from rl_adapt.training.styled_source import StyledPairs, StyledSourceConfig, styled_source_pairs
+from rl_adapt.training.styled_source import StyledPairs, StyledSourceConfig, fitted_scanner, styled_source_pairs
 
 log = logging.getLogger(__name__)
 
@@ -285,9 +285,12 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
     if not cases:
         raise InputError(target, "no target images found")
     network = copy.deepcopy(model.network)
+    extra = {}
     if cfg.method == "styled-source":
-        pairs = styled_source_pairs(model, read_dataset(source_data, with_labels=True, progress=progress), cases,
-                                    cfg.styled, seed=cfg.seed)
+        source = read_dataset(source_data, with_labels=True, progress=progress)
+        pairs = styled_source_pairs(model, source, cases, cfg.styled, seed=cfg.seed)
+        if cfg.styled.mode == "scanner":  # the fit is cached: this only reads it back
+            extra["fitted_scanner"] = fitted_scanner(source, cases, cfg.styled.fit).to_dict()
         n_images = len(pairs)
         history = fine_tune_supervised(network, pairs, cfg, progress=progress)
     else:
@@ -297,7 +300,7 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
         history = adapt_network(network, patches, cfg, progress=progress)
     network.cpu()
     with atomic_dir(out_dir) as tmp:
-        model_dir_tmp = export_model_folder(network, model, tmp, extra_meta={"baseline": to_dict(cfg)})
+        model_dir_tmp = export_model_folder(network, model, tmp, extra_meta={"baseline": to_dict(cfg), **extra})
         rel = Path(model_dir_tmp).relative_to(tmp)
         save_config(cfg, Path(tmp) / "baseline_config.yaml")
         write_json_atomic(Path(tmp) / "baseline_history.json",

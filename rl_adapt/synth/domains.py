@@ -153,9 +153,13 @@ def generate_domain(domain: str, n_patients: int, seed: int = 0, size: int = 128
 
 
 # ------------------------------------------------------------------------------------ vendor shift
-def shifted_spacing(spacing: tuple[float, float], preset_name: str) -> tuple[float, float]:
+def _preset(preset: str | VendorPreset) -> VendorPreset:
+    return preset if isinstance(preset, VendorPreset) else get_preset(preset)
+
+
+def shifted_spacing(spacing: tuple[float, float], preset_name: str | VendorPreset) -> tuple[float, float]:
     """Pixel spacing after :func:`apply_vendor_shift` (the target's depth/sector rescale the grid)."""
-    src, tgt = VENDORS["source"], get_preset(preset_name)
+    src, tgt = VENDORS["source"], _preset(preset_name)
     hs, ht = np.deg2rad(src.sector_deg / 2), np.deg2rad(tgt.sector_deg / 2)
     return (spacing[0] * tgt.depth_mm / src.depth_mm,
             spacing[1] * tgt.depth_mm * np.sin(ht) / (src.depth_mm * np.sin(hs)))
@@ -167,7 +171,7 @@ def _fan_of(image: np.ndarray) -> np.ndarray:
     return fan if fan.mean() > 0.05 else np.ones_like(fan)
 
 
-def apply_vendor_shift(image: np.ndarray, preset_name: str, seed: int,
+def apply_vendor_shift(image: np.ndarray, preset_name: str | VendorPreset, seed: int,
                        label: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Give any apical image (synthetic source or real CAMUS) the look of a target scanner preset.
 
@@ -177,20 +181,22 @@ def apply_vendor_shift(image: np.ndarray, preset_name: str, seed: int,
     spacing); regions the input did not image (beyond its depth or angle) are filled with tissue speckle.
 
     :param image: (H, W) uint8 (0..255) or float (scaled by its 0.5/99.5 percentiles) B-mode image.
-    :param preset_name: a key of :data:`VENDORS`; "source" returns a copy unchanged.
+    :param preset_name: a key of :data:`VENDORS` ("source" returns a copy unchanged) or a :class:`VendorPreset`
+        (e.g. one fitted to unlabelled target images by :func:`rl_adapt.scanner_fit.fit_scanner`; its ``name`` seeds
+        the randomness with ``seed``).
     :param seed: all randomness (speckle, noise, shadow and dropout placement) comes from it.
     :param label: optional (H, W) uint8 label map (also used to place wall dropout).
     :returns: ``(image (H, W) uint8, label (H, W) uint8 or None)``.
     """
-    tgt, src = get_preset(preset_name), VENDORS["source"]
+    tgt, src = _preset(preset_name), VENDORS["source"]
     image = np.asarray(image)
     if image.ndim != 2:
         raise InputError(None, f"apply_vendor_shift expects a 2D image, got shape {image.shape}")
     if label is not None and np.asarray(label).shape != image.shape:
         raise InputError(None, f"label shape {np.shape(label)} differs from image shape {image.shape}")
-    if preset_name == "source":
+    if tgt.name == "source":
         return image.copy(), None if label is None else np.asarray(label).copy()
-    rng = _rng(int(seed), preset_name, "shift")
+    rng = _rng(int(seed), tgt.name, "shift")
     H, W = image.shape
     if image.dtype == np.uint8:
         grey = image.astype(np.float64) / 255.0

@@ -9,7 +9,7 @@ the target images are. Used by the ``styled-source`` baseline (supervised fine-t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +21,15 @@ from rl_adapt.data.case import Case
 from rl_adapt.errors import InputError
 from rl_adapt.io_utils import save_npz
 from rl_adapt.policies.inference import centre_pad_crop
+from rl_adapt.scanner_fit import ScannerFit, ScannerFitConfig, fit_scanner
 from rl_adapt.styling import MODES, estimate_style, restyle
+from rl_adapt.synth.domains import apply_vendor_shift, shifted_spacing
+
+PAIR_MODES = MODES + ("scanner",)
+"""``ratio`` and ``degrade`` (:data:`rl_adapt.styling.MODES`) change grey levels and texture only; ``scanner`` sends
+the source image (and its label) through a B-mode scanner model fitted to the target images
+(:func:`rl_adapt.scanner_fit.fit_scanner`): speckle, noise, gain and blur in the echo envelope, geometry from the
+target's pixel spacing."""
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +49,10 @@ class StyledSourceConfig:
     """How far the amplitude spectrum moves toward the target's (0: histogram only)."""
     histogram: bool = True
     """Match each restyled image's in-sector histogram to a random target image's."""
-    mode: str = bounded("ratio", choices=MODES)
-    """How the texture moves toward the target's (:data:`rl_adapt.styling.MODES`): ``ratio`` (the source's own
-    spectrum re-weighted) or ``degrade`` (low-pass plus independent noise estimated from the spectra)."""
+    mode: str = bounded("ratio", choices=PAIR_MODES)
+    """How the look moves toward the target's (:data:`PAIR_MODES`): ``ratio`` (the source's own spectrum
+    re-weighted), ``degrade`` (low-pass plus independent noise estimated from the spectra) or ``scanner`` (a fitted
+    scanner model; ``spectrum_strength``, ``histogram``, ``depth``, ``angular`` and ``beam`` do not apply)."""
     depth: bool = False
     """Also give the restyled images the target's mean intensity profile over depth (attenuation, gain)."""
     angular: bool = False
@@ -51,6 +60,8 @@ class StyledSourceConfig:
     beam: bool = False
     """Do the spectral step in beam space (:class:`rl_adapt.styling.BeamGrid`: depth x beam angle), where a scanner's
     blur and speckle grain are the same all over the fan."""
+    fit: ScannerFitConfig = field(default_factory=ScannerFitConfig)
+    """How the scanner model is fitted (``mode: scanner`` only)."""
 
 
 @dataclass
@@ -132,6 +143,24 @@ class StyledPairs:
                        styled=d["styled"], names=d["names"].tolist(), held_out=d["held_out"])
 
 
+_FITS: dict[tuple, ScannerFit] = {}
+"""Fitted scanners of this process, by (source names, target names, fit config): the restyling draws of one
+adaptation share one fit (it does not depend on the draw's seed)."""
+
+
+def fitted_scanner(source: Sequence[Case], target: Sequence[Case], cfg: ScannerFitConfig,
+                   progress: bool = False) -> ScannerFit:
+    """The target scanner fitted to the unlabelled ``target`` images (:func:`rl_adapt.scanner_fit.fit_scanner`),
+    from the median pixel spacings of both sets; computed once per process for the same inputs."""
+    key = (tuple(c.name for c in source), tuple(c.name for c in target), astuple(cfg))
+    if key not in _FITS:
+        _FITS[key] = fit_scanner([c.image for c in source], [c.image for c in target],
+                                 np.median([c.spacing for c in source], axis=0),
+                                 np.median([c.spacing for c in target], axis=0), cfg,
+                                 source_labels=[c.label for c in source], progress=progress)
+    return _FITS[key]
+
+
 def _subset(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.arange(n) if k <= 0 or k >= n else np.sort(rng.choice(n, k, replace=False))
 
@@ -152,15 +181,23 @@ def styled_source_pairs(model, source: Sequence[Case], target: Sequence[Case], c
         raise InputError(None, "styled source: no target images")
     rng = np.random.default_rng(seed)
     chosen = [source[i] for i in _subset(len(source), cfg.images, rng)]
-    style = estimate_style([source[i].image for i in _subset(len(source), cfg.style_images, rng)],
-                           [target[i].image for i in _subset(len(target), cfg.style_images, rng)], beam=cfg.beam)
+    style_sub = _subset(len(source), cfg.style_images, rng), _subset(len(target), cfg.style_images, rng)
+    if cfg.mode == "scanner":
+        scanner = fitted_scanner(source, target, cfg.fit).preset
+    else:
+        style = estimate_style([source[i].image for i in style_sub[0]], [target[i].image for i in style_sub[1]],
+                               beam=cfg.beam)
     styled = rng.random(len(chosen)) < cfg.styled_fraction
     images, labels = [], []
     for case, on in zip(chosen, styled):
-        image = (restyle(case.image, style, rng, cfg.spectrum_strength, cfg.histogram, mode=cfg.mode, depth=cfg.depth,
-                         angular=cfg.angular, beam=cfg.beam)
-                 if on else case.image)
-        data, seg, _ = model.preprocess_pair(image, case.label, case.spacing)
+        image, label, spacing = case.image, case.label, case.spacing
+        if on and cfg.mode == "scanner":
+            image, label = apply_vendor_shift(image, scanner, seed=int(rng.integers(2 ** 31)), label=label)
+            spacing = shifted_spacing(spacing, scanner)
+        elif on:
+            image = restyle(case.image, style, rng, cfg.spectrum_strength, cfg.histogram, mode=cfg.mode,
+                            depth=cfg.depth, angular=cfg.angular, beam=cfg.beam)
+        data, seg, _ = model.preprocess_pair(image, label, spacing)
         patch, _ = centre_pad_crop(data, model.patch_size, 0.0)
         label, _ = centre_pad_crop(np.maximum(seg, 0)[None], model.patch_size, 0)
         images.append(np.asarray(patch, np.float32))

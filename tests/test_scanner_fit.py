@@ -1,0 +1,95 @@
+"""The label-free scanner fit: geometry from pixel spacing, image statistics, and a fit that finds a known scanner's
+display levels on small synthetic images (numpy only, seconds)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+import pytest
+
+from rl_adapt.errors import InputError
+from rl_adapt.scanner_fit import (SEARCH, ScannerFitConfig, ScannerObjective, fit_scanner, geometry_from_spacing,
+                                  image_statistics)
+from rl_adapt.synth.domains import apply_vendor_shift, generate_domain, shifted_spacing
+from rl_adapt.synth.vendors import VENDORS
+
+
+@pytest.fixture(scope="module")
+def source_cases():
+    return generate_domain("source", 3, seed=5, size=64)
+
+
+def test_geometry_from_spacing_recovers_every_preset_fan():
+    for preset in VENDORS.values():
+        geo = geometry_from_spacing((0.7, 0.8), shifted_spacing((0.7, 0.8), preset.name))
+        assert geo["depth_mm"] == pytest.approx(preset.depth_mm)
+        assert geo["sector_deg"] == pytest.approx(preset.sector_deg)
+
+
+def test_image_statistics_see_darker_and_blurrier_images(source_cases):
+    image = source_cases[0].image
+    base = image_statistics(image)
+    assert {k: v.shape for k, v in base.items()} == {"quantiles": (19,), "depth": (16,), "spectrum": (24,),
+                                                      "dips": (8,)}
+    assert all(np.isfinite(v).all() for v in base.values())
+    dark = image_statistics((image * 0.5).astype(np.uint8))
+    assert (dark["quantiles"] <= base["quantiles"] + 1e-9).all() and dark["quantiles"][-1] < base["quantiles"][-1]
+    blurred, _ = apply_vendor_shift(image, replace(VENDORS["source"], name="soft", post_blur_px=1.5), seed=0)
+    soft = image_statistics(blurred)
+    # the highest axial and lateral bands lose amplitude, the lowest do not
+    assert soft["spectrum"][11] < base["spectrum"][11] - 0.3 and soft["spectrum"][23] < base["spectrum"][23] - 0.3
+    with pytest.raises(InputError):
+        image_statistics(np.zeros((3, 4, 5), np.uint8))
+
+
+def test_fit_finds_a_known_scanners_display_levels_and_is_deterministic(source_cases):
+    truth = replace(VENDORS["source"], name="truth", gain_db=-5.0, dynamic_range_db=33.0)  # white 5 dB, black -28 dB
+    images = [c.image for c in source_cases]
+    targets = [apply_vendor_shift(im, truth, seed=10 + i)[0] for i, im in enumerate(images)]
+    cfg = ScannerFitConfig(source_images=12, target_images=12, sweeps=3)
+    groups = (("white_db", "black_db"),)
+    fit = fit_scanner(images, targets, (1.0, 1.0), (1.0, 1.0), cfg, groups=groups)
+    white, black = -fit.preset.gain_db, -fit.preset.gain_db - fit.preset.dynamic_range_db
+    step_w, step_b = np.diff(SEARCH["white_db"]).max(), np.diff(SEARCH["black_db"]).max()
+    assert abs(white - 5.0) <= step_w and abs(black + 28.0) <= step_b
+    assert fit.preset.depth_mm == VENDORS["source"].depth_mm and fit.preset.name == "fitted"
+    objective = ScannerObjective(images, targets, cfg)
+    assert objective(fit.preset) == pytest.approx(fit.score)
+    assert fit.score < 0.1 * min(objective(replace(VENDORS["source"], name="fitted")), fit.start_score)
+    again = fit_scanner(images, targets, (1.0, 1.0), (1.0, 1.0), cfg, groups=groups)
+    assert again.preset == fit.preset and again.score == fit.score
+    assert "gain_db=-" in fit.summary()
+    with pytest.raises(InputError, match="source and target"):
+        fit_scanner([], targets, (1.0, 1.0), (1.0, 1.0), cfg)
+
+
+def test_scanner_pairs_warp_label_with_image_and_are_seeded(tmp_path_factory):
+    """``mode: scanner`` styled pairs: toward a target imaged deeper and wider, image and label are warped to the
+    target's fan and carry its larger spacing, so after the model's resampling the heart keeps its physical size;
+    the same seed gives the same pairs."""
+    from test_evaluate import build_tiny_world
+
+    from rl_adapt.data.case import Case
+    from rl_adapt.data.readers import read_dataset
+    from rl_adapt.policies.nnunet import load_model_folder
+    from rl_adapt.training.styled_source import StyledSourceConfig, styled_source_pairs
+
+    world = build_tiny_world(tmp_path_factory.getbasetemp() / "tiny_nnunet_world")
+    model = load_model_folder(world["src"])
+    source = read_dataset(world["data"], with_labels=True, progress=False)
+    deep = VENDORS["target-shadow"]
+    target = [Case(c.name, apply_vendor_shift(c.image, deep.name, seed=i)[0], None,
+                   shifted_spacing(c.spacing, deep.name)) for i, c in enumerate(source)]
+    cfg = StyledSourceConfig(mode="scanner", styled_fraction=1.0,
+                             fit=ScannerFitConfig(source_images=2, target_images=4, sweeps=1))
+    pairs = styled_source_pairs(model, source, target, cfg, seed=0)
+    plain = styled_source_pairs(model, source, target, StyledSourceConfig(styled_fraction=0.0), seed=0)
+    assert pairs.styled.all() and not plain.styled.any()
+    heart = (pairs.labels > 0).sum(dim=(1, 2)).double()
+    plain_heart = (plain.labels > 0).sum(dim=(1, 2)).double()
+    # same physical heart resampled to the model's spacing: about the same area, never the plain patch's labels
+    assert not torch.equal(pairs.labels, plain.labels)
+    assert (heart / plain_heart).mean().item() == pytest.approx(1.0, abs=0.25)
+    again = styled_source_pairs(model, source, target, cfg, seed=0)
+    assert torch.equal(again.images, pairs.images) and torch.equal(again.labels, pairs.labels)
