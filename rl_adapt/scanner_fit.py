@@ -35,7 +35,7 @@ import numpy as np
 
 from rl_adapt.config import bounded
 from rl_adapt.errors import InputError
-from rl_adapt.styling import ANGLE_BINS, _angular_profile, depth_bins, sector_mask
+from rl_adapt.styling import angular_profile, depth_bins, sector_mask
 from rl_adapt.synth.domains import apply_vendor_shift
 from rl_adapt.synth.vendors import VENDORS, VendorPreset
 
@@ -183,7 +183,7 @@ def image_statistics(image: np.ndarray, mask: np.ndarray | None = None) -> dict[
     depth = np.bincount(b, vals, STAT_DEPTH_BINS) / np.maximum(counts, 1)
     depth = np.where(counts > 0, depth, vals.mean())
     z = np.where(mask, (grey - vals.mean()) / max(vals.std(), 1e-6), 0.0)
-    dips = np.sort(_angular_profile(grey, mask))[:DIPS]
+    dips = np.sort(angular_profile(grey, mask))[:DIPS]
     return {"quantiles": np.quantile(vals, QUANTILES), "depth": depth, "spectrum": _band_spectrum(z), "dips": dips}
 
 

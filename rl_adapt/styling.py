@@ -321,7 +321,7 @@ class BeamGrid:
         return ndi.map_coordinates(polar, list(self.back), order=1, mode="nearest")
 
 
-def _angular_profile(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def angular_profile(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """(ANGLE_BINS,) in-sector mean intensity per beam angle divided by its smooth trend (1 = no dip)."""
     b = np.minimum((beam_angles(mask)[mask] * ANGLE_BINS).astype(int), ANGLE_BINS - 1)
     vals = image[mask].astype(np.float64)
@@ -580,7 +580,7 @@ def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[
         return np.where(np.isfinite(prof), prof, np.nanmean(prof))
 
     qbank: list[np.ndarray] = []
-    angular = [_angular_profile(im, sector_mask(im)) for im in tgt]
+    angular = [angular_profile(im, sector_mask(im)) for im in tgt]
     source_amp, source_beam = mean_amplitude(src, None)
     target_amp, target_beam = mean_amplitude(tgt, qbank)
     style = TargetStyle(target_amplitude=target_amp, source_amplitude=source_amp,

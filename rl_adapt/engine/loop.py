@@ -348,7 +348,7 @@ class Adapter:
         if self._source_cases is None:  # read once, whatever the number of draws
             self._source_cases = read_dataset(self.inputs.source_data, with_labels=True)
         pairs = styled_source_pairs(self.model, self._source_cases, self.target_cases, tc.pairs,
-                                    seed=_stage_seed(seed, 0, 7))
+                                    seed=_stage_seed(seed, 0, 7), progress=self.progress)
         pairs = pairs.split(tc.held_out, seed=_stage_seed(seed, 0, 8))
         info = {"n_pairs": len(pairs), "n_styled": int(pairs.styled.sum()), "n_held_out": int(pairs.held_out.sum())}
         if tc.pairs.mode == "scanner":  # the fit is cached: this only reads it back

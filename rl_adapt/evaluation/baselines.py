@@ -288,7 +288,7 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
     extra = {}
     if cfg.method == "styled-source":
         source = read_dataset(source_data, with_labels=True, progress=progress)
-        pairs = styled_source_pairs(model, source, cases, cfg.styled, seed=cfg.seed)
+        pairs = styled_source_pairs(model, source, cases, cfg.styled, seed=cfg.seed, progress=progress)
         if cfg.styled.mode == "scanner":  # the fit is cached: this only reads it back
             extra["fitted_scanner"] = fitted_scanner(source, cases, cfg.styled.fit).to_dict()
         n_images = len(pairs)

@@ -166,12 +166,13 @@ def _subset(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def styled_source_pairs(model, source: Sequence[Case], target: Sequence[Case], cfg: StyledSourceConfig,
-                        seed: int) -> StyledPairs:
+                        seed: int, progress: bool = False) -> StyledPairs:
     """Restyle labelled ``source`` cases toward the look of the unlabelled ``target`` cases.
 
     :param model: the policy's :class:`~rl_adapt.policies.nnunet.NnUNetModel` (its preprocessing and patch size).
     :param source: labelled source cases; :param target: target cases (images only are read).
     :param seed: seed of the subsets, the restyled ones and the restyling.
+    :param progress: show a progress bar over the scanner fit (``mode: scanner``; minutes on CAMUS-sized sets).
     :raises InputError: no labelled source case or no target image.
     """
     source = [c for c in source if c.label is not None]
@@ -183,7 +184,7 @@ def styled_source_pairs(model, source: Sequence[Case], target: Sequence[Case], c
     chosen = [source[i] for i in _subset(len(source), cfg.images, rng)]
     style_sub = _subset(len(source), cfg.style_images, rng), _subset(len(target), cfg.style_images, rng)
     if cfg.mode == "scanner":
-        scanner = fitted_scanner(source, target, cfg.fit).preset
+        scanner = fitted_scanner(source, target, cfg.fit, progress=progress).preset
     else:
         style = estimate_style([source[i].image for i in style_sub[0]], [target[i].image for i in style_sub[1]],
                                beam=cfg.beam)
