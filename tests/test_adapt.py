@@ -172,6 +172,30 @@ def test_the_source_teacher_supervises_teaches_the_reward_and_judges_the_guard(t
                 _cfg(["source_teacher.enabled=true"]), tmp_path / "x", progress=False)
 
 
+def test_scanner_restyling_is_fitted_once_for_all_draws_and_recorded(tiny_world, tmp_path, monkeypatch):
+    """``pairs.mode: scanner``: the draws share one fit of the target scanner (label-free), and the run records it."""
+    import rl_adapt.training.styled_source as styled_source
+
+    calls = []
+    real = styled_source.fit_scanner
+    monkeypatch.setattr(styled_source, "_FITS", {})
+    monkeypatch.setattr(styled_source, "fit_scanner", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"],
+                         source_data=tiny_world["source"])
+    cfg = _cfg([*TEACHER, "source_teacher.pairs.mode=scanner", "source_teacher.draws=2",
+                "source_teacher.pairs.fit.source_images=2", "source_teacher.pairs.fit.target_images=4",
+                "source_teacher.pairs.fit.sweeps=1"])
+    run = tmp_path / "run"
+    Adapter(inputs, cfg, run, progress=False).run()
+    rec = {json.loads(x)["stage"]: json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()}
+    assert len(calls) == 1
+    fitted = rec["styled_source"]["scanner"]
+    assert fitted == rec["draw0/styled_source"]["scanner"] == rec["draw1/styled_source"]["scanner"]
+    assert fitted["preset"]["name"] == "fitted" and fitted["evaluations"] > 1
+    assert np.isfinite(fitted["mismatch"]) and np.isfinite(fitted["start_mismatch"])
+    assert rec["styled_source"]["n_styled"] > 0
+
+
 def test_restyling_draws_are_scored_label_free_and_the_best_one_is_kept(tiny_world, tmp_path, monkeypatch):
     """Two restyling draws: each restyled, warm-started and scored on the target images as stages of their own (a
     run that fails inside the draws resumes without redoing them); the best score's draw becomes the run's."""
