@@ -39,7 +39,8 @@ from rl_adapt.styling import angular_profile, depth_bins, sector_mask
 from rl_adapt.synth.domains import apply_vendor_shift
 from rl_adapt.synth.vendors import VENDORS, VendorPreset
 
-__all__ = ["ScannerFitConfig", "ScannerFit", "ScannerObjective", "fit_scanner", "image_statistics", "geometry_from_spacing", "SEARCH"]
+__all__ = ["ScannerFitConfig", "ScannerFit", "ScannerObjective", "fit_scanner", "image_statistics",
+           "geometry_from_spacing", "SEARCH", "GROUPS"]
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,8 @@ class ScannerObjective:
                    for j, (im, lab) in enumerate(zip(self.source, self.labels))]
         geometry = (preset.depth_mm, preset.sector_deg)
         if self._masks[0] != geometry:  # one sector per image and fan geometry, found on the source look through it
-            reference = replace(VENDORS["source"], name="fitted", depth_mm=preset.depth_mm, sector_deg=preset.sector_deg)
+            reference = replace(VENDORS["source"], name="fitted", depth_mm=preset.depth_mm,
+                                sector_deg=preset.sector_deg)
             self._masks = (geometry, [sector_mask(apply_vendor_shift(im, reference, seed=self.seed * 1000 + j,
                                                                      label=lab)[0])
                                       for j, (im, lab) in enumerate(zip(self.source, self.labels))])
