@@ -35,7 +35,7 @@ import numpy as np
 
 from rl_adapt.config import bounded
 from rl_adapt.errors import InputError
-from rl_adapt.styling import angular_profile, depth_bins, sector_mask
+from rl_adapt.styling import angular_profile, depth_profile, sector_mask
 from rl_adapt.synth.domains import apply_vendor_shift
 from rl_adapt.synth.vendors import VENDORS, VendorPreset
 
@@ -179,10 +179,8 @@ def image_statistics(image: np.ndarray, mask: np.ndarray | None = None) -> dict[
     grey = im.astype(np.float64) / 255.0
     mask = sector_mask(im) if mask is None else np.asarray(mask, bool)
     vals = grey[mask]
-    b = (depth_bins(mask, STAT_DEPTH_BINS))[mask]
-    counts = np.bincount(b, None, STAT_DEPTH_BINS)
-    depth = np.bincount(b, vals, STAT_DEPTH_BINS) / np.maximum(counts, 1)
-    depth = np.where(counts > 0, depth, vals.mean())
+    depth = depth_profile(grey, mask, STAT_DEPTH_BINS)  # grey is in [0, 1]: its full scale is 1
+    depth = np.where(np.isfinite(depth), depth, vals.mean())
     z = np.where(mask, (grey - vals.mean()) / max(vals.std(), 1e-6), 0.0)
     dips = np.sort(angular_profile(grey, mask))[:DIPS]
     return {"quantiles": np.quantile(vals, QUANTILES), "depth": depth, "spectrum": _band_spectrum(z), "dips": dips}

@@ -230,12 +230,13 @@ def depth_bins(mask: np.ndarray, bins: int = DEPTH_BINS) -> np.ndarray:
     return np.broadcast_to(np.clip((r * bins).astype(int), 0, bins - 1)[:, None], mask.shape)
 
 
-def _depth_profile(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(DEPTH_BINS,) mean in-sector intensity per depth bin as a fraction of full scale (NaN for empty bins)."""
-    b = depth_bins(mask)[mask]
+def depth_profile(image: np.ndarray, mask: np.ndarray, bins: int = DEPTH_BINS) -> np.ndarray:
+    """(bins,) mean in-sector intensity per depth bin (:func:`depth_bins`) as a fraction of full scale (NaN for empty
+    bins)."""
+    b = depth_bins(mask, bins)[mask]
     vals = image[mask].astype(np.float64) / intensity_scale(image)
-    sums = np.bincount(b, vals, DEPTH_BINS)
-    counts = np.bincount(b, None, DEPTH_BINS)
+    sums = np.bincount(b, vals, bins)
+    counts = np.bincount(b, None, bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         return sums / counts
 
@@ -576,7 +577,7 @@ def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[
         return acc[0] / len(images), acc[1] / len(images)
 
     def mean_depth(images: list[np.ndarray]) -> np.ndarray:
-        prof = np.nanmean([_depth_profile(im, sector_mask(im)) for im in images], axis=0)
+        prof = np.nanmean([depth_profile(im, sector_mask(im)) for im in images], axis=0)
         return np.where(np.isfinite(prof), prof, np.nanmean(prof))
 
     qbank: list[np.ndarray] = []

@@ -182,6 +182,7 @@ def styled_source_pairs(model, source: Sequence[Case], target: Sequence[Case], c
         raise InputError(None, "styled source: no target images")
     rng = np.random.default_rng(seed)
     chosen = [source[i] for i in _subset(len(source), cfg.images, rng)]
+    # drawn in every mode (scanner mode does not use them) so the same seed restyles the same source images in all
     style_sub = _subset(len(source), cfg.style_images, rng), _subset(len(target), cfg.style_images, rng)
     if cfg.mode == "scanner":
         scanner = fitted_scanner(source, target, cfg.fit, progress=progress).preset
