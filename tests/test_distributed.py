@@ -160,12 +160,15 @@ def test_adapt_on_two_ranks_resumes_after_one_rank_is_killed(tiny_world, tmp_pat
 
 
 def test_restyling_draws_on_two_ranks_are_scored_once_and_agree(tiny_world, tmp_path):
-    """The source teacher with two restyling draws under torchrun: every draw stage recorded once, one choice, the
-    draws' files removed, and the run's warm start the chosen draw's."""
+    """The source teacher with two restyling draws under torchrun, restyled through a fitted scanner (the shipped
+    configs' mode): every draw stage recorded once, one choice, the draws' files removed, the run's warm start the
+    chosen draw's, and one fit shared by the draws (rank 0 restyles; the other rank reads the saved pairs)."""
     from test_adapt import TEACHER
 
     run = tmp_path / "run"
-    sets = [x for s in [*TEACHER, "source_teacher.draws=2", "ppo.n_envs=2", "ppo.batch_size=2"]
+    scanner = ["source_teacher.pairs.mode=scanner", "source_teacher.pairs.fit.source_images=2",
+               "source_teacher.pairs.fit.target_images=4", "source_teacher.pairs.fit.sweeps=1"]
+    sets = [x for s in [*TEACHER, *scanner, "source_teacher.draws=2", "ppo.n_envs=2", "ppo.batch_size=2"]
             for x in ("--set", s)]
     args = _adapt_args(tiny_world, run) + ["--source-data", str(tiny_world["source"]), *sets]
     done = _torchrun(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -182,6 +185,9 @@ def test_restyling_draws_on_two_ranks_are_scored_once_and_agree(tiny_world, tmp_
     assert rec["warm_start"]["draw"] == chosen
     assert rec["warm_start"]["held_out_dice"] == rec[f"draw{chosen}/warm_start"]["held_out_dice"]
     assert not (run / "draws").exists() and (run / "warm_start.pt").is_file()
+    fitted = rec["styled_source"]["scanner"]
+    assert fitted == rec["draw0/styled_source"]["scanner"] == rec["draw1/styled_source"]["scanner"]
+    assert fitted["preset"]["name"] == "fitted"
 
 
 def test_evaluate_on_two_ranks_writes_the_tables_of_one(tiny_world, tmp_path):
