@@ -276,6 +276,9 @@ def test_evaluate_with_reward_network_reports_reliability(tiny_world, tmp_path):
     r = s["reward"]  # also scored near the borders, where the errors are
     assert r["model"] == "src" and r["border_px"] == 5 and 0.0 <= r["border_ece"] <= 1.0
     assert rel["border"]["n_pixels"] <= rel["n_pixels"]
+    conf = rel["policy_confidence"]  # the model's own confidence, scored on the same pixels as the reward
+    assert conf["everywhere"]["n_pixels"] == rel["n_pixels"] and conf["border"]["n_pixels"] == rel["border"]["n_pixels"]
+    assert 0.0 <= r["confidence_border_auroc"] <= 1.0 and r["confidence_auroc"] == conf["everywhere"]["auroc"]
     other = evaluate({"src": tiny_world["src"], "other": tiny_world["other"]}, tiny_world["data"], tmp_path / "e2",
                      reward=run, config=EvaluateConfig(overlays=0, n_bootstrap=100, workers=0, report=False,
                                                        reward_model="other"), progress=False)
@@ -331,3 +334,26 @@ def test_evaluate_applies_one_postprocessing_rule_to_every_model(tiny_world, tmp
     with pytest.raises(InputError, match="different postprocessing rules"):
         evaluate(models, tiny_world["data"], tmp_path / "eval3", config=cfg, progress=False)
     assert not (tmp_path / "eval3").exists()
+
+
+def test_the_reward_is_scored_beside_the_models_own_confidence_in_the_image_geometry(tiny_world):
+    """``reward_in_geometry`` returns the model's maximum softmax probability mapped back like its logits: the same
+    as the softmax of the logits mapped back (up to the resampling order), and highest where the prediction is."""
+    import torch
+    from rl_adapt.engine.reward.network import RewardNet, RewardNetConfig
+    from rl_adapt.evaluation.inputs import load_labelled, load_model
+    from rl_adapt.evaluation.reliability import reward_in_geometry
+
+    torch.manual_seed(0)
+    model = load_model(tiny_world["src"])
+    case = load_labelled(tiny_world["data"])[0]
+    r, pred, covered, confidence = reward_in_geometry(RewardNet(RewardNetConfig(features=4, depth=2)), model, case)
+    patch, props = model.to_patch(case.image, case.spacing)
+    with torch.no_grad():
+        out = model.network(patch[None])
+        out = out[0] if isinstance(out, (list, tuple)) else out
+    logits = torch.from_numpy(model.from_patch(out[0], props))
+    expected = torch.softmax(logits, 0).amax(0).numpy()
+    assert confidence.shape == r.shape == pred.shape and covered.any()
+    assert np.abs(confidence - expected)[covered].mean() < 0.02
+    assert confidence[covered].min() >= 1.0 / model.num_classes - 0.02

@@ -39,3 +39,6 @@ for preset in ("blur", "lowgain", "shadow"):
         print(f"| {preset} | reward network ({r['model']}'s masks) | AUROC {f(r['auroc'])}, ECE {f(r['ece'])} | "
               f"within {r['border_px']} px of a border: AUROC {f(r['border_auroc'])}, ECE {f(r['border_ece'])} "
               "| | | | | |")
+        if r.get("confidence_border_auroc") is not None:
+            print(f"| {preset} | {r['model']}'s own softmax confidence | AUROC {f(r['confidence_auroc'])} | "
+                  f"within {r['border_px']} px of a border: AUROC {f(r['confidence_border_auroc'])} | | | | | |")

@@ -98,4 +98,7 @@ def format_table(summary: dict) -> str:
         lines.append(f"reward network vs the true labels ({r['model']}'s outputs): AUROC {f(r['auroc'])}, "
                      f"ECE {f(r['ece'])}; within {r['border_px']} px of a border: AUROC {f(r['border_auroc'])}, "
                      f"ECE {f(r['border_ece'])}")
+        if r.get("confidence_border_auroc") is not None:
+            lines.append(f"  the model's own softmax confidence on the same pixels: AUROC {f(r['confidence_auroc'])}; "
+                         f"within {r['border_px']} px of a border: AUROC {f(r['confidence_border_auroc'])}")
     return "\n".join(lines)

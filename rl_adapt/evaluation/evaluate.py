@@ -316,7 +316,10 @@ def _evaluate(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateC
         summary["reward"] = {"model": rel["model"], "ece": rel["ece"], "auroc": rel["auroc"],
                              "border_px": rel["border_px"], "border_ece": rel["border"]["ece"],
                              "border_auroc": rel["border"]["auroc"], "error_rate": rel["error_rate"],
-                             "border_error_rate": rel["border"]["error_rate"]}
+                             "border_error_rate": rel["border"]["error_rate"],
+                             # the model's own softmax confidence on the same pixels: what the reward must beat
+                             "confidence_auroc": rel["policy_confidence"]["everywhere"]["auroc"],
+                             "confidence_border_auroc": rel["policy_confidence"]["border"]["auroc"]}
     if post is not None:
         summary["postprocessed"] = summarise(pp_image_rows, pp_patient_rows, names, n_bootstrap=cfg.n_bootstrap,
                                              seed=cfg.seed)

@@ -12,15 +12,17 @@ from tqdm import tqdm
 from rl_adapt.measures.calibration import auroc, reliability_bins
 
 
-def reward_in_geometry(reward_net, model, case) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The reward of ``model``'s own argmax action, as the reward network sees it during adaptation.
+def reward_in_geometry(reward_net, model, case) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The reward of ``model``'s own argmax action, as the reward network sees it during adaptation, beside the
+    model's own softmax confidence in that action.
 
     The network and the reward network run on :meth:`to_patch` (nnU-Net preprocessing, fixed patch); the
-    action and the reward map are then mapped back to the case's geometry with :meth:`from_patch` (the
-    reward rides as channel 0 of a logit stack, linearly resampled; channel 1 marks the pixels the patch
-    covers).
+    action, the reward map and the confidence are then mapped back to the case's geometry with :meth:`from_patch`
+    (reward and confidence ride as channels of a logit stack, linearly resampled; one channel marks the pixels the
+    patch covers).
 
-    :returns: ``(reward (H, W) float32 in [0, 1], prediction (H, W) uint8, covered (H, W) bool)``.
+    :returns: ``(reward (H, W) float32 in [0, 1], prediction (H, W) uint8, covered (H, W) bool, confidence (H, W)
+        float32 in [0, 1])``; the confidence is the maximum softmax probability of the network per pixel.
     """
     patch, props = model.to_patch(case.image, case.spacing)
     with torch.no_grad():
@@ -28,13 +30,16 @@ def reward_in_geometry(reward_net, model, case) -> tuple[np.ndarray, np.ndarray,
         out = out[0] if isinstance(out, (list, tuple)) else out
         action = out.argmax(1)
         r = reward_net.score(patch[None].float(), action)[0].float().cpu().numpy()
+        confidence = torch.softmax(out.float(), 1).amax(1)[0].cpu().numpy()
     action = action[0].cpu().numpy()
-    stack = np.zeros((model.num_classes,) + r.shape, dtype=np.float32)
+    stack = np.zeros((max(3, model.num_classes),) + r.shape, dtype=np.float32)
     stack[0] = r
     stack[1] = 1.0  # 1 inside the patch; from_patch fills outside it with a very negative logit
+    stack[2] = confidence
     back = model.from_patch(stack, props)
     pred = np.asarray(model.from_patch(action, props), dtype=np.uint8)
-    return np.clip(back[0], 0.0, 1.0).astype(np.float32), pred, back[1] > 0.5
+    return (np.clip(back[0], 0.0, 1.0).astype(np.float32), pred, back[1] > 0.5,
+            np.clip(back[2], 0.0, 1.0).astype(np.float32))
 
 
 BORDER_PX = 5
@@ -106,24 +111,29 @@ def reward_reliability(reward_net, model, cases: Sequence, n_bins: int = 10, max
     and action are mapped back to the image geometry and compared with the ground truth there, over the
     pixels the patch covers, and again over those within ``border_px`` pixels of a predicted or true border
     (:func:`border_band`). ECE and the reliability bins are exact; the AUROC of ``1 - reward`` as a detector of
-    wrong pixels uses a seeded subsample.
+    wrong pixels uses a seeded subsample. The model's own softmax confidence is scored the same way on the same
+    pixels, as the reference a reward must beat to know more about the masks than the policy does.
 
     :returns: ``{"ece", "auroc", "n_pixels", "error_rate", "bins": {"edges", "confidence", "accuracy", "count"},
-        "border": {the same keys for the band}, "border_px"}`` (lists; NaN where a bin is empty).
+        "border": {the same keys for the band}, "border_px", "policy_confidence": {"everywhere": {the same keys},
+        "border": {the same keys}}}`` (lists; NaN where a bin is empty).
     """
     per_image = max(1, max_auroc_pixels // max(1, len(cases)))
-    everywhere = _Reliability(n_bins, per_image, np.random.default_rng(seed))
-    border = _Reliability(n_bins, per_image, np.random.default_rng(seed + 1))
+    scored = {(what, where): _Reliability(n_bins, per_image, np.random.default_rng(seed + (where == "border")))
+              for what in ("reward", "confidence") for where in ("everywhere", "border")}
     for c in tqdm(cases, desc="reward", unit="img", disable=None if progress else True):
-        r, pred, covered = reward_in_geometry(reward_net, model, c)
+        r, pred, covered, confidence = reward_in_geometry(reward_net, model, c)
         right = pred == c.label
-        everywhere.add(r[covered], right[covered])
         band = covered & border_band(pred, c.label, border_px)
-        border.add(r[band], right[band])
-    return {**everywhere.result(), "border": border.result(), "border_px": int(border_px)}
+        for where, keep in (("everywhere", covered), ("border", band)):
+            scored["reward", where].add(r[keep], right[keep])
+            scored["confidence", where].add(confidence[keep], right[keep])
+    out = {k[1]: v.result() for k, v in scored.items() if k[0] == "confidence"}
+    return {**scored["reward", "everywhere"].result(), "border": scored["reward", "border"].result(),
+            "border_px": int(border_px), "policy_confidence": out}
 
 
 def uncertainty_map(reward_net, model, case) -> np.ndarray:
     """``1 - reward`` of ``model``'s argmax prediction in the case's geometry: (H, W) float32, 0 outside the patch."""
-    r, _, covered = reward_in_geometry(reward_net, model, case)
+    r, _, covered, _ = reward_in_geometry(reward_net, model, case)
     return np.where(covered, 1.0 - r, 0.0).astype(np.float32)

@@ -460,7 +460,12 @@ def build_report(folder: str | Path, title: str = "rl-adapt evaluation") -> str:
                      f"<code>{html.escape(str(rel.get('reward_run', '')))}</code> on the predictions of "
                      f"{html.escape(str(rel.get('model', models[0])))} against whether each pixel is correct; "
                      f"{int(rel.get('n_pixels', 0)):,} pixels, ECE {_fmt(rel.get('ece'), 3)}, AUROC "
-                     f"{_fmt(rel.get('auroc'), 3)}.</p>" + _img(reliability_figure(rel), "reliability diagram")
+                     f"{_fmt(rel.get('auroc'), 3)}; within {rel.get('border_px')} px of a border, AUROC "
+                     f"{_fmt(rel.get('border', {}).get('auroc'), 3)}. The model's own softmax confidence on the "
+                     f"same pixels: AUROC {_fmt(rel.get('policy_confidence', {}).get('everywhere', {}).get('auroc'), 3)}"
+                     f", near a border {_fmt(rel.get('policy_confidence', {}).get('border', {}).get('auroc'), 3)} "
+                     "(a reward above these knows more about the masks than the model does).</p>"
+                     + _img(reliability_figure(rel), "reliability diagram")
                      + "</section>")
     if ov is not None and len(ov.get("case", [])):
         groups = [str(g) for g in ov["group"]]
