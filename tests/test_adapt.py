@@ -248,6 +248,31 @@ def test_restyling_draws_are_scored_label_free_and_the_best_one_is_kept(tiny_wor
         _cfg([*TEACHER, "source_teacher.draws=2", "source_teacher.warm_start.steps=0"])
 
 
+def test_draws_can_mix_restyling_modes_and_each_draw_is_what_its_mode_alone_gives(tiny_world, tmp_path):
+    """``source_teacher.draw_modes``: draw d is restyled in its own mode with its own seed, so a mixed run's draw d is
+    the draw d of a run in that mode alone (the label-free choice then spans both modes), and the mode is recorded."""
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"],
+                         source_data=tiny_world["source"])
+
+    def records(run, extra):
+        Adapter(inputs, _cfg([*TEACHER, "seed=3", *extra]), run, progress=False).run()
+        return {json.loads(x)["stage"]: json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()}
+
+    mixed = records(tmp_path / "mixed", ["source_teacher.draws=2", "source_teacher.draw_modes=[degrade,ratio]"])
+    ratio = records(tmp_path / "ratio", ["source_teacher.draws=2", "source_teacher.pairs.mode=ratio"])
+    degrade = records(tmp_path / "degrade", [])  # one draw: draw 0 of the degrade mode
+    assert [mixed["draw0/score"]["mode"], mixed["draw1/score"]["mode"]] == ["degrade", "ratio"]
+    assert [mixed["draw0/styled_source"]["mode"], mixed["draw1/styled_source"]["mode"]] == ["degrade", "ratio"]
+    assert mixed["styled_source"]["mode"] == ["degrade", "ratio"][mixed["draw_choice"]["chosen"]]
+    for key in ("held_out_dice", "last_loss"):
+        assert mixed["draw1/warm_start"][key] == ratio["draw1/warm_start"][key]
+        assert mixed["draw0/warm_start"][key] == degrade["warm_start"][key]
+    assert mixed["draw1/score"]["agreement"] == ratio["draw1/score"]["agreement"]
+    assert ratio["draw0/score"]["mode"] == "ratio"
+    with pytest.raises(ConfigError, match="draw_modes has 1 entries for 2 draws"):
+        _cfg([*TEACHER, "source_teacher.draws=2", "source_teacher.draw_modes=[ratio]"])
+
+
 def test_a_config_that_needs_a_shape_prior_without_one_is_refused(tiny_world, tmp_path):
     inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"])
     with pytest.raises(ConfigError, match="--source-data DIR.*--shape-prior FILE.*corrector.use_shape_prior=false"):

@@ -342,17 +342,20 @@ class Adapter:
                                lambda: (_GivenFile(source, load(source)), {**figures, "draw": chosen}),
                                _GivenFile.load_with(load)).value
 
-    def _restyle(self, seed: int) -> tuple[StyledPairs, dict]:
-        """Source pairs restyled toward the target with master seed ``seed``, split into training and held out."""
+    def _restyle(self, seed: int, mode: str | None = None) -> tuple[StyledPairs, dict]:
+        """Source pairs restyled toward the target with master seed ``seed`` (in restyling ``mode``; None: the
+        configured ``pairs.mode``), split into training and held out."""
         tc = self.cfg.source_teacher
+        how = tc.pairs if mode is None else dataclasses.replace(tc.pairs, mode=mode)
         if self._source_cases is None:  # read once, whatever the number of draws
             self._source_cases = read_dataset(self.inputs.source_data, with_labels=True)
-        pairs = styled_source_pairs(self.model, self._source_cases, self.target_cases, tc.pairs,
+        pairs = styled_source_pairs(self.model, self._source_cases, self.target_cases, how,
                                     seed=_stage_seed(seed, 0, 7), progress=self.progress)
         pairs = pairs.split(tc.held_out, seed=_stage_seed(seed, 0, 8))
-        info = {"n_pairs": len(pairs), "n_styled": int(pairs.styled.sum()), "n_held_out": int(pairs.held_out.sum())}
-        if tc.pairs.mode == "scanner":  # the fit is cached: this only reads it back
-            info["scanner"] = fitted_scanner(self._source_cases, self.target_cases, tc.pairs.fit).to_dict()
+        info = {"n_pairs": len(pairs), "n_styled": int(pairs.styled.sum()), "n_held_out": int(pairs.held_out.sum()),
+                "mode": how.mode}
+        if how.mode == "scanner":  # the fit is cached: this only reads it back
+            info["scanner"] = fitted_scanner(self._source_cases, self.target_cases, how.fit).to_dict()
         return pairs, info
 
     def _warm_start(self) -> None:
@@ -413,8 +416,10 @@ class Adapter:
         name = f"draw{d}"
         if not self.stages.done(f"{name}/score"):
             seed = self._draw_seed(d)
+            tc = self.cfg.source_teacher
+            mode = tc.draw_modes[d] if tc.draw_modes else tc.pairs.mode
             pairs = self.stages.run(f"{name}/styled_source", self._draw_path(d, "styled_source.npz"),
-                                    lambda: self._restyle(seed), StyledPairs.load)
+                                    lambda: self._restyle(seed, mode), StyledPairs.load)
             pairs.images, pairs.labels = pairs.images.to(self.device), pairs.labels.to(self.device)
             weights = self.stages.run(f"{name}/warm_start", self._draw_path(d, "warm_start.pt"),
                                       lambda: self._warm(pairs, seed), PolicyWeights.load, parallel=True)
@@ -423,7 +428,8 @@ class Adapter:
             net.load_state_dict(weights.state)
             masks = self._argmax(net, self.images)
             summary = sharded_correction(self._corrector(prior), masks, self._names(), self.world)[1]
-            self.stages.mark(f"{name}/score", {"seed": seed, "validity": float(summary["validity_before"]),
+            self.stages.mark(f"{name}/score", {"seed": seed, "mode": mode,
+                                               "validity": float(summary["validity_before"]),
                                                "agreement": float(summary["mean_dice_to_input"]),
                                                "seconds": time.time() - t0})
         return self.stages.info(f"{name}/score")

@@ -14,7 +14,7 @@ from rl_adapt.engine.rollout import RolloutConfig
 from rl_adapt.engine.shape_prior import ShapePriorConfig
 from rl_adapt.postprocessing import CANDIDATES
 from rl_adapt.training.finetune import FineTuneConfig
-from rl_adapt.training.styled_source import StyledSourceConfig
+from rl_adapt.training.styled_source import PAIR_MODES, StyledSourceConfig
 
 
 @dataclass
@@ -50,8 +50,19 @@ class SourceTeacherConfig:
     """How draws are told apart, on the target images, without labels: ``agreement`` (mean Dice of the automatic
     corrections to the warm-started policy's masks: fewer edits needed) or ``validity`` (fraction of those masks
     anatomically valid). Ties go to the lower draw."""
+    draw_modes: list[str] = field(default_factory=list)
+    """The restyling mode of each draw, in draw order (one of ``pairs.mode``'s choices per draw; empty: every draw
+    uses ``pairs.mode``). Mixing modes lets ``draw_score`` choose, label-free, between a fitted scanner model
+    (``scanner``: close when the target's scanner is of the model's kind) and spectra and profiles estimated
+    directly (``degrade``: no such assumption). Needs one entry per draw."""
 
     def __post_init__(self) -> None:
+        if self.draw_modes and len(self.draw_modes) != self.draws:
+            raise ValueError(f"source_teacher.draw_modes has {len(self.draw_modes)} entries for {self.draws} draws: "
+                             "give one restyling mode per draw (or none)")
+        unknown = sorted(set(self.draw_modes) - set(PAIR_MODES))
+        if unknown:
+            raise ValueError(f"source_teacher.draw_modes: unknown mode(s) {unknown}; choose from {list(PAIR_MODES)}")
         if self.draws > 1 and self.warm_start.steps <= 0:
             raise ValueError("source_teacher.draws > 1 needs source_teacher.warm_start.steps > 0: draws are told apart "
                              "by the warm-started policy's masks on the target images")
