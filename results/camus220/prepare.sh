@@ -4,6 +4,9 @@
 #   OUT/Dataset521_Camus220Dev               20 dev patients, original images (the in-domain reference)
 #   OUT/Dataset52{2,4,6}_Camus220Dev_<preset>    the dev patients through the target vendor (choose settings here)
 #   OUT/Dataset52{3,5,7}_Camus220Target_<preset> the 220 target patients through it (adapt label-free, then score)
+#   OUT/Dataset530_Camus220Target            the 220 target patients, original images
+#   OUT/Dataset528_Camus220Dev_foreign, OUT/Dataset529_Camus220Target_foreign
+#                                            dev and target through a scanner outside the B-mode model (foreign_shift.py)
 # Usage: results/camus220/prepare.sh [OUT] (default results/runs/camus220/data); needs the venv (make venv).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -24,5 +27,10 @@ for preset in target-blur target-lowgain target-shadow; do
   mk "Dataset52${n}_Camus220Dev_${p}" "$preset" dev 1
   mk "Dataset52$((n + 1))_Camus220Target_${p}" "$preset" target 2
   n=$((n + 2))
+done
+mk Dataset530_Camus220Target none target 0
+for pair in 521:Dataset528_Camus220Dev_foreign 530:Dataset529_Camus220Target_foreign; do
+  from=$(ls -d "$OUT"/Dataset${pair%%:*}_*/ | head -n 1)
+  [ -f "$OUT/${pair#*:}/dataset.json" ] || .venv/bin/python results/camus220/foreign_shift.py "$from" "$OUT/${pair#*:}"
 done
 ls "$OUT"

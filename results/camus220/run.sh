@@ -4,18 +4,18 @@
 #   -> label-free adaptation on the 220 target patients' images: TENT, pseudo-label (configs/baseline_cpu.yaml),
 #      styled-source (configs/baseline_cpu_camus.yaml), RL (configs/adapt_cpu_camus.yaml)
 #   -> one evaluation of every model on the same 880 target images with their labels (and the reward network).
-# Usage: results/camus220/run.sh PRESET [OUT] [DATA]   PRESET: blur | lowgain | shadow
+# Usage: results/camus220/run.sh PRESET [OUT] [DATA]   PRESET: blur | lowgain | shadow | foreign
 #        EVAL_ON=dev results/camus220/run.sh PRESET ...  scores the 20 dev patients instead (to choose settings)
 # Every step is skipped when its output exists, so an interrupted run continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-P=${1:?preset: blur, lowgain or shadow}
+P=${1:?preset: blur, lowgain, shadow or foreign}
 OUT=${2:-results/runs/camus220}
 DATA=${3:-$OUT/data}
 RL=${RL:-.venv/bin/rl-adapt}
 EVAL_ON=${EVAL_ON:-target}
 results/camus220/prepare.sh "$DATA" > /dev/null
-n=$(case $P in blur) echo 2;; lowgain) echo 4;; shadow) echo 6;; *) echo "unknown preset $P" >&2; exit 2;; esac)
+n=$(case $P in blur) echo 2;; lowgain) echo 4;; shadow) echo 6;; foreign) echo 8;; *) echo "unknown preset $P" >&2; exit 2;; esac)
 SOURCE=$DATA/Dataset520_Camus220Source
 TARGET=$DATA/Dataset52$((n + 1))_Camus220Target_$P
 SCORED=$TARGET

@@ -1,0 +1,62 @@
+"""A target scanner outside the engine's B-mode model (`rl_adapt.synth.vendors`), to test restyling on a look the
+fitted scanner model cannot reproduce: speckle-reduction filtering (median 9 px, then Gaussian 1 px), edge
+enhancement (unsharp mask, 2.5 px, 0.9), an S-shaped grey map (centre 0.45, slope 10), near-field haze (0.8 of full
+scale, falling off over 35 % of the depth, amplitude drawn per image) with reverberation bands, and 6-bit grey levels.
+Labels are unchanged (no geometric change). Its strength was set so that the 128 px source model loses about as much
+as under blur on the dev patients (0.897 -> 0.838), before any adaptation was run on it.
+
+Usage: python results/camus220/foreign_shift.py IN_DATASET OUT_DATASET   (nnU-Net raw folders; OUT must not exist)
+"""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+MEDIAN_PX, CENTRE, SLOPE, HAZE, HAZE_DEPTH, REVERB = 9, 0.45, 10.0, 0.8, 0.35, 0.6
+
+
+def foreign_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(H, W) uint8 B-mode image -> (H, W) uint8 through the foreign scanner; zero outside the fan."""
+    x = image.astype(np.float32) / 255.0
+    fan = ndi.binary_fill_holes(ndi.binary_closing(image > 2, iterations=3))
+    y = ndi.gaussian_filter(ndi.median_filter(x, size=MEDIAN_PX), 1.0)
+    y = np.clip(y + 0.9 * (y - ndi.gaussian_filter(y, 2.5)), 0, 1)
+    s = lambda v: 1 / (1 + np.exp(-(v - CENTRE) * SLOPE))  # noqa: E731
+    y = (s(y) - s(0)) / (s(1) - s(0))
+    h, w = image.shape
+    depth = np.arange(h)[:, None] / h
+    haze = HAZE * np.exp(-depth / HAZE_DEPTH) * (0.8 + 0.4 * rng.random())
+    period = 9 + 4 * rng.random()
+    bands = REVERB * np.exp(-depth / 0.25) * (0.5 + 0.5 * np.sin(2 * np.pi * depth * h / period))
+    bands = bands * ndi.gaussian_filter(rng.random((h, w)), (1, 6)) * 2
+    y = np.round(np.clip(y + haze + bands, 0, 1) * 63) / 63
+    return np.where(fan, y * 255, 0).astype(np.uint8)
+
+
+def main(src: Path, out: Path) -> None:
+    if out.exists():
+        sys.exit(f"{out}: exists; choose a new folder")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "imagesTr").mkdir(parents=True)
+    if (src / "labelsTr").is_dir():
+        shutil.copytree(src / "labelsTr", tmp / "labelsTr")
+    meta = json.loads((src / "dataset.json").read_text())
+    meta["name"] = out.name.split("_", 1)[-1]
+    (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
+    if (src / "rl_adapt_meta.json").is_file():
+        shutil.copy(src / "rl_adapt_meta.json", tmp / "rl_adapt_meta.json")
+    for i, path in enumerate(sorted((src / "imagesTr").glob("*.nii.gz"))):
+        im = sitk.ReadImage(str(path))
+        new = sitk.GetImageFromArray(foreign_look(sitk.GetArrayFromImage(im), np.random.default_rng(i)))
+        new.CopyInformation(im)
+        sitk.WriteImage(new, str(tmp / "imagesTr" / path.name), useCompression=True)
+    tmp.rename(out)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
