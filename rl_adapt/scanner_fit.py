@@ -243,6 +243,15 @@ class ScannerObjective:
         self.evaluations = 0
         self._masks: tuple[tuple | None, list[np.ndarray]] = (None, [])
 
+    def score_images(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float:
+        """Mismatch of source images restyled some other way (lower is closer), on the scale of :meth:`__call__`.
+
+        :param images: ``(H, W)`` uint8 restyled images (any number; their mean statistics are compared).
+        :param masks: their ``(H, W)`` bool sectors.
+        """
+        stats = [image_statistics(im, m) for im, m in zip(images, masks)]
+        return _mismatch(_stack(stats), self.target_mean, self.target_sd)
+
     def __call__(self, preset: VendorPreset) -> float:
         """Mismatch of ``preset`` (lower is closer; 0 = the same mean statistics)."""
         self.evaluations += 1

@@ -93,3 +93,32 @@ def test_scanner_pairs_warp_label_with_image_and_are_seeded(tmp_path_factory):
     assert (heart / plain_heart).mean().item() == pytest.approx(1.0, abs=0.25)
     again = styled_source_pairs(model, source, target, cfg, seed=0)
     assert torch.equal(again.images, pairs.images) and torch.equal(again.labels, pairs.labels)
+
+
+def test_auto_mode_restyles_the_way_nearer_the_target_and_gives_that_modes_own_pairs(tmp_path_factory):
+    """``mode: auto`` scores the fitted scanner and ``degrade`` by the fit's label-free mismatch: a target seen through
+    a B-mode scanner gets the scanner, a target whose grey levels alone were remapped (a look the scanner model cannot
+    make) gets ``degrade``; the pairs are the chosen mode's with the same seed, and the choice is told apart by the
+    images, not by file names the two targets share."""
+    from test_evaluate import build_tiny_world
+
+    from rl_adapt.data.case import Case
+    from rl_adapt.data.readers import read_dataset
+    from rl_adapt.policies.nnunet import load_model_folder
+    from rl_adapt.training.styled_source import StyledSourceConfig, chosen_mode, styled_source_pairs
+
+    world = build_tiny_world(tmp_path_factory.getbasetemp() / "tiny_nnunet_world")
+    model = load_model_folder(world["src"])
+    source = read_dataset(world["data"], with_labels=True, progress=False)
+    bmode = [Case(c.name, apply_vendor_shift(c.image, "target-blur", seed=i)[0], None,
+                  shifted_spacing(c.spacing, "target-blur")) for i, c in enumerate(source)]
+    remapped = [Case(c.name, (255 * (c.image / 255.0) ** 0.5).astype(np.uint8), None, c.spacing) for c in source]
+    cfg = StyledSourceConfig(mode="auto", styled_fraction=1.0, depth=True, angular=True, style_images=8,
+                             fit=ScannerFitConfig(source_images=4, target_images=8, sweeps=1))
+    to_scanner, to_degrade = chosen_mode(source, bmode, cfg), chosen_mode(source, remapped, cfg)
+    assert to_scanner["mode"] == "scanner" and to_scanner["scanner_mismatch"] < 0.5 * to_scanner["degrade_mismatch"]
+    assert to_degrade["mode"] == "degrade" and to_degrade["degrade_mismatch"] < 0.5 * to_degrade["scanner_mismatch"]
+    for target, mode in ((bmode, "scanner"), (remapped, "degrade")):
+        auto = styled_source_pairs(model, source, target, cfg, seed=3)
+        own = styled_source_pairs(model, source, target, replace(cfg, mode=mode), seed=3)
+        assert torch.equal(auto.images, own.images) and torch.equal(auto.labels, own.labels)

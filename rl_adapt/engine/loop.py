@@ -60,7 +60,7 @@ from rl_adapt.policies.nnunet import export_model_folder, load_model_folder
 from rl_adapt.postprocessing import decide, postprocessing_files
 from rl_adapt.preflight import check_device, check_output, match_expert_names, warn_blank_images
 from rl_adapt.training.finetune import fine_tune
-from rl_adapt.training.styled_source import StyledPairs, fitted_scanner, styled_source_pairs
+from rl_adapt.training.styled_source import StyledPairs, restyling_record, styled_source_pairs
 
 log = logging.getLogger(__name__)
 
@@ -353,9 +353,7 @@ class Adapter:
                                     seed=_stage_seed(seed, 0, 7), progress=self.progress)
         pairs = pairs.split(tc.held_out, seed=_stage_seed(seed, 0, 8))
         info = {"n_pairs": len(pairs), "n_styled": int(pairs.styled.sum()), "n_held_out": int(pairs.held_out.sum()),
-                "mode": how.mode}
-        if how.mode == "scanner":  # the fit is cached: this only reads it back
-            info["scanner"] = fitted_scanner(self._source_cases, self.target_cases, how.fit).to_dict()
+                **restyling_record(self._source_cases, self.target_cases, how)}
         return pairs, info
 
     def _warm_start(self) -> None:

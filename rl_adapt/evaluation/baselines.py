@@ -44,7 +44,7 @@ from rl_adapt.preflight import check_device, check_output
 from rl_adapt.training.finetune import FineTuneConfig, fine_tune, index_batches
 from rl_adapt.training.loop import fit
 from rl_adapt.training.pretrain import AugmentConfig
-from rl_adapt.training.styled_source import StyledPairs, StyledSourceConfig, fitted_scanner, styled_source_pairs
+from rl_adapt.training.styled_source import StyledPairs, StyledSourceConfig, restyling_record, styled_source_pairs
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +289,12 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
     if cfg.method == "styled-source":
         source = read_dataset(source_data, with_labels=True, progress=progress)
         pairs = styled_source_pairs(model, source, cases, cfg.styled, seed=cfg.seed, progress=progress)
-        if cfg.styled.mode == "scanner":  # the fit is cached: this only reads it back
-            extra["fitted_scanner"] = fitted_scanner(source, cases, cfg.styled.fit).to_dict()
+        record = restyling_record(source, cases, cfg.styled)  # cached: this only reads the fit and choice back
+        extra["restyling_mode"] = record["mode"]
+        if "scanner" in record:
+            extra["fitted_scanner"] = record["scanner"]
+        if "mode_choice" in record:
+            extra["restyling_mode_choice"] = record["mode_choice"]
         n_images = len(pairs)
         history = fine_tune_supervised(network, pairs, cfg, progress=progress)
     else:

@@ -8,6 +8,7 @@ the target images are. Used by the ``styled-source`` baseline (supervised fine-t
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
@@ -21,15 +22,20 @@ from rl_adapt.data.case import Case
 from rl_adapt.errors import InputError
 from rl_adapt.io_utils import save_npz
 from rl_adapt.policies.inference import centre_pad_crop
-from rl_adapt.scanner_fit import ScannerFit, ScannerFitConfig, fit_scanner
-from rl_adapt.styling import MODES, estimate_style, restyle
+from rl_adapt.scanner_fit import ScannerFit, ScannerFitConfig, ScannerObjective, fit_scanner
+from rl_adapt.styling import MODES, estimate_style, restyle, sector_mask
 from rl_adapt.synth.domains import apply_vendor_shift, shifted_spacing
 
-PAIR_MODES = MODES + ("scanner",)
+PAIR_MODES = MODES + ("scanner", "auto")
 """``ratio`` and ``degrade`` (:data:`rl_adapt.styling.MODES`) change grey levels and texture only; ``scanner`` sends
 the source image (and its label) through a B-mode scanner model fitted to the target images
 (:func:`rl_adapt.scanner_fit.fit_scanner`): speckle, noise, gain and blur in the echo envelope, geometry from the
-target's pixel spacing."""
+target's pixel spacing; ``auto`` takes ``scanner`` or ``degrade``, whichever brings source images closer to the target
+images' statistics (:func:`chosen_mode`, label-free)."""
+
+AUTO_REPEATS = 4
+"""Restylings of each of the fit's source images when ``auto`` scores ``degrade`` (their mean statistics are
+compared, so more repeats mean less noise)."""
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +57,10 @@ class StyledSourceConfig:
     """Match each restyled image's in-sector histogram to a random target image's."""
     mode: str = bounded("ratio", choices=PAIR_MODES)
     """How the look moves toward the target's (:data:`PAIR_MODES`): ``ratio`` (the source's own spectrum
-    re-weighted), ``degrade`` (low-pass plus independent noise estimated from the spectra) or ``scanner`` (a fitted
-    scanner model; ``spectrum_strength``, ``histogram``, ``depth``, ``angular`` and ``beam`` do not apply)."""
+    re-weighted), ``degrade`` (low-pass plus independent noise estimated from the spectra), ``scanner`` (a fitted
+    scanner model; ``spectrum_strength``, ``histogram``, ``depth``, ``angular`` and ``beam`` do not apply) or ``auto``
+    (``scanner`` or ``degrade``, whichever matches the target's image statistics better: a scanner unlike the model
+    is not forced through it)."""
     depth: bool = False
     """Also give the restyled images the target's mean intensity profile over depth (attenuation, gain)."""
     angular: bool = False
@@ -61,7 +69,8 @@ class StyledSourceConfig:
     """Do the spectral step in beam space (:class:`rl_adapt.styling.BeamGrid`: depth x beam angle), where a scanner's
     blur and speckle grain are the same all over the fan."""
     fit: ScannerFitConfig = field(default_factory=ScannerFitConfig)
-    """How the scanner model is fitted (``mode: scanner`` only)."""
+    """How the scanner model is fitted (``mode: scanner`` and ``auto``; ``auto`` scores ``degrade`` on the fit's
+    source images and target statistics)."""
 
 
 @dataclass
@@ -144,21 +153,86 @@ class StyledPairs:
 
 
 _FITS: dict[tuple, ScannerFit] = {}
-"""Fitted scanners of this process, by (source names, target names, fit config): the restyling draws of one
+"""Fitted scanners of this process, by (source images, target images, fit config): the restyling draws of one
 adaptation share one fit (it does not depend on the draw's seed)."""
+
+
+def _cache_key(source: Sequence[Case], target: Sequence[Case], *configs) -> tuple:
+    """Key of a fit or choice: a digest of both sets' names, pixels and spacings (files of the same name at two sites
+    are told apart), and the configs' values."""
+    digest = hashlib.blake2b(digest_size=16)
+    for cases in (source, target):
+        digest.update(str(len(cases)).encode())
+        for c in cases:
+            image = np.ascontiguousarray(c.image)
+            digest.update(f"{c.name}|{image.shape}|{image.dtype}|{tuple(np.asarray(c.spacing, float))}".encode())
+            digest.update(image.tobytes())
+    return (digest.hexdigest(), *(astuple(c) for c in configs))
 
 
 def fitted_scanner(source: Sequence[Case], target: Sequence[Case], cfg: ScannerFitConfig,
                    progress: bool = False) -> ScannerFit:
     """The target scanner fitted to the unlabelled ``target`` images (:func:`rl_adapt.scanner_fit.fit_scanner`),
     from the median pixel spacings of both sets; computed once per process for the same inputs."""
-    key = (tuple(c.name for c in source), tuple(c.name for c in target), astuple(cfg))
+    key = _cache_key(source, target, cfg)
     if key not in _FITS:
         _FITS[key] = fit_scanner([c.image for c in source], [c.image for c in target],
                                  np.median([c.spacing for c in source], axis=0),
                                  np.median([c.spacing for c in target], axis=0), cfg,
                                  source_labels=[c.label for c in source], progress=progress)
     return _FITS[key]
+
+
+_CHOICES: dict[tuple, dict] = {}
+"""``auto`` mode choices of this process, keyed like :data:`_FITS` (with the whole styled-source config)."""
+
+
+def chosen_mode(source: Sequence[Case], target: Sequence[Case], cfg: StyledSourceConfig) -> dict:
+    """For ``mode: auto``: ``scanner`` or ``degrade``, whichever brings source images closer to the target's look.
+
+    Both are scored by the scanner fit's mismatch (:class:`rl_adapt.scanner_fit.ScannerObjective`: grey-level
+    quantiles, depth profile, spectra and angular dips against the spread over the target images) on the fit's own
+    source images: the fitted scanner's score is the fit's; ``degrade`` (with this config's ``depth``, ``angular``,
+    ``histogram``, ``spectrum_strength`` and ``beam``) restyles each of them :data:`AUTO_REPEATS` times with a style
+    estimated from ``style_images`` images of each set, all seeded by ``cfg.fit.seed``. No label is read. Computed
+    once per process for the same inputs; it does not depend on a draw's seed.
+
+    :returns: ``{"mode": "scanner" | "degrade", "scanner_mismatch": float, "degrade_mismatch": float}``.
+    """
+    key = _cache_key(source, target, cfg)
+    if key not in _CHOICES:
+        fit = fitted_scanner(source, target, cfg.fit)
+        objective = ScannerObjective([c.image for c in source], [c.image for c in target], cfg.fit,
+                                     [c.label for c in source])
+        rng = np.random.default_rng(cfg.fit.seed)
+        style = estimate_style([source[i].image for i in _subset(len(source), cfg.style_images, rng)],
+                               [target[i].image for i in _subset(len(target), cfg.style_images, rng)], beam=cfg.beam)
+        images, masks = [], []
+        for image in objective.source:
+            for _ in range(AUTO_REPEATS):
+                styled = restyle(image, style, rng, cfg.spectrum_strength, cfg.histogram, mode="degrade",
+                                 depth=cfg.depth, angular=cfg.angular, beam=cfg.beam)
+                images.append(np.clip(np.rint(styled), 0, 255).astype(np.uint8))
+                masks.append(sector_mask(image))
+        degrade = objective.score_images(images, masks)
+        mode = "scanner" if fit.score <= degrade else "degrade"
+        _CHOICES[key] = {"mode": mode, "scanner_mismatch": float(fit.score), "degrade_mismatch": float(degrade)}
+        log.info("restyling mode auto: mismatch with the target's statistics, fitted scanner %.3f, degrade %.3f; "
+                 "restyling with %s", fit.score, degrade, mode)
+    return _CHOICES[key]
+
+
+def restyling_record(source: Sequence[Case], target: Sequence[Case], cfg: StyledSourceConfig) -> dict:
+    """What a run records of its restyling: ``{"mode"}`` as restyled, with ``"scanner"`` (the fit,
+    :meth:`ScannerFit.to_dict`) when the fitted scanner restyled and ``"mode_choice"`` (:func:`chosen_mode`) for
+    ``auto``. Both are cached, so this only reads them back after :func:`styled_source_pairs`."""
+    record: dict = {"mode": cfg.mode}
+    if cfg.mode == "auto":
+        record["mode_choice"] = chosen_mode(source, target, cfg)
+        record["mode"] = record["mode_choice"]["mode"]
+    if record["mode"] == "scanner":
+        record["scanner"] = fitted_scanner(source, target, cfg.fit).to_dict()
+    return record
 
 
 def _subset(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -172,7 +246,8 @@ def styled_source_pairs(model, source: Sequence[Case], target: Sequence[Case], c
     :param model: the policy's :class:`~rl_adapt.policies.nnunet.NnUNetModel` (its preprocessing and patch size).
     :param source: labelled source cases; :param target: target cases (images only are read).
     :param seed: seed of the subsets, the restyled ones and the restyling.
-    :param progress: show a progress bar over the scanner fit (``mode: scanner``; minutes on CAMUS-sized sets).
+    :param progress: show a progress bar over the scanner fit (``mode: scanner`` or ``auto``; minutes on CAMUS-sized
+        sets).
     :raises InputError: no labelled source case or no target image.
     """
     source = [c for c in source if c.label is not None]
@@ -184,20 +259,23 @@ def styled_source_pairs(model, source: Sequence[Case], target: Sequence[Case], c
     chosen = [source[i] for i in _subset(len(source), cfg.images, rng)]
     # drawn in every mode (scanner mode does not use them) so the same seed restyles the same source images in all
     style_sub = _subset(len(source), cfg.style_images, rng), _subset(len(target), cfg.style_images, rng)
-    if cfg.mode == "scanner":
+    mode = cfg.mode
+    if mode in ("scanner", "auto"):
         scanner = fitted_scanner(source, target, cfg.fit, progress=progress).preset
-    else:
+    if mode == "auto":  # its own seeded draws: the pairs are those of the chosen mode with the same seed
+        mode = chosen_mode(source, target, cfg)["mode"]
+    if mode != "scanner":
         style = estimate_style([source[i].image for i in style_sub[0]], [target[i].image for i in style_sub[1]],
                                beam=cfg.beam)
     styled = rng.random(len(chosen)) < cfg.styled_fraction
     images, labels = [], []
     for case, on in zip(chosen, styled):
         image, label, spacing = case.image, case.label, case.spacing
-        if on and cfg.mode == "scanner":
+        if on and mode == "scanner":
             image, label = apply_vendor_shift(image, scanner, seed=int(rng.integers(2 ** 31)), label=label)
             spacing = shifted_spacing(spacing, scanner)
         elif on:
-            image = restyle(case.image, style, rng, cfg.spectrum_strength, cfg.histogram, mode=cfg.mode,
+            image = restyle(case.image, style, rng, cfg.spectrum_strength, cfg.histogram, mode=mode,
                             depth=cfg.depth, angular=cfg.angular, beam=cfg.beam)
         data, seg, _ = model.preprocess_pair(image, label, spacing)
         patch, _ = centre_pad_crop(data, model.patch_size, 0.0)
