@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -29,6 +30,11 @@ import torch.distributed as td
 from rl_adapt.errors import RLAdaptError
 
 log = logging.getLogger(__name__)
+
+WAIT_LIMIT = timedelta(hours=2)
+"""How long a rank waits in a collective before the job fails. Some stages run on rank 0 alone while the others wait
+at a barrier (the scanner fit and the restyling: minutes on one CPU thread; the shape prior's training), longer than
+NCCL's default of 10 minutes on a slow node, so the limit is raised for every backend."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ def setup(device: str = "auto") -> World:
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(world.local_rank)
-    td.init_process_group(backend="nccl" if cuda else "gloo")
+    td.init_process_group(backend="nccl" if cuda else "gloo", timeout=WAIT_LIMIT)
     log.info("process %d of %d joined (%s)", world.rank, world.size, "nccl" if cuda else "gloo")
     return world
 

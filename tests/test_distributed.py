@@ -81,6 +81,21 @@ def test_two_gloo_processes_train_the_same_weights_as_one_process_with_the_globa
     assert moved > 1e-3  # the phase did train
 
 
+def test_a_torchrun_job_waits_for_rank_zero_stages_longer_than_nccls_default(monkeypatch):
+    """Rank 0 fits the scanner and restyles alone while the others wait: the process group is joined with
+    :data:`WAIT_LIMIT`, not NCCL's 10-minute default."""
+    from datetime import timedelta
+
+    joined = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist.td, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist.td, "init_process_group", lambda **kw: joined.update(kw))
+    world = dist.setup("cpu")
+    assert world.rank == 1 and world.size == 2
+    assert joined == {"backend": "gloo", "timeout": dist.WAIT_LIMIT} and dist.WAIT_LIMIT >= timedelta(hours=1)
+
+
 def test_rank_helpers_for_one_process():
     w = dist.SINGLE
     assert not w.active and w.main and dist.rank_slice(8, w) == slice(0, 8)
