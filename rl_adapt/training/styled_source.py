@@ -226,6 +226,7 @@ def restyling_record(source: Sequence[Case], target: Sequence[Case], cfg: Styled
     """What a run records of its restyling: ``{"mode"}`` as restyled, with ``"scanner"`` (the fit,
     :meth:`ScannerFit.to_dict`) when the fitted scanner restyled and ``"mode_choice"`` (:func:`chosen_mode`) for
     ``auto``. Both are cached, so this only reads them back after :func:`styled_source_pairs`."""
+    source = [c for c in source if c.label is not None]  # as styled_source_pairs keeps them: the same cache keys
     record: dict = {"mode": cfg.mode}
     if cfg.mode == "auto":
         record["mode_choice"] = chosen_mode(source, target, cfg)
