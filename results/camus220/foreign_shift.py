@@ -16,6 +16,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
+from rl_adapt.io_utils import atomic_dir
+
 MEDIAN_PX, CENTRE, SLOPE, HAZE, HAZE_DEPTH, REVERB = 9, 0.45, 10.0, 0.8, 0.35, 0.6
 
 
@@ -40,22 +42,20 @@ def foreign_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def main(src: Path, out: Path) -> None:
     if out.exists():
         sys.exit(f"{out}: exists; choose a new folder")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "imagesTr").mkdir(parents=True)
-    if (src / "labelsTr").is_dir():
-        shutil.copytree(src / "labelsTr", tmp / "labelsTr")
-    meta = json.loads((src / "dataset.json").read_text())
-    meta["name"] = out.name.split("_", 1)[-1]
-    (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
-    if (src / "rl_adapt_meta.json").is_file():
-        shutil.copy(src / "rl_adapt_meta.json", tmp / "rl_adapt_meta.json")
-    for i, path in enumerate(sorted((src / "imagesTr").glob("*.nii.gz"))):
-        im = sitk.ReadImage(str(path))
-        new = sitk.GetImageFromArray(foreign_look(sitk.GetArrayFromImage(im), np.random.default_rng(i)))
-        new.CopyInformation(im)
-        sitk.WriteImage(new, str(tmp / "imagesTr" / path.name), useCompression=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:  # written next to OUT and renamed at the end: no partial dataset
+        (tmp / "imagesTr").mkdir()
+        if (src / "labelsTr").is_dir():
+            shutil.copytree(src / "labelsTr", tmp / "labelsTr")
+        meta = json.loads((src / "dataset.json").read_text())
+        meta["name"] = out.name.split("_", 1)[-1]
+        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
+        if (src / "rl_adapt_meta.json").is_file():
+            shutil.copy(src / "rl_adapt_meta.json", tmp / "rl_adapt_meta.json")
+        for i, path in enumerate(sorted((src / "imagesTr").glob("*.nii.gz"))):
+            im = sitk.ReadImage(str(path))
+            new = sitk.GetImageFromArray(foreign_look(sitk.GetArrayFromImage(im), np.random.default_rng(i)))
+            new.CopyInformation(im)
+            sitk.WriteImage(new, str(tmp / "imagesTr" / path.name), useCompression=True)
 
 
 if __name__ == "__main__":
