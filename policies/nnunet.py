@@ -39,6 +39,8 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from rl_adapt.errors import InputError
+from rl_adapt.harmonize import FILE_NAME as HARMONIZATION_FILE
+from rl_adapt.harmonize import Harmonizer
 from rl_adapt.io_utils import atomic_dir
 from rl_adapt.policies.inference import centre_pad_crop, sliding_window_logits, undo_centre_pad_crop
 import shutil
@@ -148,6 +150,9 @@ class NnUNetModel:
     rounding, ~1e-2 on logits of magnitude ~10)."""
     tile_batch: int = 1
     """Tiles per forward call."""
+    harmonizer: Harmonizer | None = None
+    """Input harmonization stored with an adapted model (``harmonization.npz``, :mod:`rl_adapt.harmonize`): applied
+    to every image before nnU-Net's preprocessing. ``None``: images go in as they are."""
     def __post_init__(self) -> None:
         self.plans_manager = PlansManager(self.plans)
         self.configuration_manager = self.plans_manager.get_configuration(self.configuration)
@@ -237,7 +242,8 @@ class NnUNetModel:
         return np.ascontiguousarray(data[:, 0], dtype=np.float32), props
 
     def _checked_image(self, image: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-        """``image`` as an array after the checks preprocessing needs (2D, finite, one channel, valid spacing)."""
+        """``image`` as an array after the checks preprocessing needs (2D, finite, one channel, valid spacing), through
+        the model's :attr:`harmonizer` when it has one."""
         img = np.asarray(image)
         if img.ndim != 2:
             raise InputError(None, f"expected a 2D image (H, W), got shape {img.shape}")
@@ -247,7 +253,7 @@ class NnUNetModel:
             raise InputError(None, f"spacing must be two positive numbers (row, col) in mm, got {spacing}")
         if not np.all(np.isfinite(img)):
             raise InputError(None, "image contains NaN or Inf")
-        return img
+        return img if self.harmonizer is None else self.harmonizer.apply(img)
 
     def preprocess_pair(self, image: np.ndarray, label: np.ndarray, spacing: Sequence[float]
                         ) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -417,8 +423,9 @@ def load_model_folder(folder: str | Path, folds: Sequence[int | str] = (0,), dev
         ``fold_N/<checkpoint>``.
     :param folds: folds to load (``"all"`` allowed); several = ensemble averaged at prediction.
     :param expected_labels: if given, dataset.json ``labels`` must equal it (e.g. :data:`CAMUS_LABELS`).
+    :returns: the model; with the folder's ``harmonization.npz`` as its :attr:`NnUNetModel.harmonizer` when it has one.
     :raises InputError: not a results folder, missing fold/checkpoint, a 3D/cascade configuration, a
-        checkpoint that does not fit the plan, or an unexpected label set.
+        checkpoint that does not fit the plan, an unexpected label set, or an unreadable harmonization map.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -468,10 +475,16 @@ def load_model_folder(folder: str | Path, folds: Sequence[int | str] = (0,), dev
         _load_checked(net, sd, path)
         networks.append(net.to(device).eval())
     mirror = first.get("inference_allowed_mirroring_axes")
+    harmonizer = None
+    if (folder / HARMONIZATION_FILE).is_file():
+        harmonizer = Harmonizer.load(folder / HARMONIZATION_FILE)
+        log.info("%s: images are harmonized toward the source's look before the network (%s)", folder,
+                 HARMONIZATION_FILE)
     return NnUNetModel(plans=plans, dataset_json=dataset_json, configuration=configuration, networks=networks,
                        folder=folder, device=torch.device(device),
                        mirror_axes=None if mirror is None else tuple(int(a) for a in mirror),
-                       trainer_name=str(first.get("trainer_name", DEFAULT_TRAINER)), folds=tuple(folds))
+                       trainer_name=str(first.get("trainer_name", DEFAULT_TRAINER)), folds=tuple(folds),
+                       harmonizer=harmonizer)
 
 
 def _load_checked(net: torch.nn.Module, sd: Mapping[str, torch.Tensor], path: Path | None) -> None:

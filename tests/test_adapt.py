@@ -568,3 +568,38 @@ def test_export_stores_a_label_free_postprocessing_in_nnunet_format(tiny_world, 
     assert not (folder2 / "postprocessing.json").exists()
     with pytest.raises(ConfigError, match="unknown candidate"):
         _cfg(["postprocessing=[fill_everything]"])
+
+
+def test_harmonized_runs_train_on_mapped_images_and_ship_the_map_with_the_model(tiny_world, tmp_path):
+    """``harmonize.enabled``: the map is a stage of the run, every target patch is the mapped image's, the exported
+    folder carries it, loading that folder applies it, and such a folder is refused as a source model."""
+    from rl_adapt.harmonize import Harmonizer
+    from rl_adapt.policies.nnunet import load_model_folder
+
+    run = tmp_path / "run"
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"],
+                         source_data=tiny_world["source"])
+    cfg = _cfg(["iterations=1", "harmonize.enabled=true"])
+    adapter = Adapter(inputs, cfg, run, progress=False)
+    folder = adapter.run()
+    stages = {json.loads(x)["stage"]: json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()}
+    assert stages["harmonize"]["n_target"] == 3 * 4 and stages["harmonize"]["n_source"] == 6 * 4
+    saved = Harmonizer.load(run / "harmonization.npz")
+    assert (folder / "harmonization.npz").read_bytes() == (run / "harmonization.npz").read_bytes()
+    from rl_adapt.data.readers import read_dataset
+    raw = read_dataset(tiny_world["target"], with_labels=False)
+    plain = load_model_folder(tiny_world["model"])
+    expected = torch.stack([plain.to_patch(saved.apply(c.image), c.spacing)[0] for c in raw])
+    assert torch.equal(adapter.images.cpu(), expected)  # the policy trained on the mapped images
+    unmapped = torch.stack([plain.to_patch(c.image, c.spacing)[0] for c in raw])
+    assert not torch.equal(expected, unmapped)
+    adapted = load_model_folder(folder)
+    assert adapted.harmonizer is not None
+    assert torch.equal(adapted.to_patch(raw[0].image, raw[0].spacing)[0], expected[0])  # predict/evaluate map too
+    with pytest.raises(InputError, match="harmonization.npz.*original source model"):
+        Adapter(AdaptInputs(model_dir=folder, target_dir=tiny_world["target"]), _cfg(["iterations=1"]),
+                tmp_path / "again", progress=False).run()
+    assert not (tmp_path / "again").exists()
+    with pytest.raises(ConfigError, match="--source-data"):
+        Adapter(AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"]),
+                _cfg(["harmonize.enabled=true"]), tmp_path / "x", progress=False)

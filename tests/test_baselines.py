@@ -10,8 +10,9 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from rl_adapt.evaluation.baselines import (IGNORE, METHODS, TARGET_METHODS, BaselineConfig, adapt_network, entropy_loss,
-                                          norm_parameters, pseudo_label_loss, pseudo_labels, run_baseline)
+from rl_adapt.evaluation.baselines import (IGNORE, METHODS, SOURCE_METHODS, TARGET_METHODS, BaselineConfig,
+                                          adapt_network, entropy_loss, norm_parameters, pseudo_label_loss,
+                                          pseudo_labels, run_baseline)
 from rl_adapt.errors import ConfigError, InputError
 from test_evaluate import build_tiny_world
 from conftest import TEST_THREADS  # noqa: E402
@@ -132,7 +133,7 @@ def test_run_baseline_writes_loadable_new_folder(world, tmp_path, method):
 
     torch.set_num_threads(TEST_THREADS)
     before = _sha(world["src"])
-    source = world["data"] if method == "styled-source" else None  # a labelled set; its images are the target too
+    source = world["data"] if method in SOURCE_METHODS else None  # a labelled set; its images are the target too
     out = run_baseline(world["src"], world["data"], tmp_path / "b", cfg(method, steps=2), progress=False,
                        source_data=source)
     assert _sha(world["src"]) == before  # the source is only read
@@ -140,7 +141,20 @@ def test_run_baseline_writes_loadable_new_folder(world, tmp_path, method):
     assert (tmp_path / "b" / "baseline_config.yaml").is_file() and (tmp_path / "b" / "baseline_history.json").is_file()
     adapted, source = load_model_folder(out), load_model_folder(world["src"])
     diff = changed(source.network, adapted.network)  # named_parameters: each tensor once, no aliases
-    assert diff
+    assert (adapted.harmonizer is not None) == (method == "harmonize")
+    if method == "harmonize":  # the source's weights, with the image map beside them
+        assert not diff and (out / "harmonization.npz").is_file()
+        img = np.random.default_rng(1).integers(0, 255, (48, 48)).astype(np.uint8)
+        assert torch.equal(adapted.to_patch(img, (0.5, 0.5))[0],
+                           source.to_patch(adapted.harmonizer.apply(img), (0.5, 0.5))[0])
+        with pytest.raises(InputError, match="harmonization.npz"):  # not a source model to adapt again
+            run_baseline(out, world["data"], tmp_path / "again", cfg("tent"), progress=False)
+        from rl_adapt.evaluation.evaluate import EvaluateConfig, evaluate
+        s = evaluate({"src": world["src"], "mapped": out}, world["data"], tmp_path / "ev", progress=False,
+                     config=EvaluateConfig(overlays=0, n_bootstrap=50, workers=0, report=False))
+        assert s["harmonized_inputs"] == ["mapped"]
+    else:
+        assert diff
     if method == "tent":
         assert diff <= {n for n, _ in norm_parameters(source.network)}
     img = np.random.default_rng(0).random((48, 48)).astype(np.float32)

@@ -17,16 +17,20 @@ def register(sub) -> argparse.ArgumentParser:
             "nnU-Net results folder under OUT (the source is never written). tent: entropy minimisation of the "
             "normalisation layers' affine parameters only; entropy: the whole network; pseudo-label: rounds "
             "of self-training on confident pixels; styled-source: supervised fine-tuning on the source images "
-            "(--source-data) restyled toward the target's look, estimated from the target images. Budget knobs (steps, "
+            "(--source-data) restyled toward the target's look, estimated from the target images; harmonize: the source "
+            "weights unchanged, with a map of the target images toward the source images' look (depth profile, "
+            "spectrum, histogram; fitted on both sets' images, no label) stored with them and applied by predict and "
+            "evaluate. Budget knobs (steps, "
             "rounds, lr, batch_size, seed, confidence) are shared: see the table below."
         ),
     )
-    p.add_argument("--method", required=True, choices=("tent", "entropy", "pseudo-label", "styled-source"))
+    p.add_argument("--method", required=True, choices=("tent", "entropy", "pseudo-label", "styled-source", "harmonize"))
     p.add_argument("--model", required=True, type=Path, help="source nnU-Net v2 results folder (read only)")
     p.add_argument("--target", required=True, type=Path, help="unlabelled target images (labels ignored)")
     p.add_argument("--out", required=True, type=Path, help="new output folder")
     p.add_argument("--source-data", type=Path,
-                   help="labelled source dataset (styled-source: its images restyled toward the target, its labels)")
+                   help="source dataset (styled-source: its images restyled toward the target, its labels; "
+                        "harmonize: its images)")
     p.add_argument("--config", type=Path, help="YAML with BaselineConfig fields")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set lr=0.001 (repeatable)")

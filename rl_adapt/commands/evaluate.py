@@ -87,6 +87,9 @@ def format_table(summary: dict) -> str:
         return out
 
     lines = [f"{summary['n_images']} images, {summary['n_patients']} patients"]
+    if summary.get("harmonized_inputs"):
+        lines.append(f"images harmonized toward the source look (harmonization.npz) before: "
+                     f"{', '.join(summary['harmonized_inputs'])}")
     if summary.get("postprocessed"):
         lines.append("raw network outputs:")
     lines += block(summary)

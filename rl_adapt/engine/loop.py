@@ -56,6 +56,8 @@ from rl_adapt.errors import ConfigError, InputError, RLAdaptError
 from rl_adapt.io_utils import atomic_path, write_json_atomic
 from rl_adapt.measures.anatomy import is_valid
 from rl_adapt.measures.metrics import segmentation_metrics
+from rl_adapt.harmonize import FILE_NAME as HARMONIZATION_FILE
+from rl_adapt.harmonize import Harmonizer, fit_harmonizer
 from rl_adapt.policies.nnunet import export_model_folder, load_model_folder
 from rl_adapt.postprocessing import decide, postprocessing_files
 from rl_adapt.preflight import check_device, check_output, match_expert_names, warn_blank_images
@@ -203,6 +205,9 @@ class Adapter:
             p = getattr(self.inputs, name)
             if p is not None and not Path(p).exists():
                 raise InputError(p, f"{name.replace('_', ' ')} does not exist")
+        if self.cfg.harmonize.enabled and self.inputs.source_data is None:
+            raise ConfigError("harmonize.enabled maps the target images toward the source images' look: give the "
+                              "source dataset (--source-data DIR)")
         if self.cfg.source_teacher.enabled and self.inputs.source_data is None:
             raise ConfigError("source_teacher.enabled needs the labelled source dataset (--source-data DIR)")
         if (self.cfg.corrector.use_shape_prior and self.inputs.source_data is None
@@ -223,7 +228,13 @@ class Adapter:
             rng = np.random.default_rng(self.cfg.seed)
             keep = sorted(rng.choice(len(cases), self.cfg.max_target_images, replace=False))
             cases = [cases[i] for i in keep]
+        if self.model.harmonizer is not None:
+            raise InputError(self.inputs.model_dir, f"carries {HARMONIZATION_FILE} (an adapted model): adapt from the "
+                                                    "original source model folder")
         self.target_cases = cases
+        self.harmonizer = self._harmonizer() if self.cfg.harmonize.enabled else None
+        if self.harmonizer is not None:  # every later stage sees the target images as the adapted model will
+            self.target_cases = cases = [dataclasses.replace(c, image=self.harmonizer.apply(c.image)) for c in cases]
         self.warnings: dict[str, int] = {}
         blank = warn_blank_images(cases, "adapted on anyway")
         if blank:
@@ -240,6 +251,8 @@ class Adapter:
             self.val_cases = [c for c in read_dataset(self.inputs.val_dir, with_labels=True) if c.label is not None]
             if not self.val_cases:
                 raise InputError(self.inputs.val_dir, "validation set has no labelled cases")
+            if self.harmonizer is not None:
+                self.val_cases = [dataclasses.replace(c, image=self.harmonizer.apply(c.image)) for c in self.val_cases]
         self.expert = self._load_expert()
         if self.cfg.train_on == "expert":
             keep = self._expert_indices()
@@ -253,6 +266,17 @@ class Adapter:
         if not self.stages.done("inputs"):  # what the run read, with the warnings a user must not miss
             self.stages.mark("inputs", {"n_target": len(self.target_cases), "n_expert": len(self.expert),
                                         **{f"warning_{k}": v for k, v in self.warnings.items()}})
+
+    def _harmonizer(self) -> Harmonizer:
+        """The ``harmonize`` stage: the target -> source map fitted on the target and source images (no label read),
+        saved as ``harmonization.npz`` and exported with the adapted model."""
+        def fit() -> tuple[Harmonizer, dict]:
+            if self._source_cases is None:
+                self._source_cases = read_dataset(self.inputs.source_data, with_labels=True)
+            h = fit_harmonizer([c.image for c in self._source_cases], [c.image for c in self.target_cases],
+                               self.cfg.harmonize)
+            return h, {"n_source": len(self._source_cases), "n_target": len(self.target_cases)}
+        return self.stages.run("harmonize", self.run_dir / HARMONIZATION_FILE, fit, Harmonizer.load)
 
     def _load_expert(self) -> dict[str, np.ndarray]:
         if self.inputs.expert_dir is None:
@@ -650,7 +674,9 @@ class Adapter:
                 argmax = self._argmax(net, self.images)  # every rank of a data-parallel job takes part
 
             def write() -> None:
-                extra = self._postprocessing_files(net, argmax) if self.cfg.postprocessing else None
+                extra = self._postprocessing_files(net, argmax) if self.cfg.postprocessing else {}
+                if self.harmonizer is not None:
+                    extra[HARMONIZATION_FILE] = self.run_dir / HARMONIZATION_FILE
                 out = export_model_folder(net, self.model, self.run_dir / "model", overwrite=True,
                                           extra_meta={"rl_adapt_run": str(self.run_dir.resolve())}, extra_files=extra)
                 reward_net.save(self.run_dir / "reward_net.pt")

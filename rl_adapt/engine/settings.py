@@ -12,6 +12,7 @@ from rl_adapt.engine.ppo import PPOConfig
 from rl_adapt.engine.reward.network import RewardNetConfig
 from rl_adapt.engine.rollout import RolloutConfig
 from rl_adapt.engine.shape_prior import ShapePriorConfig
+from rl_adapt.harmonize import HarmonizeConfig
 from rl_adapt.postprocessing import CANDIDATES
 from rl_adapt.training.finetune import FineTuneConfig
 from rl_adapt.training.styled_source import PAIR_MODES, StyledSourceConfig
@@ -141,6 +142,10 @@ class AdaptConfig:
     """Reward network and its training."""
     source_teacher: SourceTeacherConfig = field(default_factory=SourceTeacherConfig)
     """Restyled source images with true labels: supervision, reward data and the guard's judge."""
+    harmonize: HarmonizeConfig = field(default_factory=HarmonizeConfig)
+    """Map every target image toward the source's look (:mod:`rl_adapt.harmonize`, fitted label-free on the target
+    and ``--source-data`` images) before anything else sees it; the map is stored with the adapted model
+    (``harmonization.npz``), and ``predict``/``evaluate`` apply it. Needs ``--source-data``."""
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(beta_kl_final=0.0125, ent_coef_final=0.0375))
     """Pixel-wise PPO; ``beta_kl``/``ent_coef`` go linearly to ``*_final`` over the iterations (RL4Seg: 4x smaller)."""
 

@@ -38,6 +38,8 @@ from rl_adapt.errors import InputError
 from rl_adapt.config import bounded, bounds_problem, save_config, to_dict
 from rl_adapt.data.readers import read_dataset
 from rl_adapt.evaluation.inputs import load_model
+from rl_adapt.harmonize import FILE_NAME as HARMONIZATION_FILE
+from rl_adapt.harmonize import HarmonizeConfig, fit_harmonizer
 from rl_adapt.io_utils import atomic_dir, write_json_atomic
 from rl_adapt.policies.nnunet import export_model_folder
 from rl_adapt.preflight import check_device, check_output
@@ -50,7 +52,9 @@ log = logging.getLogger(__name__)
 
 TARGET_METHODS: tuple[str, ...] = ("tent", "entropy", "pseudo-label")
 """The baselines that train on the target images alone (:func:`adapt_network`)."""
-METHODS: tuple[str, ...] = (*TARGET_METHODS, "styled-source")
+SOURCE_METHODS: tuple[str, ...] = ("styled-source", "harmonize")
+"""The baselines that need the labelled source dataset (``--source-data``)."""
+METHODS: tuple[str, ...] = (*TARGET_METHODS, *SOURCE_METHODS)
 """Baseline names accepted by :class:`BaselineConfig.method` and ``rl-adapt baseline --method``."""
 
 IGNORE = -1
@@ -60,9 +64,11 @@ IGNORE = -1
 @dataclass
 class BaselineConfig:
     """Budget and optimiser of a test-time adaptation baseline (the same knobs for every method)."""
-    method: Literal["tent", "entropy", "pseudo-label", "styled-source"] = "tent"
+    method: Literal["tent", "entropy", "pseudo-label", "styled-source", "harmonize"] = "tent"
     """Which baseline: tent (norm affine only), entropy (whole network), pseudo-label (self-training),
-    styled-source (supervised fine-tuning on source images restyled toward the target; needs --source-data)."""
+    styled-source (supervised fine-tuning on source images restyled toward the target; needs --source-data),
+    harmonize (the source weights unchanged, with the target -> source image map of :mod:`rl_adapt.harmonize`
+    stored beside them; needs --source-data)."""
     rounds: int = bounded(1, ge=1)
     """Rounds; pseudo-label re-labels the target set with the current network at the start of each round.
     tent/entropy simply run rounds * steps steps."""
@@ -94,6 +100,8 @@ class BaselineConfig:
     """styled-source: which source images are restyled, and how."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """styled-source: the augmentation of the supervised batches (the pretraining one by default)."""
+    harmonize: HarmonizeConfig = field(default_factory=lambda: HarmonizeConfig(enabled=True))
+    """harmonize: the steps of the image map (``enabled`` is ignored: the method is the map)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -275,18 +283,25 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
     out_dir = check_output(out_dir, {"--model": model_dir, "--target": target, "--source-data": source_data},
                            command="rl-adapt baseline",
                            exists_hint="choose a new output folder (models are never overwritten)")
-    if cfg.method == "styled-source" and source_data is None:
-        raise InputError(None, "the styled-source baseline needs the labelled source data (--source-data DIR)")
+    if cfg.method in SOURCE_METHODS and source_data is None:
+        raise InputError(None, f"the {cfg.method} baseline needs the labelled source data (--source-data DIR)")
     check_device(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     model = load_model(model_dir, cfg.device)
+    if model.harmonizer is not None:
+        raise InputError(model_dir, f"carries {HARMONIZATION_FILE} (an adapted model): adapt from the original source "
+                                    "model folder")
     cases = read_dataset(target, with_labels=False, progress=progress)
     if not cases:
         raise InputError(target, "no target images found")
     network = copy.deepcopy(model.network)
-    extra = {}
-    if cfg.method == "styled-source":
+    extra, harmonizer = {}, None
+    if cfg.method == "harmonize":
+        source = read_dataset(source_data, with_labels=False, progress=progress)
+        harmonizer = fit_harmonizer([c.image for c in source], [c.image for c in cases], cfg.harmonize)
+        n_images, history = len(cases), []
+    elif cfg.method == "styled-source":
         source = read_dataset(source_data, with_labels=True, progress=progress)
         pairs = styled_source_pairs(model, source, cases, cfg.styled, seed=cfg.seed, progress=progress)
         record = restyling_record(source, cases, cfg.styled)  # cached: this only reads the fit and choice back
@@ -304,7 +319,11 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
         history = adapt_network(network, patches, cfg, progress=progress)
     network.cpu()
     with atomic_dir(out_dir) as tmp:
-        model_dir_tmp = export_model_folder(network, model, tmp, extra_meta={"baseline": to_dict(cfg), **extra})
+        files = {}
+        if harmonizer is not None:
+            files[HARMONIZATION_FILE] = harmonizer.save(Path(tmp) / HARMONIZATION_FILE)
+        model_dir_tmp = export_model_folder(network, model, tmp, extra_meta={"baseline": to_dict(cfg), **extra},
+                                            extra_files=files)
         rel = Path(model_dir_tmp).relative_to(tmp)
         save_config(cfg, Path(tmp) / "baseline_config.yaml")
         write_json_atomic(Path(tmp) / "baseline_history.json",

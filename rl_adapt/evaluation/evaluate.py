@@ -208,6 +208,9 @@ def _evaluate(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateC
     cases = load_labelled(data, progress=progress)
     blank = warn_blank_images(cases, "scored anyway")
     loaded = {name: load_model(path, cfg.device) for name, path in specs.items()}
+    harmonized = [name for name, m in loaded.items() if m.harmonizer is not None]
+    if harmonized:
+        log.info("the images are harmonized (the folder's harmonization.npz) before %s", ", ".join(harmonized))
     post = resolve_postprocessing(specs, cfg.postprocessing)
     if post is not None:
         log.info("postprocessing for every model: %s (from %s)", post.describe(), post.source)
@@ -306,6 +309,7 @@ def _evaluate(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateC
         timings["reward"] = time.perf_counter() - t0
 
     summary = summarise(image_rows, patient_rows, names, ece=ece, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+    summary["harmonized_inputs"] = harmonized  # models whose folder maps each image toward the source look first
     summary["warnings"] = {
         "blank_images": {"count": len(blank), "cases": blank[:MAX_LISTED],
                          "message": f"{len(blank)} of {len(cases)} images are blank (every pixel the same value): "

@@ -426,6 +426,9 @@ def build_report(folder: str | Path, title: str = "rl-adapt evaluation") -> str:
                  "<p class='note'>Means over images (NaN-aware: an undefined distance for an empty structure is "
                  "left out and counted in summary.json); grey: 95 % bootstrap CI over images. Clinical errors are "
                  "per patient against indices computed the same way on the ground-truth masks. Bold: best.</p>"
+                 + "".join(f"<p class='note'>{html.escape(m)} maps each image toward the source scanner's look "
+                           "before its network (the harmonization.npz of its folder, fitted label-free).</p>"
+                           for m in summary.get("harmonized_inputs") or [])
                  + summary_table(summary, image_rows) + "</section>")
     if summary.get("paired"):
         parts.append(f"<section><h2>Paired comparisons (reference: {html.escape(models[0])})</h2>"
