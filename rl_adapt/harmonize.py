@@ -17,8 +17,8 @@ import numpy as np
 
 from .errors import InputError
 from .io_utils import save_npz
-from .styling import (DEFAULT_QUANTILES, TargetStyle, _check_images, estimate_style, intensity_scale, restyle,
-                      sector_mask)
+from .styling import (DEFAULT_QUANTILES, TargetStyle, _check_images, estimate_style, intensity_scale,
+                      match_quantiles, restyle, sector_mask)
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +82,7 @@ class Harmonizer:
         if self.histogram:
             mask = sector_mask(arr)
             if mask.any():
-                vals = out[mask].astype(np.float64)
-                order = np.argsort(vals, kind="stable")
-                ranks = np.empty(vals.size, dtype=np.float64)
-                ranks[order] = np.arange(vals.size)
-                probs = np.linspace(0.0, 1.0, self.source_quantiles.size)
-                out[mask] = np.interp(ranks / max(vals.size - 1, 1), probs, self.source_quantiles) * \
-                    intensity_scale(arr)
+                out[mask] = match_quantiles(out[mask].astype(np.float64), self.source_quantiles) * intensity_scale(arr)
         return out.astype(np.float32)
 
     def save(self, path: str | Path) -> Path:

@@ -615,6 +615,17 @@ def _spectral_step(z: np.ndarray, mask: np.ndarray, style: TargetStyle, rng: np.
     return np.fft.ifft2(np.fft.fft2(z) * gain).real + np.where(mask, noise, 0.0)
 
 
+def match_quantiles(values: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
+    """Histogram matching by rank: ``(N,)`` values -> ``(N,)`` float64 values of the quantile function ``quantiles``
+    (``(Q,)``, probabilities evenly spaced in ``[0, 1]``), keeping the values' order (ties broken by position)."""
+    vals = np.asarray(values)
+    qf = np.asarray(quantiles, dtype=np.float64)
+    order = np.argsort(vals, kind="stable")
+    ranks = np.empty(vals.size, dtype=np.float64)
+    ranks[order] = np.arange(vals.size)
+    return np.interp(ranks / max(vals.size - 1, 1), np.linspace(0.0, 1.0, qf.size), qf)
+
+
 def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | int,
             spectrum_strength: float = 1.0, histogram: bool = True,
             ratio_range: tuple[float, float] = RATIO_RANGE, smooth_bins: float = SMOOTH_BINS,
@@ -687,12 +698,7 @@ def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | in
     out = arr.copy()
     if histogram:
         k = int(rng.integers(style.n_target))
-        qf = style.target_quantiles[k].astype(np.float64)
-        order = np.argsort(vals, kind="stable")
-        ranks = np.empty(vals.size, dtype=np.float64)
-        ranks[order] = np.arange(vals.size)
-        p = ranks / max(vals.size - 1, 1)
-        out[mask] = np.interp(p, np.linspace(0.0, 1.0, qf.size), qf) * scale
+        out[mask] = match_quantiles(vals, style.target_quantiles[k]) * scale
     else:
         vsd = float(vals.std())
         vals = (vals - vals.mean()) / (vsd if vsd > _EPS else 1.0)
