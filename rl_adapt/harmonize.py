@@ -28,24 +28,34 @@ _FORMAT_VERSION = 1
 _STYLE_FIELDS = ("target_amplitude", "source_amplitude", "n_source", "target_depth", "source_depth")
 
 
+WHEN: tuple[str, ...] = ("never", "always", "auto")
+"""When ``rl-adapt adapt`` harmonizes (see :attr:`HarmonizeConfig.when`)."""
+
+
 @dataclass
 class HarmonizeConfig:
-    """Which steps the harmonization takes (all label-free).
+    """When and how the target images are harmonized (all label-free).
 
-    :ivar enabled: harmonize the target images (adapt) and store the map with the adapted model.
+    :ivar when: ``never``; ``always``; or ``auto``: only when the fitted B-mode scanner model cannot reproduce the
+        target's look, i.e. when the restyling's own choice (:func:`rl_adapt.training.styled_source.chosen_mode`, with
+        ``source_teacher.pairs``' settings, on the raw target images) is ``degrade``. Where the scanner fits, the
+        source images restyled through it carry the target's true look with their labels, and the map would only
+        take information away from the target images.
     :ivar depth: equalise the mean in-sector intensity over depth to the source's.
     :ivar spectrum: multiply the normalised spectrum by the smoothed, clipped source/target amplitude ratio.
     :ivar histogram: map the in-sector pixels by rank onto the source images' mean quantile function.
     :ivar max_images: at most this many images per set enter the estimate (evenly spaced; 0: all).
     """
 
-    enabled: bool = False
+    when: str = "never"
     depth: bool = True
     spectrum: bool = True
     histogram: bool = True
     max_images: int = 256
 
     def __post_init__(self):
+        if self.when not in WHEN:
+            raise ValueError(f"harmonize.when must be one of {WHEN}, got {self.when!r}")
         if int(self.max_images) < 0:
             raise ValueError(f"harmonize.max_images must be >= 0, got {self.max_images}")
 

@@ -571,7 +571,7 @@ def test_export_stores_a_label_free_postprocessing_in_nnunet_format(tiny_world, 
 
 
 def test_harmonized_runs_train_on_mapped_images_and_ship_the_map_with_the_model(tiny_world, tmp_path):
-    """``harmonize.enabled``: the map is a stage of the run, every target patch is the mapped image's, the exported
+    """``harmonize.when: always``: the map is a stage of the run, every target patch is the mapped image's, the exported
     folder carries it, loading that folder applies it, and such a folder is refused as a source model."""
     from rl_adapt.harmonize import Harmonizer
     from rl_adapt.policies.nnunet import load_model_folder
@@ -579,7 +579,7 @@ def test_harmonized_runs_train_on_mapped_images_and_ship_the_map_with_the_model(
     run = tmp_path / "run"
     inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"],
                          source_data=tiny_world["source"])
-    cfg = _cfg(["iterations=1", "harmonize.enabled=true"])
+    cfg = _cfg(["iterations=1", "harmonize.when=always"])
     adapter = Adapter(inputs, cfg, run, progress=False)
     folder = adapter.run()
     stages = {json.loads(x)["stage"]: json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()}
@@ -602,4 +602,32 @@ def test_harmonized_runs_train_on_mapped_images_and_ship_the_map_with_the_model(
     assert not (tmp_path / "again").exists()
     with pytest.raises(ConfigError, match="--source-data"):
         Adapter(AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"]),
-                _cfg(["harmonize.enabled=true"]), tmp_path / "x", progress=False)
+                _cfg(["harmonize.when=auto"]), tmp_path / "x", progress=False)
+
+
+def test_harmonize_auto_maps_a_target_the_scanner_model_cannot_make(tiny_world, tmp_path):
+    """``harmonize.when: auto`` asks the restyling's own label-free choice on the raw target images: a target whose grey
+    levels were inverted inside the fan (a look the B-mode scanner model cannot make) gets ``degrade``, so it is
+    harmonized; the choice is a recorded stage and a resumed run reads it back."""
+    from rl_adapt.data.case import Case
+    from rl_adapt.data.readers import read_dataset
+    from rl_adapt.data.writers import write_nnunet_raw
+
+    raw = read_dataset(tiny_world["target"], with_labels=False)
+    remapped = write_nnunet_raw([Case(c.name, np.where(c.image > 2, 255 - c.image, 0).astype(np.uint8), None,
+                                      c.spacing) for c in raw],
+                                tmp_path / "Dataset903_Remapped", dataset_name="Dataset903_Remapped", labelled=False)
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=remapped, source_data=tiny_world["source"])
+    cfg = _cfg(["iterations=1", "harmonize.when=auto", "source_teacher.pairs.style_images=8",
+                "source_teacher.pairs.depth=true", "source_teacher.pairs.angular=true",
+                "source_teacher.pairs.fit.source_images=4", "source_teacher.pairs.fit.target_images=8",
+                "source_teacher.pairs.fit.sweeps=1"])
+    run = tmp_path / "run"
+    folder = Adapter(inputs, cfg, run, progress=False).run()
+    stages = {json.loads(x)["stage"]: json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()}
+    choice = stages["harmonize_choice"]
+    assert choice["mode"] == "degrade" and choice["degrade_mismatch"] < 0.5 * choice["scanner_mismatch"]
+    assert choice["harmonize"] is True and "harmonize" in stages
+    assert (folder / "harmonization.npz").is_file()
+    resumed = Adapter(inputs, cfg, run, resume=True, progress=False)
+    assert resumed.run() == folder and resumed.harmonizer is not None

@@ -51,7 +51,7 @@ def test_harmonized_target_images_look_like_the_source_in_histogram_and_depth(sc
 
 
 def test_the_map_is_deterministic_and_survives_save_and_load(scanners, tmp_path):
-    cfg = HarmonizeConfig(enabled=True, max_images=6)
+    cfg = HarmonizeConfig(max_images=6)
     h = fit_harmonizer(scanners["source"], scanners["target"], cfg)
     again = fit_harmonizer(scanners["source"], scanners["target"], cfg)
     im = scanners["held_out"][0]
@@ -79,3 +79,5 @@ def test_a_bad_map_file_is_one_error_naming_it(tmp_path):
         Harmonizer.load(tmp_path / "absent.npz")
     with pytest.raises(ValueError, match="max_images"):
         HarmonizeConfig(max_images=-1)
+    with pytest.raises(ValueError, match="harmonize.when"):
+        HarmonizeConfig(when="sometimes")

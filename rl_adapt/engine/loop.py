@@ -62,7 +62,7 @@ from rl_adapt.policies.nnunet import export_model_folder, load_model_folder
 from rl_adapt.postprocessing import decide, postprocessing_files
 from rl_adapt.preflight import check_device, check_output, match_expert_names, warn_blank_images
 from rl_adapt.training.finetune import fine_tune
-from rl_adapt.training.styled_source import StyledPairs, restyling_record, styled_source_pairs
+from rl_adapt.training.styled_source import StyledPairs, chosen_mode, restyling_record, styled_source_pairs
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +205,9 @@ class Adapter:
             p = getattr(self.inputs, name)
             if p is not None and not Path(p).exists():
                 raise InputError(p, f"{name.replace('_', ' ')} does not exist")
-        if self.cfg.harmonize.enabled and self.inputs.source_data is None:
-            raise ConfigError("harmonize.enabled maps the target images toward the source images' look: give the "
-                              "source dataset (--source-data DIR)")
+        if self.cfg.harmonize.when != "never" and self.inputs.source_data is None:
+            raise ConfigError(f"harmonize.when: {self.cfg.harmonize.when} maps the target images toward the source "
+                              "images' look: give the source dataset (--source-data DIR)")
         if self.cfg.source_teacher.enabled and self.inputs.source_data is None:
             raise ConfigError("source_teacher.enabled needs the labelled source dataset (--source-data DIR)")
         if (self.cfg.corrector.use_shape_prior and self.inputs.source_data is None
@@ -232,7 +232,7 @@ class Adapter:
             raise InputError(self.inputs.model_dir, f"carries {HARMONIZATION_FILE} (an adapted model): adapt from the "
                                                     "original source model folder")
         self.target_cases = cases
-        self.harmonizer = self._harmonizer() if self.cfg.harmonize.enabled else None
+        self.harmonizer = self._harmonizer() if self._harmonizes() else None
         if self.harmonizer is not None:  # every later stage sees the target images as the adapted model will
             self.target_cases = cases = [dataclasses.replace(c, image=self.harmonizer.apply(c.image)) for c in cases]
         self.warnings: dict[str, int] = {}
@@ -267,15 +267,37 @@ class Adapter:
             self.stages.mark("inputs", {"n_target": len(self.target_cases), "n_expert": len(self.expert),
                                         **{f"warning_{k}": v for k, v in self.warnings.items()}})
 
+    def _harmonizes(self) -> bool:
+        """Whether this run harmonizes the target images (``harmonize.when``); ``auto`` is decided once, label-free, by
+        the restyling's mode choice on the raw target images (stage ``harmonize_choice``; its scanner fit is cached
+        for the restyling stage)."""
+        when = self.cfg.harmonize.when
+        if when != "auto":
+            return when == "always"
+        stage = "harmonize_choice"
+        if not self.stages.done(stage):
+            def decide() -> None:
+                t0 = time.time()
+                choice = chosen_mode(self._labelled_source(), self.target_cases, self.cfg.source_teacher.pairs)
+                self.stages.mark(stage, {**choice, "harmonize": choice["mode"] == "degrade",
+                                         "seconds": time.time() - t0})
+            dist.on_main(decide, self.world)
+            self.state.reload()
+        return bool(self.stages.info(stage)["harmonize"])
+
+    def _labelled_source(self) -> list:
+        """The labelled cases of ``--source-data``, read once (the restyling and the harmonization share them)."""
+        if self._source_cases is None:
+            self._source_cases = read_dataset(self.inputs.source_data, with_labels=True)
+        return [c for c in self._source_cases if c.label is not None]
+
     def _harmonizer(self) -> Harmonizer:
         """The ``harmonize`` stage: the target -> source map fitted on the target and source images (no label read),
         saved as ``harmonization.npz`` and exported with the adapted model."""
         def fit() -> tuple[Harmonizer, dict]:
-            if self._source_cases is None:
-                self._source_cases = read_dataset(self.inputs.source_data, with_labels=True)
-            h = fit_harmonizer([c.image for c in self._source_cases], [c.image for c in self.target_cases],
-                               self.cfg.harmonize)
-            return h, {"n_source": len(self._source_cases), "n_target": len(self.target_cases)}
+            source = self._labelled_source()
+            h = fit_harmonizer([c.image for c in source], [c.image for c in self.target_cases], self.cfg.harmonize)
+            return h, {"n_source": len(source), "n_target": len(self.target_cases)}
         return self.stages.run("harmonize", self.run_dir / HARMONIZATION_FILE, fit, Harmonizer.load)
 
     def _load_expert(self) -> dict[str, np.ndarray]:
@@ -371,13 +393,12 @@ class Adapter:
         configured ``pairs.mode``), split into training and held out."""
         tc = self.cfg.source_teacher
         how = tc.pairs if mode is None else dataclasses.replace(tc.pairs, mode=mode)
-        if self._source_cases is None:  # read once, whatever the number of draws
-            self._source_cases = read_dataset(self.inputs.source_data, with_labels=True)
-        pairs = styled_source_pairs(self.model, self._source_cases, self.target_cases, how,
-                                    seed=_stage_seed(seed, 0, 7), progress=self.progress)
+        source = self._labelled_source()  # read once, whatever the number of draws
+        pairs = styled_source_pairs(self.model, source, self.target_cases, how, seed=_stage_seed(seed, 0, 7),
+                                    progress=self.progress)
         pairs = pairs.split(tc.held_out, seed=_stage_seed(seed, 0, 8))
         info = {"n_pairs": len(pairs), "n_styled": int(pairs.styled.sum()), "n_held_out": int(pairs.held_out.sum()),
-                **restyling_record(self._source_cases, self.target_cases, how)}
+                **restyling_record(source, self.target_cases, how)}
         return pairs, info
 
     def _warm_start(self) -> None:

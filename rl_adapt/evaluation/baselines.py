@@ -100,8 +100,8 @@ class BaselineConfig:
     """styled-source: which source images are restyled, and how."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """styled-source: the augmentation of the supervised batches (the pretraining one by default)."""
-    harmonize: HarmonizeConfig = field(default_factory=lambda: HarmonizeConfig(enabled=True))
-    """harmonize: the steps of the image map (``enabled`` is ignored: the method is the map)."""
+    harmonize: HarmonizeConfig = field(default_factory=HarmonizeConfig)
+    """harmonize: the steps of the image map (``when`` is ignored: the method is the map)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
