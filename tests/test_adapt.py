@@ -586,6 +586,8 @@ def test_harmonized_runs_train_on_mapped_images_and_ship_the_map_with_the_model(
     assert stages["harmonize"]["n_target"] == 3 * 4 and stages["harmonize"]["n_source"] == 6 * 4
     saved = Harmonizer.load(run / "harmonization.npz")
     assert (folder / "harmonization.npz").read_bytes() == (run / "harmonization.npz").read_bytes()
+    ckpt = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    assert "harmonization.npz" in ckpt["rl_adapt"]["input_map"]  # said where nnU-Net's own predictor would look
     from rl_adapt.data.readers import read_dataset
     raw = read_dataset(tiny_world["target"], with_labels=False)
     plain = load_model_folder(tiny_world["model"])

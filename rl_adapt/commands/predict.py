@@ -17,8 +17,10 @@ def register(sub) -> argparse.ArgumentParser:
             "preprocessing and sliding window, and writes one mask per image with the input geometry "
             "(OUT/<case>.nii.gz). When the model folder carries a postprocessing.json (nnU-Net's postprocessing, "
             "or the one an adaptation run decided), its steps are applied to every mask, as "
-            "nnUNetv2_apply_postprocessing does; --postprocessing none writes the raw masks. Checkpoints are "
-            "pickles: load only models you trust."
+            "nnUNetv2_apply_postprocessing does; --postprocessing none writes the raw masks. When it carries a "
+            "harmonization.npz (an adaptation run with harmonize.when, or `rl-adapt baseline --method harmonize`), "
+            "every image is first mapped toward the source images' look with it (nnUNetv2_predict knows no such "
+            "file: use this command for those folders). Checkpoints are pickles: load only models you trust."
         ),
     )
     add_segmentation_args(p, images_help="images to segment (folder or dataset)",

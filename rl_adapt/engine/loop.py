@@ -696,10 +696,12 @@ class Adapter:
 
             def write() -> None:
                 extra = self._postprocessing_files(net, argmax) if self.cfg.postprocessing else {}
-                if self.harmonizer is not None:
+                meta = {"rl_adapt_run": str(self.run_dir.resolve())}
+                if self.harmonizer is not None:  # told in the checkpoint too: nnU-Net's own predictor skips the map
                     extra[HARMONIZATION_FILE] = self.run_dir / HARMONIZATION_FILE
+                    meta["input_map"] = f"{HARMONIZATION_FILE}: rl-adapt predict/evaluate apply it to every image"
                 out = export_model_folder(net, self.model, self.run_dir / "model", overwrite=True,
-                                          extra_meta={"rl_adapt_run": str(self.run_dir.resolve())}, extra_files=extra)
+                                          extra_meta=meta, extra_files=extra)
                 reward_net.save(self.run_dir / "reward_net.pt")
                 self.state.mark(stage, {"model_folder": str(out), "model_relpath": os.path.relpath(out, self.run_dir)})
 
