@@ -151,8 +151,9 @@ def test_run_baseline_writes_loadable_new_folder(world, tmp_path, method):
             run_baseline(out, world["data"], tmp_path / "again", cfg("tent"), progress=False)
         from rl_adapt.evaluation.evaluate import EvaluateConfig, evaluate
         s = evaluate({"src": world["src"], "mapped": out}, world["data"], tmp_path / "ev", progress=False,
-                     config=EvaluateConfig(overlays=0, n_bootstrap=50, workers=0, report=False))
+                     config=EvaluateConfig(overlays=0, n_bootstrap=50, workers=0))
         assert s["harmonized_inputs"] == ["mapped"]
+        assert "mapped maps each image toward the source" in (tmp_path / "ev" / "report.html").read_text()
     else:
         assert diff
     if method == "tent":
