@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InputError
-from .io_utils import save_npz
+from .io_utils import read_npz, save_npz
 from .styling import (DEFAULT_QUANTILES, TargetStyle, _check_images, estimate_style, intensity_scale,
                       match_quantiles, restyle, sector_mask)
 
@@ -111,16 +111,7 @@ class Harmonizer:
         :raises InputError: the file is missing, unreadable or not a harmonization file.
         """
         path = Path(path)
-        if not path.is_file():
-            raise InputError(path, "harmonization file not found")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except Exception as exc:  # noqa: BLE001 - any read failure is the file's fault
-            raise InputError(path, f"cannot read harmonization map ({exc})") from exc
-        missing = {"format_version", "source_quantiles", "steps", *_STYLE_FIELDS} - set(data)
-        if missing:
-            raise InputError(path, f"not a harmonization map: missing {sorted(missing)}")
+        data = read_npz(path, "harmonization map", ("format_version", "source_quantiles", "steps", *_STYLE_FIELDS))
         if int(data["format_version"]) != _FORMAT_VERSION:
             raise InputError(path, f"harmonization format {int(data['format_version'])}, this version reads "
                                    f"{_FORMAT_VERSION}")

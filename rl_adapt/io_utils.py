@@ -17,6 +17,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from rl_adapt.errors import InputError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -91,6 +93,26 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)
+
+
+def read_npz(path: str | Path, what: str, required: Sequence[str]) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path`` (no pickles), checked to hold ``required``.
+
+    :param what: the kind of file, for the errors (e.g. ``"target style"``).
+    :raises InputError: naming the file: missing, unreadable, or without one of ``required``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, f"{what} file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as exc:  # noqa: BLE001 - any read failure is the file's fault
+        raise InputError(path, f"cannot read {what} ({exc})") from exc
+    missing = set(required) - set(data)
+    if missing:
+        raise InputError(path, f"not a {what} file: missing {sorted(missing)}")
+    return data
 
 
 def save_torch(path: str | Path, obj: Any) -> None:

@@ -47,6 +47,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
 from rl_adapt.errors import InputError
+from rl_adapt.io_utils import read_npz
 
 __all__ = ["TargetStyle", "estimate_style", "restyle", "restyle_batch", "sector_mask", "intensity_scale",
            "DEFAULT_SIZE", "DEFAULT_QUANTILES", "RATIO_RANGE"]
@@ -510,17 +511,8 @@ class TargetStyle:
         """Read a style written by :meth:`save`; a missing, unreadable or inconsistent file is an
         :class:`InputError` naming the file."""
         path = Path(path)
-        if not path.is_file():
-            raise InputError(path, "target style file not found")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except Exception as exc:  # noqa: BLE001 - any read failure is the file's fault
-            raise InputError(path, f"cannot read target style ({exc})") from exc
-        missing = {"format_version", "target_amplitude", "source_amplitude", "target_quantiles",
-                   "n_source"} - set(data)
-        if missing:
-            raise InputError(path, f"not a target style file: missing {sorted(missing)}")
+        data = read_npz(path, "target style", ("format_version", "target_amplitude", "source_amplitude",
+                                               "target_quantiles", "n_source"))
         if int(data["format_version"]) not in (1, 2, _FORMAT_VERSION):
             raise InputError(path, f"target style format {int(data['format_version'])} is not supported "
                                    f"(expected {_FORMAT_VERSION})")
