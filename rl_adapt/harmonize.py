@@ -116,8 +116,11 @@ class Harmonizer:
             raise InputError(path, f"harmonization format {int(data['format_version'])}, this version reads "
                                    f"{_FORMAT_VERSION}")
         quantiles = data["source_quantiles"].astype(np.float64)
-        style = TargetStyle(target_quantiles=quantiles[None].astype(np.float32),
-                            **{k: (int(data[k]) if k == "n_source" else data[k]) for k in _STYLE_FIELDS})
+        try:
+            style = TargetStyle(target_quantiles=quantiles[None].astype(np.float32),
+                                **{k: (int(data[k]) if k == "n_source" else data[k]) for k in _STYLE_FIELDS})
+        except InputError as exc:  # inconsistent arrays: say which file holds them
+            raise InputError(path, exc.problem) from exc
         steps = [bool(v) for v in data["steps"]]
         return cls(style=style, source_quantiles=quantiles, depth=steps[0], spectrum=steps[1], histogram=steps[2])
 

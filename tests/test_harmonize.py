@@ -66,7 +66,7 @@ def test_the_map_is_deterministic_and_survives_save_and_load(scanners, tmp_path)
     assert not np.array_equal(off.apply(im), h.apply(im))
 
 
-def test_a_bad_map_file_is_one_error_naming_it(tmp_path):
+def test_a_bad_map_file_is_one_error_naming_it(scanners, tmp_path):
     junk = tmp_path / "harmonization.npz"
     junk.write_bytes(b"not an archive")
     with pytest.raises(InputError, match="harmonization.npz.*cannot read"):
@@ -75,6 +75,13 @@ def test_a_bad_map_file_is_one_error_naming_it(tmp_path):
     np.savez(partial, source_quantiles=np.linspace(0, 1, 8))
     with pytest.raises(InputError, match="partial.npz.*missing"):
         Harmonizer.load(partial)
+    good = fit_harmonizer(scanners["source"], scanners["target"]).save(tmp_path / "good.npz")
+    with np.load(good) as z:
+        arrays = dict(z)
+    arrays["source_amplitude"] = arrays["source_amplitude"][:4]  # spectra of two different sizes
+    np.savez(tmp_path / "inconsistent.npz", **arrays)
+    with pytest.raises(InputError, match="inconsistent.npz.*spectra"):
+        Harmonizer.load(tmp_path / "inconsistent.npz")
     with pytest.raises(InputError, match="not found"):
         Harmonizer.load(tmp_path / "absent.npz")
     with pytest.raises(ValueError, match="max_images"):
