@@ -248,6 +248,37 @@ def test_restyling_draws_are_scored_label_free_and_the_best_one_is_kept(tiny_wor
         _cfg([*TEACHER, "source_teacher.draws=2", "source_teacher.warm_start.steps=0"])
 
 
+def test_averaged_draws_warm_start_from_the_mean_of_the_draws_weights(tiny_world, tmp_path, monkeypatch):
+    """``draw_merge: average``: the run's warm start is the uniform mean of every draw's warm-started weights, every
+    draw holds out the same source patients (so the guard's held-out pairs were seen by none of the averaged draws),
+    and the guard starts from the averaged policy's held-out Dice."""
+    import rl_adapt.engine.loop as loop
+    from rl_adapt.training.styled_source import StyledPairs
+
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"],
+                         source_data=tiny_world["source"])
+    monkeypatch.setattr(loop.shutil, "rmtree", lambda *a, **k: None)  # keep the draws' files to compare with
+    run = tmp_path / "run"
+    Adapter(inputs, _cfg([*TEACHER, "source_teacher.draws=2", "source_teacher.draw_merge=average", "seed=3"]), run,
+            progress=False).run()
+    draws = [torch.load(run / "draws" / f"draw{d}" / "warm_start.pt") for d in (0, 1)]
+    merged = torch.load(run / "warm_start.pt")
+    assert set(merged) == set(draws[0])
+    floats = [k for k, v in merged.items() if v.is_floating_point()]
+    assert floats and any(not torch.equal(draws[0][k], draws[1][k]) for k in floats)  # two different draws
+    for k in floats:
+        torch.testing.assert_close(merged[k], (draws[0][k] + draws[1][k]) / 2, rtol=1e-6, atol=1e-7)
+    pairs = [StyledPairs.load(run / "draws" / f"draw{d}" / "styled_source.npz") for d in (0, 1)]
+    assert not np.array_equal(pairs[0].styled, pairs[1].styled) or not torch.equal(pairs[0].images, pairs[1].images)
+    assert pairs[0].names == pairs[1].names and pairs[0].held_out.any()
+    np.testing.assert_array_equal(pairs[0].held_out, pairs[1].held_out)
+    rec = {json.loads(x)["stage"]: json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()}
+    assert rec["warm_start"]["averaged_draws"] == 2 and 0.0 <= rec["warm_start"]["held_out_dice"] <= 1.0
+    assert rec["iter0/ppo"]["agreement_before"] == pytest.approx(rec["warm_start"]["held_out_dice"])
+    with pytest.raises(ConfigError, match="draw_merge: average needs source_teacher.draws > 1"):
+        _cfg([*TEACHER, "source_teacher.draw_merge=average"])
+
+
 def test_draws_can_mix_restyling_modes_and_each_draw_is_what_its_mode_alone_gives(tiny_world, tmp_path):
     """``source_teacher.draw_modes``: draw d is restyled in its own mode with its own seed, so a mixed run's draw d is
     the draw d of a run in that mode alone (the label-free choice then spans both modes), and the mode is recorded."""

@@ -396,7 +396,8 @@ class Adapter:
         source = self._labelled_source()  # read once, whatever the number of draws
         pairs = styled_source_pairs(self.model, source, self.target_cases, how, seed=_stage_seed(seed, 0, 7),
                                     progress=self.progress)
-        pairs = pairs.split(tc.held_out, seed=_stage_seed(seed, 0, 8))
+        split_seed = self.cfg.seed if tc.draw_merge == "average" else seed  # averaged draws hold out the same patients
+        pairs = pairs.split(tc.held_out, seed=_stage_seed(split_seed, 0, 8))
         info = {"n_pairs": len(pairs), "n_styled": int(pairs.styled.sum()), "n_held_out": int(pairs.held_out.sum()),
                 **restyling_record(source, self.target_cases, how)}
         return pairs, info
@@ -408,7 +409,11 @@ class Adapter:
         if self.teacher is None or tc.warm_start.steps <= 0:
             return
         if tc.draws > 1:
-            weights = self._kept_draw("warm_start", "warm_start.pt", PolicyWeights.load)
+            if tc.draw_merge == "average":
+                weights = self.stages.run("warm_start", self.run_dir / "warm_start.pt", self._average_draws,
+                                          PolicyWeights.load)
+            else:
+                weights = self._kept_draw("warm_start", "warm_start.pt", PolicyWeights.load)
             if self.world.main:  # the chosen draw now lives in the run's own files; the others are not needed
                 shutil.rmtree(self.run_dir / "draws", ignore_errors=True)
         else:
@@ -418,6 +423,27 @@ class Adapter:
         if tc.kl_reference == "warm_start":
             self.reference.load_state_dict(weights.state)
 
+    def _average_draws(self) -> tuple[PolicyWeights, dict]:
+        """``draw_merge: average``: the uniform average of every draw's warm-started weights (floating-point entries;
+        the others, if any, are draw 0's), with its Dice on the kept draw's held-out pairs."""
+        tc = self.cfg.source_teacher
+        states = [PolicyWeights.load(self._draw_path(d, "warm_start.pt")).state for d in range(tc.draws)]
+        mean = {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
+                for k, v in states[0].items()}
+        net = copy.deepcopy(self.model.network).to(self.device)
+        net.load_state_dict(mean)
+        return PolicyWeights(state=mean), {"averaged_draws": len(states), **self._held_out_dice(net, self.teacher)}
+
+    def _held_out_dice(self, net: torch.nn.Module, pairs: StyledPairs) -> dict:
+        """With ``guard: styled_source``, the mean Dice of the source network's and of ``net``'s masks on the held-out
+        ``pairs`` (``held_out_dice_source``, ``held_out_dice``); else nothing."""
+        if self.cfg.guard != "styled_source":
+            return {}
+        held, truth = pairs.subset(pairs.held_out)
+        before = judge(self._argmax(self.model.network, held), self._argmax(net, held), truth.cpu().numpy(),
+                       np.arange(len(truth)), False)
+        return {"held_out_dice_source": before.agreement_before, "held_out_dice": before.agreement_after}
+
     def _warm(self, pairs: StyledPairs, seed: int) -> tuple[PolicyWeights, dict]:
         """Supervised fine-tuning of the source network on the training ``pairs`` with master seed ``seed``."""
         tc = self.cfg.source_teacher
@@ -425,12 +451,8 @@ class Adapter:
         images, labels = pairs.subset(~pairs.held_out)
         losses = fine_tune(net, images, labels, tc.warm_start, seed=_stage_seed(seed, 0, 2),
                            device=self.device, what="warm start", progress=self.progress, world=self.world)
-        info = {"steps": len(losses), "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:]))}
-        if self.cfg.guard == "styled_source":
-            held, truth = pairs.subset(pairs.held_out)
-            before = judge(self._argmax(self.model.network, held), self._argmax(net, held), truth.cpu().numpy(),
-                           np.arange(len(truth)), False)
-            info.update(held_out_dice_source=before.agreement_before, held_out_dice=before.agreement_after)
+        info = {"steps": len(losses), "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:])),
+                **self._held_out_dice(net, pairs)}
         return PolicyWeights.of(net), info
 
     # ------------------------------------------------------------------ restyling draws

@@ -56,6 +56,11 @@ class SourceTeacherConfig:
     uses ``pairs.mode``). Mixing modes lets ``draw_score`` choose, label-free, between a fitted scanner model
     (``scanner``: close when the target's scanner is of the model's kind) and spectra and profiles estimated
     directly (``degrade``: no such assumption). Needs one entry per draw."""
+    draw_merge: str = bounded("best", choices=("best", "average"))
+    """What the run keeps of its draws: ``best`` (the draw ``draw_score`` ranks first: its warm start and its pairs) or
+    ``average`` (the uniform average of every draw's warm-started weights, all fine-tuned from the same source
+    network; the best draw's pairs still teach PPO and judge the guard, and every draw holds out the same source
+    patients, so the guard's held-out pairs stay unseen). ``average`` needs ``draws > 1``."""
 
     def __post_init__(self) -> None:
         if self.draw_modes and len(self.draw_modes) != self.draws:
@@ -64,6 +69,9 @@ class SourceTeacherConfig:
         unknown = sorted(set(self.draw_modes) - set(PAIR_MODES))
         if unknown:
             raise ValueError(f"source_teacher.draw_modes: unknown mode(s) {unknown}; choose from {list(PAIR_MODES)}")
+        if self.draw_merge == "average" and self.draws < 2:
+            raise ValueError("source_teacher.draw_merge: average needs source_teacher.draws > 1 (there is nothing to "
+                             "average with one draw)")
         if self.draws > 1 and self.warm_start.steps <= 0:
             raise ValueError("source_teacher.draws > 1 needs source_teacher.warm_start.steps > 0: draws are told apart "
                              "by the warm-started policy's masks on the target images")
