@@ -11,7 +11,11 @@ from rl_adapt.measures.metrics import mean_dice
 
 def agreement(masks: np.ndarray, corrected: np.ndarray) -> float:
     """Mean over images of the mean Dice (LV, MYO, LA) between (N, H, W) ``masks`` and ``corrected``."""
-    return float(np.mean([mean_dice(a, b) for a, b in zip(masks, corrected)]))
+    return float(np.mean(_dices(masks, corrected)))
+
+
+def _dices(masks: np.ndarray, corrected: np.ndarray) -> np.ndarray:
+    return np.array([mean_dice(a, b) for a, b in zip(masks, corrected)], dtype=np.float64)
 
 
 @dataclass
@@ -25,18 +29,24 @@ class GuardVerdict:
     n_images: int
     """Images judged."""
     rejected: bool
-    """The phase moved the policy away from the corrections (and the guard is on)."""
+    """The phase moved the policy away from the corrections by more than the tolerance (and the guard is on)."""
+    change_se: float = 0.0
+    """Standard error of the mean paired per-image change of agreement (0 for fewer than 2 images)."""
 
 
 def judge(before: np.ndarray, after: np.ndarray, corrected: np.ndarray, judged: np.ndarray,
-          enabled: bool) -> GuardVerdict:
+          enabled: bool, tolerance_se: float = 0.0) -> GuardVerdict:
     """Judge a PPO phase on the images ``judged`` (indices) by agreement with ``corrected``.
 
     :param before: (N, H, W) uint8 argmax of the policy before the phase; ``after`` the same after it.
     :param corrected: (N, H, W) uint8 corrections of the iteration.
     :param enabled: the guard is on (otherwise nothing is rejected; the figures are still measured).
+    :param tolerance_se: reject only a fall of the mean agreement larger than this many standard errors of the
+        mean paired per-image change (0: any fall): a fall within the judged images' noise is not evidence.
     """
-    a0 = agreement(before[judged], corrected[judged])
-    a1 = agreement(after[judged], corrected[judged])
+    d0 = _dices(before[judged], corrected[judged])
+    d1 = _dices(after[judged], corrected[judged])
+    a0, a1 = float(d0.mean()), float(d1.mean())
+    se = float((d1 - d0).std(ddof=1) / np.sqrt(len(d0))) if len(d0) > 1 else 0.0
     return GuardVerdict(agreement_before=a0, agreement_after=a1, n_images=int(len(judged)),
-                        rejected=bool(enabled and a1 < a0))
+                        rejected=bool(enabled and a1 < a0 - float(tolerance_se) * se), change_se=se)

@@ -613,18 +613,20 @@ class Adapter:
         if judge_before is not None:  # Dice on the held-out restyled source images (true labels)
             truth = self.teacher.subset(self.teacher.held_out)[1].cpu().numpy()
             verdict = judge(judge_before, self._styled_argmax(net), truth, np.arange(len(truth)),
-                            self.cfg.keep_if_closer)
+                            self.cfg.keep_if_closer, self.cfg.guard_tolerance_se)
             what = "held-out restyled source images"
         else:
             verdict = judge(argmax_before, argmax_after, corr.corrected, self._guard_images(),
-                            self.cfg.keep_if_closer)
+                            self.cfg.keep_if_closer, self.cfg.guard_tolerance_se)
             what = "corrected masks"
         if verdict.rejected:
-            log.warning("iteration %d: PPO moved the policy away from the %s (agreement %.4f -> %.4f); keeping the "
-                        "previous weights", k, what, verdict.agreement_before, verdict.agreement_after)
+            log.warning("iteration %d: PPO moved the policy away from the %s (agreement %.4f -> %.4f, standard "
+                        "error of the change %.4f); keeping the previous weights", k, what, verdict.agreement_before,
+                        verdict.agreement_after, verdict.change_se)
             net.load_state_dict(before_state)
         info = {**stats, "agreement_before": verdict.agreement_before, "agreement_after": verdict.agreement_after,
-                "guard": self.cfg.guard, "guard_images": verdict.n_images, "rejected": verdict.rejected}
+                "guard": self.cfg.guard, "guard_images": verdict.n_images, "guard_change_se": verdict.change_se,
+                "rejected": verdict.rejected}
         if self.val_cases is not None:
             info.update(self.validate(net))
         return PolicyWeights.of(net, argmax_before if verdict.rejected else argmax_after), info
