@@ -205,6 +205,28 @@ def test_restyling_draws_on_two_ranks_are_scored_once_and_agree(tiny_world, tmp_
     assert fitted["preset"]["name"] == "fitted"
 
 
+def test_averaged_draws_on_two_ranks_give_one_warm_start_the_mean_of_the_draws(tiny_world, tmp_path):
+    """``draw_merge: average`` under torchrun: the averaging stage (which judges the average on the held-out pairs,
+    a collective step) runs on both ranks without a deadlock, is recorded once, and the guard starts from it."""
+    from test_adapt import TEACHER
+
+    sets = [*TEACHER, "source_teacher.draws=2", "source_teacher.draw_merge=average", "ppo.n_envs=2",
+            "ppo.batch_size=2"]
+    run = tmp_path / "run"
+    args = _adapt_args(tiny_world, run) + ["--source-data", str(tiny_world["source"])]
+    done = _torchrun(args + [x for s in sets for x in ("--set", s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     text=True)
+    _, err = done.communicate(timeout=600)
+    assert done.returncode == 0, err[-3000:]
+    rec = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        assert r["stage"] not in rec, r["stage"]  # every stage recorded once
+        rec[r["stage"]] = r
+    assert rec["warm_start"]["averaged_draws"] == 2 and not (run / "draws").exists()
+    assert rec["iter0/ppo"]["agreement_before"] == pytest.approx(rec["warm_start"]["held_out_dice"])
+
+
 def test_evaluate_on_two_ranks_writes_the_tables_of_one(tiny_world, tmp_path):
     from rl_adapt.evaluation.evaluate import EvaluateConfig, evaluate
 

@@ -411,7 +411,7 @@ class Adapter:
         if tc.draws > 1:
             if tc.draw_merge == "average":
                 weights = self.stages.run("warm_start", self.run_dir / "warm_start.pt", self._average_draws,
-                                          PolicyWeights.load)
+                                          PolicyWeights.load, parallel=True)  # every rank: its argmax is sharded
             else:
                 weights = self._kept_draw("warm_start", "warm_start.pt", PolicyWeights.load)
             if self.world.main:  # the chosen draw now lives in the run's own files; the others are not needed
