@@ -414,7 +414,7 @@ class Adapter:
                                           PolicyWeights.load, parallel=True)  # every rank: its argmax is sharded
             else:
                 weights = self._kept_draw("warm_start", "warm_start.pt", PolicyWeights.load)
-            if self.world.main:  # the chosen draw now lives in the run's own files; the others are not needed
+            if self.world.main:  # the kept (or averaged) warm start now lives in the run's own files
                 shutil.rmtree(self.run_dir / "draws", ignore_errors=True)
         else:
             weights = self.stages.run("warm_start", self.run_dir / "warm_start.pt",
