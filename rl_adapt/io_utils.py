@@ -124,11 +124,17 @@ def save_torch(path: str | Path, obj: Any) -> None:
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
-    """Append one JSON line to ``path`` and fsync, so a completed record survives a kill."""
+    """Append one JSON line to ``path`` and fsync, so a completed record survives a kill (a line a kill tore off
+    mid-write is ended first, so the new record stays a line of its own)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            torn = fh.read(1) != b"\n"
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(("\n" if torn else "") + json.dumps(record) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 

@@ -71,3 +71,21 @@ def test_an_interrupted_stage_is_computed_again_and_leaves_no_partial_file(tmp_p
     assert not (tmp_path / "s.txt").exists() and not list(tmp_path.glob("*.tmp-*"))
     assert not _stages(tmp_path).done("s")
     assert _stages(tmp_path).run("s", tmp_path / "s.txt", lambda: (Number(5), {}), Number.load) == Number(5)
+
+
+def test_a_stage_marked_but_not_logged_before_a_kill_gets_its_metrics_line_back(tmp_path):
+    """A kill between ``state.json`` and ``metrics.jsonl``: the next process restores the lost line from the state's
+    figures (once), and a line torn by the kill does not stop it."""
+    stages = _stages(tmp_path)
+    stages.run("a", tmp_path / "a.txt", lambda: (Number(1), {"figure": 1.0}), Number.load)
+    stages.state.mark("b", {"figure": 2.0})  # marked; the process died before logging it
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"stage": "c", "fig')  # and a torn line
+    _stages(tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    _stages(tmp_path)  # a second resume adds nothing more
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines
+    assert lines[1] == '{"stage": "c", "fig'  # the torn line is left as it was, the restored one follows it
+    records = [json.loads(line) for i, line in enumerate(lines) if i != 1]
+    assert [r["stage"] for r in records] == ["a", "b"]
+    assert records[1]["figure"] == 2.0 and records[1]["restored"] is True and "restored" not in records[0]

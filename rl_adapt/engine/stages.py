@@ -11,6 +11,7 @@ any moment either has a stage's outputs and its mark, or redoes that stage from 
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -45,6 +46,26 @@ class Stages:
         self.state = state
         self.metrics_path = Path(metrics_path)
         self.world = world
+        if world.main:
+            self._restore_missing_records()
+
+    def _restore_missing_records(self) -> None:
+        """A run killed between marking a stage (``state.json``) and logging it (``metrics.jsonl``) lost that line:
+        append it again from the figures the state kept (with ``"restored": true``), in the state's order. A line
+        torn by the kill is ignored."""
+        if not self.state.completed:
+            return
+        logged = set()
+        if self.metrics_path.is_file():
+            for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    logged.add(json.loads(line).get("stage"))
+                except (json.JSONDecodeError, AttributeError):
+                    continue
+        for name, info in self.state.completed.items():
+            if name not in logged:
+                append_jsonl(self.metrics_path, {"stage": name, "time": time.time(), "restored": True, **info})
+                log.info("%s: its metrics line was lost when the run was killed; restored from state.json", name)
 
     def done(self, name: str) -> bool:
         """Whether stage ``name`` finished (in this process or an earlier one)."""
