@@ -110,7 +110,7 @@ class AdaptConfig:
     guard_tolerance_se: float = bounded(0.0, ge=0.0)
     """The guard rejects a PPO phase only if its judge falls by more than this many standard errors of the mean
     paired per-image change over the judged images (0: any fall, however small). On 168 held-out restyled pairs one
-    standard error is about 0.0006 Dice (results/camus220)."""
+    standard error was 0.0004-0.0015 Dice in the CAMUS-220 runs (results/camus220)."""
     guard: str = bounded("corrections", choices=("corrections", "styled_source"))
     """What the guard judges by. ``corrections``: the policy's argmax agrees better (mean Dice over LV/MYO/LA) with
     that iteration's corrected masks than before PPO, on the images with expert masks when ``--expert`` gives any,
