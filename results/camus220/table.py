@@ -1,6 +1,6 @@
 """The CAMUS-220 table of one or more presets from their evaluation folders (summary.json written by evaluate).
 
-Usage: python results/camus220/table.py OUT [eval_target|eval_dev]   (OUT as given to run.sh)
+Usage: python results/camus220/table.py OUT [eval_target|eval_dev]   (OUT as given to run.sh; every preset it holds)
 """
 import json
 import sys
@@ -19,7 +19,7 @@ def f(x, d=3):
 print("| preset | model | mean Dice | LV / MYO / LA | HD95 (px) | validity raw | validity delivered | EF MAE (points) "
       "| ΔDice vs source [95 % CI], Wilcoxon p |")
 print("|---|---|---|---|---|---|---|---|---|")
-for preset in ("blur", "lowgain", "shadow"):
+for preset in ("blur", "lowgain", "shadow", "foreign"):
     path = out / preset / which / "summary.json"
     if not path.is_file():
         continue
