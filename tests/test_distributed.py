@@ -2,8 +2,10 @@
 weights as one process with the global batch, byte-identical evaluation tables, and resume after a killed rank."""
 from __future__ import annotations
 
+import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,9 @@ import torch.multiprocessing as mp
 
 from rl_adapt import distributed as dist
 from rl_adapt.engine.ppo import PixelPPO, PPOConfig
+from rl_adapt.engine.run_state import RunState
+from rl_adapt.engine.stages import Stages
+from rl_adapt.io_utils import atomic_path
 from rl_adapt.policies.nnunet import load_model_folder
 
 SIZE, K = 16, 3
@@ -56,16 +61,51 @@ def _ppo_phase(world: dist.World, n_envs: int, batch_size: int, images_per_rank:
                out / f"rank{world.rank}.pt")
 
 
-def _worker(rank: int, size: int, port: int, fn_args: tuple) -> None:
+def _worker(rank: int, size: int, port: int, fn_args: tuple, fn=_ppo_phase) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
                       LOCAL_RANK=str(rank))
     world = dist.setup("cpu")
     clean = False
     try:
-        _ppo_phase(world, *fn_args)
+        fn(world, *fn_args)
         clean = True
     finally:
         dist.teardown(world, clean)
+
+
+class _SlowToSave:
+    """A stage result whose file takes rank 0 a while to write (as a policy's weights do on a busy machine)."""
+
+    def __init__(self, value: int):
+        self.value = value
+
+    def save(self, path: Path) -> None:
+        time.sleep(1.0)
+        with atomic_path(path) as tmp:
+            tmp.write_text(str(self.value))
+
+    @classmethod
+    def load(cls, path: Path) -> "_SlowToSave":
+        return cls(int(path.read_text()))
+
+
+def _stages_then_read(world: dist.World, folder: Path) -> None:
+    """Both ranks compute a parallel stage and a rank-0 stage, then read each one's file right away (as the loop
+    reads ``warm_start.pt``); each rank writes what it read."""
+    stages = Stages(RunState(folder, "sha"), folder / "metrics.jsonl", world=world)
+    read = []
+    for name, parallel in (("together", True), ("alone", False)):
+        path = folder / f"{name}.txt"
+        stages.run(name, path, lambda: (_SlowToSave(7), {}), _SlowToSave.load, parallel=parallel)
+        read.append(_SlowToSave.load(path).value)  # FileNotFoundError if this rank ran ahead of rank 0's save
+    (folder / f"read{world.rank}.json").write_text(json.dumps(read))
+
+
+def test_every_rank_leaves_a_stage_only_once_its_file_is_saved(tmp_path):
+    """A parallel stage is computed on every rank but saved by rank 0: a rank that went on before the save and read
+    the file failed (FileNotFoundError on ``warm_start.pt``, 4 of 12 two-rank adapt runs on a busy box)."""
+    mp.spawn(_worker, args=(2, _free_port(), (tmp_path,), _stages_then_read), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"read{r}.json").read_text()) for r in (0, 1)] == [[7, 7], [7, 7]]
 
 
 def test_two_gloo_processes_train_the_same_weights_as_one_process_with_the_global_batch(tmp_path):
@@ -109,11 +149,9 @@ def test_rank_helpers_for_one_process():
 
 
 # ------------------------------------------------------------------------------------ torchrun end to end
-import json  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 from test_adapt import TINY_ADAPT, tiny_world  # noqa: E402,F401  (the module-scoped fixture)
 from test_pretrain import TINY as TINY_PRETRAIN, raw  # noqa: E402,F401  (the tiny raw dataset)

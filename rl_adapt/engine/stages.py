@@ -97,7 +97,9 @@ class Stages:
 
         In a data-parallel job rank 0 saves and marks. A ``parallel`` stage is computed by every rank together
         (its ``compute`` shards or all-reduces, and every rank ends with the same result); another stage is
-        computed by rank 0 alone while the others wait, then read its saved result.
+        computed by rank 0 alone while the others wait, then read its saved result. Either way every rank returns
+        only once the result is saved, so any rank may read ``path`` next (a rank that ran ahead of rank 0's save
+        once failed to find a parallel stage's file).
 
         :param name: the stage's name in ``state.json`` and ``metrics.jsonl`` (e.g. ``iter0/rollout``).
         :param path: where the result is saved (its ``save(path)`` writes atomically).
@@ -116,6 +118,5 @@ class Stages:
         if self.world.main:
             result.save(path)
         self.mark(name, {**info, "seconds": time.time() - t0})
-        if not parallel:
-            barrier(self.world)
+        barrier(self.world)  # the file is saved and marked before any rank goes on
         return result
