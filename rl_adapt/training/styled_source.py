@@ -204,22 +204,31 @@ def chosen_mode(source: Sequence[Case], target: Sequence[Case], cfg: StyledSourc
         fit = fitted_scanner(source, target, cfg.fit)
         objective = ScannerObjective([c.image for c in source], [c.image for c in target], cfg.fit,
                                      [c.label for c in source])
-        rng = np.random.default_rng(cfg.fit.seed)
-        style = estimate_style([source[i].image for i in _subset(len(source), cfg.style_images, rng)],
-                               [target[i].image for i in _subset(len(target), cfg.style_images, rng)], beam=cfg.beam)
-        images, masks = [], []
-        for image in objective.source:
-            for _ in range(AUTO_REPEATS):
-                styled = restyle(image, style, rng, cfg.spectrum_strength, cfg.histogram, mode="degrade",
-                                 depth=cfg.depth, angular=cfg.angular, beam=cfg.beam)
-                images.append(np.clip(np.rint(styled), 0, 255).astype(np.uint8))
-                masks.append(sector_mask(image))
-        degrade = objective.score_images(images, masks)
+        degrade = objective.score_images(*restyled_for_scoring(objective.source, source, target, cfg, "degrade"))
         mode = "scanner" if fit.score <= degrade else "degrade"
         _CHOICES[key] = {"mode": mode, "scanner_mismatch": float(fit.score), "degrade_mismatch": float(degrade)}
         log.info("restyling mode auto: mismatch with the target's statistics, fitted scanner %.3f, degrade %.3f; "
                  "restyling with %s", fit.score, degrade, mode)
     return _CHOICES[key]
+
+
+def restyled_for_scoring(images: Sequence[np.ndarray], source: Sequence[Case], target: Sequence[Case],
+                         cfg: StyledSourceConfig, mode: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """What :func:`chosen_mode` scores for a texture restyling: ``images`` ((H, W) uint8 source images) restyled
+    :data:`AUTO_REPEATS` times each in ``mode`` (``ratio`` or ``degrade``, with ``cfg``'s other restyling keys), as
+    (H, W) uint8 images, with their (H, W) bool sector masks. The style is estimated from ``cfg.style_images`` images
+    of ``source`` and of ``target``; everything is drawn from one generator seeded by ``cfg.fit.seed``."""
+    rng = np.random.default_rng(cfg.fit.seed)
+    style = estimate_style([source[i].image for i in _subset(len(source), cfg.style_images, rng)],
+                           [target[i].image for i in _subset(len(target), cfg.style_images, rng)], beam=cfg.beam)
+    styled, masks = [], []
+    for image in images:
+        for _ in range(AUTO_REPEATS):
+            out = restyle(image, style, rng, cfg.spectrum_strength, cfg.histogram, mode=mode,
+                          depth=cfg.depth, angular=cfg.angular, beam=cfg.beam)
+            styled.append(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+            masks.append(sector_mask(image))
+    return styled, masks
 
 
 def restyling_record(source: Sequence[Case], target: Sequence[Case], cfg: StyledSourceConfig) -> dict:
