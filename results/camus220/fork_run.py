@@ -1,0 +1,76 @@
+"""Copy an adaptation run and change some of its settings, keeping the stages the change cannot affect, so that
+`rl-adapt adapt --resume` with the new `--set` values recomputes only the rest (a probe of a PPO or reward setting
+then costs a few minutes instead of a whole run: the restyling draws and the warm start are reused as they are).
+
+Which stages a key affects is the caller's call: a PPO key (e.g. `correction_reward_weight`,
+`ppo_images_per_iteration`) leaves everything before `iter0/ppo`; `iterations` changes the schedule of every phase
+after the first, so fork at `iter1/ppo`. The stages kept are those recorded before FIRST_DROPPED in state.json.
+
+Usage: python results/camus220/fork_run.py RUN NEW_RUN FIRST_DROPPED KEY=VALUE ...
+then:  rl-adapt adapt <RUN's inputs> --config <RUN's config> --set KEY=VALUE ... --out NEW_RUN --resume
+"""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from rl_adapt.engine.run_state import config_sha
+
+STAGE_FILES = {"rollout": "rollout.npz", "correct": "corrected.npz", "reward": "reward_net.pt", "ppo": "policy.pt"}
+
+
+def _lookup(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def fork(run: Path, new: Path, first_dropped: str, sets: list[str]) -> list[str]:
+    """Copy ``run`` to ``new`` (must not exist) with the stages from ``first_dropped`` (``iterK/STAGE``) on removed
+    and the ``KEY=VALUE`` settings changed in its state; returns the names of the stages kept."""
+    if new.exists():
+        sys.exit(f"{new}: exists; choose a new folder")
+    k, stage = int(first_dropped.split("/")[0][len("iter"):]), first_dropped.split("/")[1]
+    shutil.copytree(run, new)
+    state = json.loads((new / "state.json").read_text())
+    names = list(state["completed"])
+    kept = names[:names.index(first_dropped)] if first_dropped in names else names
+    state["completed"] = {n: state["completed"][n] for n in kept}
+    for item in sets:
+        key, value = item.split("=", 1)
+        node = state["settings"]["cfg"]
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        old = node[last]
+        node[last] = yaml.safe_load(value) if old is None else type(old)(yaml.safe_load(value))
+        print(f"{key}: {old} -> {node[last]}")
+    state["config_sha"] = config_sha(state["settings"])
+    config = yaml.safe_load((new / "config.yaml").read_text())  # the record a reader of the run folder sees
+    for item in sets:
+        key, value = item.split("=", 1)
+        node = config
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = _lookup(state["settings"]["cfg"], key)
+    (new / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (new / "state.json").write_text(json.dumps(state, indent=1))
+    order = list(STAGE_FILES)
+    for name in order[order.index(stage):]:
+        (new / f"iter{k}" / STAGE_FILES[name]).unlink(missing_ok=True)
+    for folder in new.glob("iter*"):
+        if int(folder.name[len("iter"):]) > k:
+            shutil.rmtree(folder)
+    for leftover in ("model", "reward_net.pt"):
+        target = new / leftover
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    return kept
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 4:
+        sys.exit(__doc__)
+    print("kept:", ", ".join(fork(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4:])))
