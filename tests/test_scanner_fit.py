@@ -122,3 +122,26 @@ def test_auto_mode_restyles_the_way_nearer_the_target_and_gives_that_modes_own_p
         auto = styled_source_pairs(model, source, target, cfg, seed=3)
         own = styled_source_pairs(model, source, target, replace(cfg, mode=mode), seed=3)
         assert torch.equal(auto.images, own.images) and torch.equal(auto.labels, own.labels)
+
+
+def test_restyled_for_scoring_gives_seeded_uint8_restylings_of_every_image_in_the_asked_mode(source_cases):
+    """What ``auto`` scores: AUTO_REPEATS restylings per image, uint8 and inside the image's sector, the same for the
+    same config (its fit seed draws everything), and different restylings for ``ratio`` and ``degrade``."""
+    from rl_adapt.styling import sector_mask
+    from rl_adapt.training.styled_source import AUTO_REPEATS, StyledSourceConfig, restyled_for_scoring
+
+    target = [replace(c, image=apply_vendor_shift(c.image, "target-blur", seed=i)[0], label=None)
+              for i, c in enumerate(source_cases)]
+    images = [c.image for c in source_cases[:2]]
+    cfg = StyledSourceConfig(mode="auto", depth=True, angular=True, style_images=3)
+    styled, masks = restyled_for_scoring(images, source_cases, target, cfg, "degrade")
+    assert len(styled) == len(masks) == AUTO_REPEATS * len(images)
+    for k, (out, mask) in enumerate(zip(styled, masks)):
+        source = images[k // AUTO_REPEATS]
+        assert out.dtype == np.uint8 and out.shape == source.shape
+        assert np.array_equal(mask, sector_mask(source)) and np.array_equal(out[~mask], source[~mask])
+    again, _ = restyled_for_scoring(images, source_cases, target, cfg, "degrade")
+    assert all(np.array_equal(a, b) for a, b in zip(styled, again))
+    assert not np.array_equal(styled[0], styled[1])  # the repeats are new draws, not copies
+    ratio, _ = restyled_for_scoring(images, source_cases, target, cfg, "ratio")
+    assert not any(np.array_equal(a, b) for a, b in zip(styled, ratio))
