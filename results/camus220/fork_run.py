@@ -14,50 +14,31 @@ import shutil
 import sys
 from pathlib import Path
 
-import yaml
-
+from rl_adapt.config import load_config, save_config, to_dict
 from rl_adapt.engine.run_state import config_sha
+from rl_adapt.engine.settings import AdaptConfig
 
 STAGE_FILES = {"rollout": "rollout.npz", "correct": "corrected.npz", "reward": "reward_net.pt", "ppo": "policy.pt"}
 
 
-def _lookup(tree: dict, key: str):
-    for part in key.split("."):
-        tree = tree[part]
-    return tree
-
-
 def fork(run: Path, new: Path, first_dropped: str, sets: list[str]) -> list[str]:
     """Copy ``run`` to ``new`` (must not exist) with the stages from ``first_dropped`` (``iterK/STAGE``) on removed
-    and the ``KEY=VALUE`` settings changed in its state; returns the names of the stages kept."""
+    and the ``KEY=VALUE`` settings changed in its state; returns the names of the stages kept. The settings are read
+    and overridden as ``rl-adapt adapt --config RUN/config.yaml --set ...`` reads them, so the resumed run's
+    settings (and hash) are the fork's."""
     if new.exists():
         sys.exit(f"{new}: exists; choose a new folder")
     k, stage = int(first_dropped.split("/")[0][len("iter"):]), first_dropped.split("/")[1]
+    cfg = load_config(AdaptConfig, run / "config.yaml", sets)
     shutil.copytree(run, new)
     state = json.loads((new / "state.json").read_text())
     names = list(state["completed"])
     kept = names[:names.index(first_dropped)] if first_dropped in names else names
     state["completed"] = {n: state["completed"][n] for n in kept}
-    for item in sets:
-        key, value = item.split("=", 1)
-        node = state["settings"]["cfg"]
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        old = node[last]
-        node[last] = yaml.safe_load(value) if old is None else type(old)(yaml.safe_load(value))
-        print(f"{key}: {old} -> {node[last]}")
+    state["settings"]["cfg"] = to_dict(cfg)
     state["config_sha"] = config_sha(state["settings"])
-    config = yaml.safe_load((new / "config.yaml").read_text())  # the record a reader of the run folder sees
-    for item in sets:
-        key, value = item.split("=", 1)
-        node = config
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = _lookup(state["settings"]["cfg"], key)
-    (new / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (new / "state.json").write_text(json.dumps(state, indent=1))
+    save_config(cfg, new / "config.yaml")  # the record a reader of the run folder sees
     order = list(STAGE_FILES)
     for name in order[order.index(stage):]:
         (new / f"iter{k}" / STAGE_FILES[name]).unlink(missing_ok=True)
