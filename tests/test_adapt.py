@@ -546,6 +546,34 @@ def test_guard_is_judged_on_expert_images_when_given(tiny_world, tmp_path):
     assert without._guard_images().tolist() == list(range(len(target)))
 
 
+def test_pseudo_labels_add_the_accepted_corrections_to_the_supervised_term(tiny_world, tmp_path):
+    """``pseudo_labels``: the target images whose correction is accepted join PPO's cross-entropy with that correction
+    as the mask (an expert mask wins over it); off, the term holds only what it held before."""
+    from rl_adapt.engine.corrector import Corrections
+
+    expert = tmp_path / "expert"
+    _expert_folder(tiny_world, expert, 0)
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"], expert_dir=expert)
+    run = Adapter(inputs, _cfg(["pseudo_labels=true", "ppo.supervised_coef=0.5"]), tmp_path / "a", progress=False)
+    run._load()
+    n, side = run.images.shape[0], run.images.shape[-1]
+    corrected = np.random.default_rng(0).integers(0, 4, (n, side, side)).astype(np.uint8)
+    accepted = np.zeros(n, bool)
+    accepted[[0, n - 1]] = True  # image 0 has an expert mask
+    corr = Corrections(corrected=corrected, accepted=accepted, valid=accepted.copy(), path=np.full(n, "cleanup"))
+    cfg, (images, masks) = run._supervised(corr)
+    assert cfg.supervised_coef == 0.5 and images.shape[0] == masks.shape[0] == 2
+    torch.testing.assert_close(images[1], run.images[n - 1])
+    assert np.array_equal(masks[1].numpy(), corrected[n - 1])
+    assert np.array_equal(masks[0].numpy(), run.expert[run.target_cases[0].name])  # not image 0's correction
+    off = Adapter(inputs, _cfg(["ppo.supervised_coef=0.5"]), tmp_path / "b", progress=False)
+    off._load()
+    assert off._supervised(corr)[1][0].shape[0] == 1  # the expert image only
+    no_weight = Adapter(inputs, _cfg(["pseudo_labels=true", "ppo.supervised_coef=0"]), tmp_path / "c", progress=False)
+    no_weight._load()
+    assert no_weight._supervised(corr)[1] is None
+
+
 def test_train_on_expert_keeps_only_the_images_with_an_expert_mask(tiny_world, tmp_path):
     expert = tmp_path / "expert"
     _, chosen = _expert_folder(tiny_world, expert, 2)

@@ -598,7 +598,7 @@ class Adapter:
                                   torch.as_tensor(trusted, device=self.device),
                                   self.cfg.correction_reward_weight, self.cfg.myo_la_contact_penalty,
                                   self.cfg.lv_bg_contact_penalty)
-        ppo_cfg, supervised = self._supervised()
+        ppo_cfg, supervised = self._supervised(corr)
         judge_before = self._styled_argmax(net) if self.cfg.guard == "styled_source" else None
         stats = ppo_phase(network=net, reference=self.reference, images=self.images, reward_fn=reward_fn,
                           cfg=ppo_cfg, total_images=-(-self.cfg.ppo_images_per_iteration // self.world.size),
@@ -657,16 +657,23 @@ class Adapter:
         """Indices (into ``target_cases``/``images``) of the target images with an expert mask."""
         return [i for i, c in enumerate(self.target_cases) if c.name in self.expert]
 
-    def _supervised(self) -> tuple[PPOConfig, tuple[torch.Tensor, torch.Tensor] | None]:
+    def _supervised(self, corr: Corrections) -> tuple[PPOConfig, tuple[torch.Tensor, torch.Tensor] | None]:
         """The PPO config and the (M, 1, H, W) images and (M, H, W) int64 masks of the PPO update's supervised term:
-        the target patches with an expert mask (weight ``ppo.supervised_coef``), and with the source teacher its
-        training pairs too (weight ``source_teacher.supervised_coef`` for all of them)."""
+        the target patches with an expert mask (weight ``ppo.supervised_coef``), with ``pseudo_labels`` those with
+        an accepted automatic correction of this iteration (``corr``), and with the source teacher its training
+        pairs too (weight ``source_teacher.supervised_coef`` for all of them)."""
         idx = self._expert_indices()
         parts = []
         if idx:
             masks = np.stack([self.expert[self.target_cases[i].name] for i in idx])
             parts.append((self.images[torch.as_tensor(idx, device=self.images.device)],
                           torch.as_tensor(masks, dtype=torch.int64, device=self.images.device)))
+        if self.cfg.pseudo_labels:
+            pseudo = np.flatnonzero(np.asarray(corr.accepted, bool))
+            pseudo = pseudo[~np.isin(pseudo, idx)]
+            if len(pseudo):
+                parts.append((self.images[torch.as_tensor(pseudo, device=self.images.device)],
+                              torch.as_tensor(corr.corrected[pseudo], dtype=torch.int64, device=self.images.device)))
         cfg = self.cfg.ppo
         if self.teacher is not None and self.cfg.source_teacher.supervised_coef > 0:
             parts.append(self.teacher.subset(~self.teacher.held_out))

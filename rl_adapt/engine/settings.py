@@ -131,6 +131,14 @@ class AdaptConfig:
     patients, Dice on the other 40): ``all`` +0.014, ``expert`` +0.046 (+0.041 / +0.077 with
     ``ppo.supervised_coef`` 1.0): on real images the automatic corrections of the other images carry no boundary
     information and dilute the expert signal (results/camus_shift.md)."""
+    pseudo_labels: bool = False
+    """Self-training on the target (RL4Seg's pseudo-ground truth): the target images whose automatic correction
+    is accepted (anatomically valid and within Dice ``corrector.dice_threshold`` of the policy's mask; expert
+    masks excepted) join the PPO update's supervised cross-entropy with that correction as the mask, at the
+    weight of the term they join (``source_teacher.supervised_coef`` with the source teacher, else
+    ``ppo.supervised_coef``; 0 there: off). No target label is read. Off in the configs: CAMUS-220 dev patients,
+    64 px, seed 0, against ``configs/adapt_cpu.yaml`` without it, blur -0.0005 [-0.0022, +0.0010], a foreign scanner
+    -0.0015 [-0.0031, +0.0000] Dice (results/camus220/README.md)."""
     postprocessing: tuple[str, ...] = ()
     """Postprocessing candidates (of :data:`rl_adapt.postprocessing.CANDIDATES`) tried at export, nnU-Net's greedy
     way but label-free: a step is kept when it raises the final policy's agreement with the last iteration's
