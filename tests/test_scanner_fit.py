@@ -145,3 +145,22 @@ def test_restyled_for_scoring_gives_seeded_uint8_restylings_of_every_image_in_th
     assert not np.array_equal(styled[0], styled[1])  # the repeats are new draws, not copies
     ratio, _ = restyled_for_scoring(images, source_cases, target, cfg, "ratio")
     assert not any(np.array_equal(a, b) for a, b in zip(styled, ratio))
+
+
+def test_refinement_finds_display_levels_between_grid_points(source_cases):
+    """``refine``: finer local passes reach a scanner whose levels lie between the grid's points, closer than the grid."""
+    truth = replace(VENDORS["source"], name="truth", gain_db=-3.0, dynamic_range_db=32.0)  # white 3 dB, black -29 dB
+    images = [c.image for c in source_cases]
+    targets = [apply_vendor_shift(im, truth, seed=10 + i)[0] for i, im in enumerate(images)]
+    groups = (("white_db", "black_db"),)
+    grid = fit_scanner(images, targets, (1.0, 1.0), (1.0, 1.0), ScannerFitConfig(source_images=12, target_images=12),
+                       groups=groups)
+    fine = fit_scanner(images, targets, (1.0, 1.0), (1.0, 1.0),
+                       ScannerFitConfig(source_images=12, target_images=12, refine=2), groups=groups)
+    levels = {name: (-f.preset.gain_db, -f.preset.gain_db - f.preset.dynamic_range_db)
+              for name, f in (("grid", grid), ("fine", fine))}
+    print(levels, grid.score, fine.score)
+    assert all(v in SEARCH["white_db"] for v in levels["grid"][:1]) and levels["grid"][1] in SEARCH["black_db"]
+    assert fine.score < grid.score and fine.evaluations > grid.evaluations
+    error = {name: abs(w - 3.0) + abs(b + 29.0) for name, (w, b) in levels.items()}
+    assert error["fine"] < error["grid"]
