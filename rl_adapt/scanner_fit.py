@@ -339,19 +339,20 @@ def fit_scanner(source_images: Sequence[np.ndarray], target_images: Sequence[np.
                     best, best_score, moved = cand, s, True
         return moved
 
+    def descend(bar, fine: int = 0) -> None:  # local passes (grid neighbours, or finer steps) until none helps
+        for _ in range(LOCAL_PASSES):
+            if not one_pass(True, bar, fine):
+                break
+
     with tqdm(desc="fit scanner", disable=not progress) as bar:
         for sweep in range(cfg.sweeps):
             moved = one_pass(False, bar)
-            for _ in range(LOCAL_PASSES):
-                if not one_pass(True, bar):
-                    break
+            descend(bar)
             log.info("scanner fit sweep %d: mismatch %.3f", sweep + 1, best_score)
             if sweep > 0 and not moved:
                 break
         for fine in range(1, cfg.refine + 1):
-            for _ in range(LOCAL_PASSES):
-                if not one_pass(True, bar, fine):
-                    break
+            descend(bar, fine)
             log.info("scanner fit refinement %d (1/%d of the grid spacing): mismatch %.3f", fine, 2 ** fine,
                      best_score)
     fit = ScannerFit(preset=best, score=best_score, start_score=start, evaluations=objective.evaluations)
