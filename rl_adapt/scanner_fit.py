@@ -125,6 +125,13 @@ class ScannerFit:
         return {"preset": asdict(self.preset), "mismatch": self.score, "start_mismatch": self.start_score,
                 "evaluations": self.evaluations}
 
+    @classmethod
+    def from_dict(cls, record: dict) -> "ScannerFit":
+        """The fit :meth:`to_dict` recorded (JSON lists become the preset's tuples again)."""
+        preset = VendorPreset(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["preset"].items()})
+        return cls(preset=preset, score=float(record["mismatch"]), start_score=float(record["start_mismatch"]),
+                   evaluations=int(record["evaluations"]))
+
     def summary(self) -> str:
         """One line with the fitted values that differ from the source preset."""
         src = asdict(VENDORS["source"])

@@ -196,6 +196,53 @@ def test_scanner_restyling_is_fitted_once_for_all_draws_and_recorded(tiny_world,
     assert rec["styled_source"]["n_styled"] > 0
 
 
+def test_a_resumed_run_reuses_its_recorded_scanner_fit_and_mode_choice(tiny_world, tmp_path, monkeypatch):
+    """``mode: auto`` with two draws, killed after draw 0: the resumed process (empty caches) restyles draw 1 from the
+    fit and choice that draw 0 recorded, without fitting again, and ends as an uninterrupted run does."""
+    import rl_adapt.engine.loop as loop
+    import rl_adapt.training.styled_source as styled_source
+
+    inputs = AdaptInputs(model_dir=tiny_world["model"], target_dir=tiny_world["target"],
+                         source_data=tiny_world["source"])
+    cfg = _cfg([*TEACHER, "source_teacher.pairs.mode=auto", "source_teacher.draws=2",
+                "source_teacher.pairs.fit.source_images=2", "source_teacher.pairs.fit.target_images=4",
+                "source_teacher.pairs.fit.sweeps=1"])
+    real_fit, real_pairs = styled_source.fit_scanner, loop.styled_source_pairs
+    fits, restylings = [], []
+    monkeypatch.setattr(styled_source, "fit_scanner", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+
+    def kill_second_restyling(*args, **kwargs):
+        restylings.append(1)
+        if len(restylings) == 2:
+            raise KeyboardInterrupt
+        return real_pairs(*args, **kwargs)
+
+    def fresh_process() -> None:
+        monkeypatch.setattr(styled_source, "_FITS", {})
+        monkeypatch.setattr(styled_source, "_CHOICES", {})
+
+    fresh_process()
+    whole = tmp_path / "whole"
+    Adapter(inputs, cfg, whole, progress=False).run()
+    assert len(fits) == 1
+    fresh_process()
+    run = tmp_path / "run"
+    monkeypatch.setattr(loop, "styled_source_pairs", kill_second_restyling)
+    with pytest.raises(KeyboardInterrupt):
+        Adapter(inputs, cfg, run, progress=False).run()
+    assert len(fits) == 2
+    fresh_process()
+    monkeypatch.setattr(loop, "styled_source_pairs", real_pairs)
+    Adapter(inputs, cfg, run, resume=True, progress=False).run()
+    assert len(fits) == 2  # the resumed process did not fit again
+    rec = {json.loads(x)["stage"]: json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()}
+    one = {json.loads(x)["stage"]: json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()}
+    for key in ("scanner", "mode_choice", "mode"):
+        assert rec["draw1/styled_source"][key] == rec["draw0/styled_source"][key] == one["draw1/styled_source"][key]
+    assert (run / "styled_source.npz").read_bytes() == (whole / "styled_source.npz").read_bytes()
+    assert rec["draw_choice"]["scores"] == one["draw_choice"]["scores"]
+
+
 def test_restyling_draws_are_scored_label_free_and_the_best_one_is_kept(tiny_world, tmp_path, monkeypatch):
     """Two restyling draws: each restyled, warm-started and scored on the target images as stages of their own (a
     run that fails inside the draws resumes without redoing them); the best score's draw becomes the run's."""

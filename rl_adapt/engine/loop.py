@@ -62,7 +62,8 @@ from rl_adapt.policies.nnunet import export_model_folder, load_model_folder
 from rl_adapt.postprocessing import decide, postprocessing_files
 from rl_adapt.preflight import check_device, check_output, match_expert_names, warn_blank_images
 from rl_adapt.training.finetune import fine_tune
-from rl_adapt.training.styled_source import StyledPairs, chosen_mode, restyling_record, styled_source_pairs
+from rl_adapt.training.styled_source import (StyledPairs, chosen_mode, remember_restyling, restyling_record,
+                                             styled_source_pairs)
 
 log = logging.getLogger(__name__)
 
@@ -394,6 +395,8 @@ class Adapter:
         tc = self.cfg.source_teacher
         how = tc.pairs if mode is None else dataclasses.replace(tc.pairs, mode=mode)
         source = self._labelled_source()  # read once, whatever the number of draws
+        for info in self.state.completed.values():  # a resumed run: the scanner fit and mode choice of its done draws
+            remember_restyling(source, self.target_cases, how, info)
         pairs = styled_source_pairs(self.model, source, self.target_cases, how, seed=_stage_seed(seed, 0, 7),
                                     progress=self.progress)
         split_seed = self.cfg.seed if tc.draw_merge == "average" else seed  # averaged draws hold out the same patients

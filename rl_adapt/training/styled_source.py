@@ -233,16 +233,37 @@ def restyled_for_scoring(images: Sequence[np.ndarray], source: Sequence[Case], t
 
 def restyling_record(source: Sequence[Case], target: Sequence[Case], cfg: StyledSourceConfig) -> dict:
     """What a run records of its restyling: ``{"mode"}`` as restyled, with ``"scanner"`` (the fit,
-    :meth:`ScannerFit.to_dict`) when the fitted scanner restyled and ``"mode_choice"`` (:func:`chosen_mode`) for
-    ``auto``. Both are cached, so this only reads them back after :func:`styled_source_pairs`."""
+    :meth:`ScannerFit.to_dict`) whenever a scanner was fitted (``mode: scanner``, and ``auto`` whichever mode it
+    chose) and ``"mode_choice"`` (:func:`chosen_mode`) for ``auto``. Both are cached, so this only reads them back
+    after :func:`styled_source_pairs`; :func:`remember_restyling` puts them back in a later process."""
     source = [c for c in source if c.label is not None]  # as styled_source_pairs keeps them: the same cache keys
     record: dict = {"mode": cfg.mode}
     if cfg.mode == "auto":
         record["mode_choice"] = chosen_mode(source, target, cfg)
         record["mode"] = record["mode_choice"]["mode"]
-    if record["mode"] == "scanner":
+    if cfg.mode in ("scanner", "auto"):
         record["scanner"] = fitted_scanner(source, target, cfg.fit).to_dict()
     return record
+
+
+def remember_restyling(source: Sequence[Case], target: Sequence[Case], cfg: StyledSourceConfig,
+                       record: dict) -> bool:
+    """Put what :func:`restyling_record` returned in an earlier process, for the same ``source``, ``target`` and
+    ``cfg``, back in this process's caches: a resumed run restyles its remaining draws without fitting the scanner
+    (minutes) or choosing the mode again. The caller vouches that the inputs and config are those of the record
+    (a run's resume checks both); a record without a fit or choice changes nothing.
+
+    :returns: whether anything was put back.
+    """
+    source = [c for c in source if c.label is not None]  # the keys styled_source_pairs uses
+    found = False
+    if isinstance(record.get("scanner"), dict) and cfg.mode in ("scanner", "auto"):
+        _FITS.setdefault(_cache_key(source, target, cfg.fit), ScannerFit.from_dict(record["scanner"]))
+        found = True
+    if isinstance(record.get("mode_choice"), dict) and cfg.mode == "auto":
+        _CHOICES.setdefault(_cache_key(source, target, cfg), dict(record["mode_choice"]))
+        found = True
+    return found
 
 
 def _subset(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
