@@ -12,10 +12,7 @@ from pathlib import Path
 
 from rl_adapt.config import from_dict
 from rl_adapt.data.readers import read_dataset
-from rl_adapt.scanner_fit import ScannerFit
-from rl_adapt.synth.vendors import VendorPreset
-from rl_adapt.training import styled_source
-from rl_adapt.training.styled_source import StyledSourceConfig, _cache_key, chosen_mode
+from rl_adapt.training.styled_source import StyledSourceConfig, chosen_mode, remember_restyling
 
 run, source_dir, target_dir = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 state = json.loads((run / "state.json").read_text())
@@ -23,10 +20,8 @@ done = state["completed"]
 record = next(v["scanner"] for k, v in done.items() if k.endswith("styled_source") and "scanner" in v)
 cfg = from_dict(StyledSourceConfig, state["settings"]["cfg"]["source_teacher"]["pairs"])
 cfg = replace(cfg, mode="auto", depth=True, angular=True)
-preset = VendorPreset(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["preset"].items()})
 source = read_dataset(source_dir, with_labels=True)
 source = [c for c in source if c.label is not None]
 target = read_dataset(target_dir, with_labels=False)
-styled_source._FITS[_cache_key(source, target, cfg.fit)] = ScannerFit(
-    preset=preset, score=record["mismatch"], start_score=record["start_mismatch"], evaluations=record["evaluations"])
+remember_restyling(source, target, cfg, {"scanner": record})  # the recorded fit, not a new one
 print(json.dumps({"run": str(run), "target": target_dir, **chosen_mode(source, target, cfg)}))

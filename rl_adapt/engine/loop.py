@@ -395,8 +395,8 @@ class Adapter:
         tc = self.cfg.source_teacher
         how = tc.pairs if mode is None else dataclasses.replace(tc.pairs, mode=mode)
         source = self._labelled_source()  # read once, whatever the number of draws
-        for info in self.state.completed.values():  # a resumed run: the scanner fit and mode choice of its done draws
-            remember_restyling(source, self.target_cases, how, info)
+        # a resumed run: the scanner fit (and mode choice) a done draw recorded; every draw records the same one
+        any(remember_restyling(source, self.target_cases, how, info) for info in self.state.completed.values())
         pairs = styled_source_pairs(self.model, source, self.target_cases, how, seed=_stage_seed(seed, 0, 7),
                                     progress=self.progress)
         split_seed = self.cfg.seed if tc.draw_merge == "average" else seed  # averaged draws hold out the same patients
