@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 from rl_adapt.commands import CommandParser
 from rl_adapt.errors import RLAdaptError
@@ -107,7 +108,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"rl-adapt {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"rl-adapt {args.command}: interrupted", file=sys.stderr)
+        kept = getattr(args, "resume", None) is not None and getattr(args, "out", None) is not None and \
+            Path(args.out).exists()  # finished stages (or epochs) were kept
+        print(f"rl-adapt {args.command}: interrupted" + ("; the same command with --resume continues from what "
+                                                         f"{args.out} kept" if kept else ""), file=sys.stderr)
         return 130
 
 

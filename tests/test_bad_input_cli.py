@@ -510,8 +510,9 @@ def test_every_subcommand_has_cases():
     assert len({c.id for c in CASES}) == len(CASES)
 
 
-def test_ctrl_c_stops_pretrain_with_one_line_and_leaves_nothing(world, tmp_path):
-    """Ctrl-C (SIGINT) during pretraining: exit 130, "interrupted", no traceback, no output folder, inputs intact."""
+def test_ctrl_c_stops_pretrain_with_one_line_and_keeps_only_its_checkpoint(world, tmp_path):
+    """Ctrl-C (SIGINT) during pretraining: exit 130, "interrupted" with the way to continue, no traceback, no model
+    folder (only the resume checkpoint of the finished epochs), inputs intact."""
     out = tmp_path / "m"
     before = _snapshot(world.root)
     proc = subprocess.Popen([sys.executable, "-m", "rl_adapt", "pretrain", "--data", str(world.data), "--out", str(out),
@@ -537,8 +538,13 @@ def test_ctrl_c_stops_pretrain_with_one_line_and_leaves_nothing(world, tmp_path)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     own = [line for line in err.splitlines() if line.strip() and not line.startswith("INFO ")]
-    assert own == ["rl-adapt pretrain: interrupted"], err
-    assert not out.exists() and _snapshot(world.root) == before
+    assert own == [f"rl-adapt pretrain: interrupted; the same command with --resume continues from what {out} kept"], \
+        err
+    assert [p.name for p in out.iterdir()] == ["unfinished_pretrain"]  # no model folder
+    import torch
+    ckpt = torch.load(next(out.glob("unfinished_pretrain/*/checkpoint.pt")), weights_only=False)
+    assert ckpt["epochs_done"] >= 2
+    assert _snapshot(world.root) == before
 
 
 def test_help_shows_the_allowed_values(capsys):

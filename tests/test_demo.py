@@ -31,13 +31,23 @@ def test_in_domain_reference_adds_a_labelled_target_set_and_a_model_trained_like
     assert "in_domain={in_domain}" in stages["evaluate"].args
 
 
-def test_every_stage_needs_only_stages_that_come_before_it_and_adapt_resumes(tmp_path):
+def test_every_stage_needs_only_stages_that_come_before_it_and_adapt_and_pretrain_resume(tmp_path):
     stages = demo_stages(DemoConfig(in_domain_reference=True), tmp_path)
     names = [s.name for s in stages]
     for i, s in enumerate(stages):
         assert set(s.needs) <= set(names[:i]), s.name
     adapt = next(s for s in stages if s.name == "adapt (RL)")
     assert adapt.resumable and adapt.done_file == tmp_path / "adapt" / "model"
+    for pre in (s for s in stages if s.name.startswith("pretrain")):
+        # an interrupted pretraining leaves its output folder with unfinished_pretrain/ only: not done, resumed
+        assert pre.resumable and not pre.done()
+        (pre.output / "unfinished_pretrain" / "Dataset910_X__nnUNetTrainer__nnUNetPlansSmall__2d__fold_0").mkdir(
+            parents=True)
+        assert not pre.done()
+        fold = pre.output / "Dataset910_X" / "nnUNetTrainer__nnUNetPlansSmall__2d" / "fold_0"
+        fold.mkdir(parents=True)
+        (fold / "checkpoint_final.pth").write_bytes(b"")
+        assert pre.done()
 
 
 def _synth(tmp_path: Path, name: str, needs=()) -> Stage:

@@ -309,3 +309,6 @@ def test_pretrain_on_two_ranks_takes_the_steps_of_one_process_with_the_global_ba
         torch.testing.assert_close(two.network(x), one.network(x), rtol=1e-3, atol=1e-4)
     summary = json.loads((tmp_path / "two" / folder / "fold_0" / "pretrain_summary.json").read_text())
     assert summary["processes"] == 2 and set(summary["dice_heldout"]) == {"LV", "MYO", "LA", "mean"}
+    # rank 0 alone logged to TensorBoard and checkpointed; the finished run's resume folder is gone
+    assert len(list((tmp_path / "two" / folder / "fold_0" / "tensorboard").glob("events.out.tfevents*"))) == 1
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [raw.name]

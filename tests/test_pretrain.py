@@ -155,6 +155,71 @@ def test_tiny_pretrain_cli_deterministic_and_nnunet_loadable(raw, tmp_path, caps
                                       rule(raw_mask))
 
 
+def _killed_at_validation(monkeypatch, call: int) -> None:
+    """Make the ``call``-th held-out evaluation (one per epoch with ``val_every=1``) raise KeyboardInterrupt, as
+    Ctrl-C or a scheduler's signal would mid-run."""
+    import rl_adapt.training.pretrain as pt
+
+    real, calls = pt.evaluate_dice, []
+
+    def evaluate(*a, **k):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pt, "evaluate_dice", evaluate)
+
+
+def test_a_killed_pretraining_resumes_to_the_weights_of_an_uninterrupted_run(raw, tmp_path, capsys, monkeypatch):
+    args = [*TINY, "--set", "train.epochs=3"]
+    folder = Path("Dataset903_PT") / "nnUNetTrainer__nnUNetPlansSmall__2d"
+    unfinished = tmp_path / "m" / "unfinished_pretrain" / "Dataset903_PT__nnUNetTrainer__nnUNetPlansSmall__2d__fold_0"
+    assert main(["pretrain", "--data", str(raw), "--out", str(tmp_path / "ref"), *args]) == 0
+
+    # killed in epoch 2, after epoch 1's checkpoint: no model folder, the checkpoint holds epoch 1
+    with monkeypatch.context() as m:
+        _killed_at_validation(m, call=2)
+        assert main(["pretrain", "--data", str(raw), "--out", str(tmp_path / "m"), *args]) == 130
+    assert not (tmp_path / "m" / folder).exists()
+    assert torch.load(unfinished / "checkpoint.pt", weights_only=False)["epochs_done"] == 1
+    capsys.readouterr()
+    # the same command without --resume is refused, and so is a resume with another setting (named)
+    assert main(["pretrain", "--data", str(raw), "--out", str(tmp_path / "m"), *args]) == 2
+    err = capsys.readouterr().err
+    assert str(unfinished) in err and "1 of 3 epochs done" in err and "--resume" in err
+    assert main(["pretrain", "--data", str(raw), "--out", str(tmp_path / "m"), *args, "--set", "train.lr=0.01",
+                 "--resume"]) == 2
+    assert "train.lr: 0.003 then, 0.01 now" in capsys.readouterr().err
+    assert torch.load(unfinished / "checkpoint.pt", weights_only=False)["epochs_done"] == 1  # untouched
+
+    # resumed: the weights and held-out Dice of the uninterrupted run; the unfinished folder is gone
+    assert main(["pretrain", "--data", str(raw), "--out", str(tmp_path / "m"), *args, "--resume"]) == 0
+    w_ref, w = _weights(tmp_path / "ref" / folder), _weights(tmp_path / "m" / folder)
+    assert w_ref.keys() == w.keys() and all(torch.equal(w_ref[k], w[k]) for k in w_ref)
+    ref = json.loads((tmp_path / "ref" / folder / "fold_0" / "pretrain_summary.json").read_text())
+    got = json.loads((tmp_path / "m" / folder / "fold_0" / "pretrain_summary.json").read_text())
+    assert [h["epoch"] for h in got["history"]] == [1, 2, 3]
+    assert [h["loss"] for h in got["history"]] == [h["loss"] for h in ref["history"]]
+    assert got["dice_heldout"] == ref["dice_heldout"]
+    assert not (tmp_path / "m" / "unfinished_pretrain").exists()
+    events = list((tmp_path / "m" / folder / "fold_0" / "tensorboard").glob("events.out.tfevents*"))
+    assert len(events) == 2  # the killed process's and the resumed one's, read together by TensorBoard
+
+
+def test_a_pretraining_that_fails_before_its_first_checkpoint_leaves_nothing(raw, tmp_path, capsys, monkeypatch):
+    with monkeypatch.context() as m:
+        _killed_at_validation(m, call=1)
+        assert main(["pretrain", "--data", str(raw), "--out", str(tmp_path / "m"), *TINY]) == 130
+    assert not (tmp_path / "m").exists()
+    # an existing results root is kept (only what the run made goes)
+    (tmp_path / "root").mkdir()
+    with monkeypatch.context() as m:
+        _killed_at_validation(m, call=1)
+        assert main(["pretrain", "--data", str(raw), "--out", str(tmp_path / "root"), *TINY, "--resume"]) == 130
+    assert (tmp_path / "root").is_dir() and not any((tmp_path / "root").iterdir())
+
+
 @pytest.mark.slow
 def test_cpu_pretrain_on_synthetic_source_reaches_dice(tmp_path):
     """The documented CPU run: synthetic source (60 patients), configs/pretrain_cpu.yaml, < 10 min, Dice >= 0.85."""
@@ -168,3 +233,30 @@ def test_cpu_pretrain_on_synthetic_source_reaches_dice(tmp_path):
     summary = json.loads(next((tmp_path / "M").rglob("pretrain_summary.json")).read_text())
     assert summary["dice_heldout"]["mean"] >= 0.85, summary["dice_heldout"]
     assert elapsed < 600, elapsed
+
+
+def test_a_resume_may_change_where_it_runs_but_not_what_it_trains(tmp_path):
+    from rl_adapt.errors import RLAdaptError
+    from rl_adapt.training.pretrain_resume import PretrainCheckpoint, open_unfinished, save_checkpoint
+
+    def settings(**train):
+        return {"config": {"train": {"epochs": 4, "lr": 0.003, "device": "cpu", "num_threads": 1,
+                                     "checkpoint_every": 1, **train}}, "data": "/d", "processes": 1}
+
+    folder = tmp_path / "u"
+    assert open_unfinished(folder, settings(), resume=True) is None  # nothing to resume: a new run
+    ckpt = PretrainCheckpoint(2, {"w": torch.ones(2)}, {}, torch.Generator().get_state(), torch.get_rng_state())
+    save_checkpoint(folder, ckpt, settings())
+    moved = settings(device="cuda", num_threads=8, checkpoint_every=5)
+    before = json.dumps(moved, sort_keys=True)
+    got = open_unfinished(folder, moved, resume=True)
+    assert got.epochs_done == 2 and torch.equal(got.network["w"], torch.ones(2))
+    assert json.dumps(moved, sort_keys=True) == before  # the caller's settings are not changed by the comparison
+    with pytest.raises(RLAdaptError, match="train.epochs: 4 then, 5 now"):
+        open_unfinished(folder, settings(epochs=5), resume=True)
+    from rl_adapt.errors import InputError
+    with pytest.raises(InputError, match="2 of 4 epochs done"):
+        open_unfinished(folder, settings(), resume=False)
+    (folder / "checkpoint.pt").write_bytes(b"torn")  # e.g. a disk that filled up under another writer
+    with pytest.raises(InputError, match="unreadable pretraining checkpoint"):
+        open_unfinished(folder, settings(), resume=True)

@@ -97,6 +97,9 @@ class Stage:
     """Names of the stages whose outputs it reads."""
     done_file: Path | None = None
     """The file that proves the stage finished (default: ``output`` itself, which commands write atomically)."""
+    done_glob: str | None = None
+    """Instead of :attr:`done_file`: a pattern under ``output`` that some file matches once the stage finished
+    (a pretraining's ``checkpoint_final.pth``, whose folder is named by the planner)."""
     resumable: bool = False
     """The command continues an interrupted run of itself with ``--resume`` (given when ``output`` exists)."""
     threads_key: str | None = None
@@ -105,7 +108,14 @@ class Stage:
     """How many of the demo's stages are planned to run beside this one (its threads are the CPUs / share)."""
 
     def done(self) -> bool:
+        if self.done_glob is not None:
+            return self.output.is_dir() and any(self.output.glob(self.done_glob))
         return (self.done_file or self.output).exists()
+
+
+PRETRAINED = "*/*/fold_*/checkpoint_final.pth"
+"""What a finished ``rl-adapt pretrain`` wrote under its ``--out`` (an unfinished one holds ``unfinished_pretrain/``
+only, which ``--resume`` continues)."""
 
 
 def config_path(name: str) -> Path:
@@ -147,7 +157,8 @@ def demo_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
                 *common]),
             Stage("pretrain in-domain", out / "in_domain_model", [
                 "pretrain", "--data", str(d / "target_in_domain"), "--out", str(out / "in_domain_model"),
-                *pretrain, *quiet], needs=("synth target in-domain",), threads_key="train.num_threads", share=2),
+                *pretrain, *quiet], needs=("synth target in-domain",), threads_key="train.num_threads", share=2,
+                done_glob=PRETRAINED, resumable=True),
         ]
     stages = [
         Stage("synth source", d / "source", [
@@ -156,7 +167,8 @@ def demo_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
         *in_domain[:1],
         Stage("pretrain", out / "source_model", [
             "pretrain", "--data", str(d / "source"), "--out", str(out / "source_model"), *pretrain, *quiet],
-            needs=("synth source",), threads_key="train.num_threads", share=2 if in_domain else 1),
+            needs=("synth source",), threads_key="train.num_threads", share=2 if in_domain else 1,
+            done_glob=PRETRAINED, resumable=True),
         *in_domain[1:],
         Stage("synth target", d / "target", [
             "synth", "--domain", cfg.target_domain, "--patients", str(cfg.target_patients), "--first-patient",

@@ -16,7 +16,10 @@ def register(sub) -> argparse.ArgumentParser:
             "Plans with nnU-Net's own planner (2D; configs/pretrain_cpu.yaml shrinks the network for CPUs), "
             "trains with Dice + cross-entropy and echo augmentation (no flips), reports held-out Dice per "
             "structure and writes OUT/<Dataset>/nnUNetTrainer__<Plans>__2d/ (plans.json, dataset.json, "
-            "fold_0/checkpoint_final.pth, fold_0/tensorboard), loadable by nnUNetv2_predict."
+            "fold_0/checkpoint_final.pth, fold_0/tensorboard), loadable by nnUNetv2_predict. The model folder "
+            "appears when training has finished; until then OUT/unfinished_pretrain/ holds a checkpoint of the last "
+            "finished epoch (train.checkpoint_every), and the same command with --resume continues a killed run "
+            "from it."
         ),
     )
     p.add_argument("--data", required=True, type=Path, help="labelled nnU-Net raw dataset (dataset.json, imagesTr, labelsTr)")
@@ -27,6 +30,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--val-fraction", type=float, help="fraction of patients held out (overrides train.val_fraction)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of this model under --out from its last epoch checkpoint "
+                        "(same --data, --config and --set; a new run if there is none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_help(p, _config_class, "Config keys (YAML file or --set KEY=VALUE), default and allowed values:")
     return p
@@ -59,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     target = fold_folder(args.data, args.out, cfg)
     if target.exists():
         raise InputError(target, "already exists; choose another --out")
-    res = pretrain(args.data, args.out, cfg, progress=not args.no_progress)
+    res = pretrain(args.data, args.out, cfg, progress=not args.no_progress, resume=args.resume)
     print(f"model: {res.model_dir}")
     if res.dice:
         per = "  ".join(f"{k} {v:.3f}" for k, v in res.dice.items() if k != "mean")

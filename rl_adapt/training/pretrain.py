@@ -38,6 +38,8 @@ from rl_adapt.data.readers import read_dataset
 from rl_adapt.policies.nnunet import (_DATASET_RE, DEFAULT_TRAINER, NnUNetModel, build_network,
                                       export_model_folder)
 from rl_adapt.preflight import check_output
+from rl_adapt.training.pretrain_resume import (CHECKPOINT, PretrainCheckpoint, discard_if_empty, open_unfinished,
+                                               remove_unfinished, save_checkpoint, unfinished_folder)
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
@@ -95,6 +97,9 @@ class TrainConfig:
     """Held-out Dice every N epochs (and after the last)."""
     fold: int = bounded(0, ge=0)
     """Fold number of the written results folder."""
+    checkpoint_every: int = bounded(1, ge=1)
+    """Save the resume checkpoint every N epochs (and after the last): a killed run continues from it with
+    ``--resume`` (:mod:`rl_adapt.training.pretrain_resume`)."""
     device: str = "auto"
     """``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``..."""
     bf16: bool = True
@@ -364,14 +369,18 @@ def fold_folder(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig) 
     return Path(out_dir) / name / f"{DEFAULT_TRAINER}__{plans_name}__2d" / f"fold_{cfg.train.fold}"
 
 
-def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, progress: bool = True) -> PretrainResult:
+def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, progress: bool = True,
+             resume: bool = False) -> PretrainResult:
     """Plan, train and export a source model; see the module docstring.
 
     :param data_dir: nnU-Net raw dataset (dataset.json, imagesTr, labelsTr).
     :param out_dir: results root (new, or an existing nnUNet_results-style root); the model folder is
         ``out_dir/<Dataset>/nnUNetTrainer__<Plans>__2d``.
-    :raises InputError: bad dataset, an output that touches the dataset or cannot be written, or the target fold
-        already exists (all checked before planning).
+    :param resume: continue the unfinished run of this model under ``out_dir`` from its last epoch checkpoint
+        (:mod:`rl_adapt.training.pretrain_resume`); without one, start a new run.
+    :raises InputError: bad dataset, an output that touches the dataset or cannot be written, the target fold
+        already exists (all checked before planning), or an unfinished run of this model exists without ``resume``.
+    :raises RLAdaptError: ``resume`` of a run started with other settings.
 
     Under ``torchrun`` (see :mod:`rl_adapt.distributed`) every rank draws the same global batch of
     ``world.size x batch_size`` crops (the same permutation, crops and augmentation) and trains on its slice, the
@@ -381,11 +390,15 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
     t0 = time.time()
     tc = cfg.train
     world = dist.current()
+    out_is_new = not Path(out_dir).exists()
     dist.on_main(lambda: check_output(out_dir, {"--data": data_dir}, may_exist=True, command="rl-adapt pretrain"),
                  world)
     target = fold_folder(data_dir, out_dir, cfg)
     if target.exists():
         raise InputError(target, "already exists; choose another --out")
+    if not resume:  # refuse a run over an unfinished one before planning (minutes on a large dataset)
+        guess = unfinished_folder(out_dir, target.parent.parent.name, target.parent.name, tc.fold)
+        dist.on_main(lambda: open_unfinished(guess, {"config": to_dict(cfg)}, resume=False), world)
     device = pick_device(dist.device_of(world, tc.device))
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
@@ -401,6 +414,27 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
     train_cases, val_cases = split_cases(cases, tc.val_fraction, tc.seed)
     log.info("pretrain: %d training / %d held-out cases; plan %s, patch %s, spacing %s", len(train_cases),
              len(val_cases), model.plans_name, model.patch_size, model.spacing)
+    work = unfinished_folder(out_dir, model.dataset_name, planned.parent.name, tc.fold)
+    settings = {"config": to_dict(cfg), "data": str(Path(data_dir).resolve()), "processes": world.size}
+    resuming = dist.on_main(lambda: open_unfinished(work, settings, resume) is not None, world)
+    ckpt = PretrainCheckpoint.load(work / CHECKPOINT) if resuming else None  # every rank reads it
+    try:
+        return _train(model, dataset_json, fingerprint, train_cases, val_cases, cfg, data_dir, out_dir, work,
+                      settings, ckpt, device, world, progress, t0)
+    except BaseException:
+        if world.main:  # a run that failed before its first checkpoint leaves nothing behind
+            discard_if_empty(work)
+            if out_is_new and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir()):
+                Path(out_dir).rmdir()
+        raise
+
+
+def _train(model: NnUNetModel, dataset_json: dict, fingerprint: dict, train_cases: list, val_cases: list,
+           cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, work: Path, settings: dict,
+           ckpt: PretrainCheckpoint | None, device: torch.device, world: dist.World, progress: bool,
+           t0: float) -> PretrainResult:
+    """Train from scratch or from ``ckpt``, checkpoint into ``work``, export, remove ``work``; see :func:`pretrain`."""
+    tc = cfg.train
     images, labels = _prepare(model, train_cases)
 
     torch.manual_seed(tc.seed)
@@ -424,12 +458,25 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
     gen = torch.Generator().manual_seed(tc.seed)
     use_bf16 = device.type == "cuda" and tc.bf16
     history: list[dict] = []
+    dice: dict[str, float] = {}
+    start, seconds_before = 0, 0.0
+    if ckpt is not None:
+        net.load_state_dict(ckpt.network)
+        opt.load_state_dict(ckpt.optimizer)
+        gen.set_state(ckpt.generator)
+        torch.set_rng_state(ckpt.torch_rng)
+        history, dice, start, seconds_before = list(ckpt.history), dict(ckpt.dice), ckpt.epochs_done, ckpt.seconds
+        log.info("pretrain: continuing after epoch %d/%d", start, tc.epochs)
 
-    # closing() stops the writer's thread before the folder goes, also on Ctrl-C or an error mid-training
-    with (tempfile.TemporaryDirectory(prefix="rl_adapt_tb_") as tb_dir,
-          contextlib.closing(SummaryWriter(tb_dir)) as writer):
-        dice: dict[str, float] = {}
-        for epoch in range(tc.epochs):
+    with contextlib.ExitStack() as stack:
+        # rank 0 logs into the unfinished folder (a resume appends; purge_step hides what an interrupted epoch logged
+        # after the checkpoint); the other ranks' writers go to a temporary folder; closing() stops the writer's
+        # thread, also on Ctrl-C or an error mid-training
+        tb_dir = work / "tensorboard" if world.main else Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="rl_adapt_tb_")))
+        writer = stack.enter_context(contextlib.closing(
+            SummaryWriter(str(tb_dir), purge_step=start * iters + 1 if start else None)))
+        for epoch in range(start, tc.epochs):
             net.train()
             te = time.time()
             perm = torch.randperm(len(images), generator=gen)
@@ -471,8 +518,15 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
             writer.add_scalar("train/lr", lr, epoch + 1)
             log.info("epoch %d/%d loss %.4f (%.1fs)%s", epoch + 1, tc.epochs, rec["loss"], rec["seconds"],
                      f" held-out Dice {dice.get('mean', float('nan')):.3f}" if "dice" in rec else "")
+            if (epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs:
+                writer.flush()
+                state = PretrainCheckpoint(
+                    epochs_done=epoch + 1, network={k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+                    optimizer=opt.state_dict(), generator=gen.get_state(), torch_rng=torch.get_rng_state(),
+                    history=list(history), dice=dict(dice), seconds=seconds_before + time.time() - t0)
+                dist.on_main(lambda: save_checkpoint(work, state, settings), world)
         writer.close()
-        seconds = time.time() - t0
+        seconds = seconds_before + time.time() - t0  # every process of the run, up to the checkpoint resumed from
         summary = {"dice_heldout": dice, "seconds": seconds, "n_train": len(train_cases), "n_val": len(val_cases),
                    "val_cases": [c.name for c in val_cases], "history": history, "config": to_dict(cfg),
                    "processes": world.size,
@@ -487,6 +541,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
             net_cpu.state_dict(), model, out_dir, fold=tc.fold, mirror_axes=None,
             extra_meta={"epochs": tc.epochs, "source": "rl-adapt pretrain", "dice_heldout": dice},
             extra_files=extra), world)
+    dist.on_main(lambda: remove_unfinished(work), world)
     return PretrainResult(model_dir=model_dir, dice=dice, seconds=seconds, n_train=len(train_cases),
                           n_val=len(val_cases), history=history)
 
