@@ -180,6 +180,59 @@ def test_styled_source_is_seeded_and_needs_the_source_data(world, tmp_path):
         adapt_network(tiny_net(), patches(), cfg("styled-source"), progress=False)
 
 
+def test_a_killed_styled_source_baseline_resumes_from_its_restyled_pairs(world, tmp_path, monkeypatch):
+    import rl_adapt.evaluation.baselines as bl
+    from rl_adapt.errors import RLAdaptError
+    from rl_adapt.policies.nnunet import load_model_folder
+
+    torch.set_num_threads(TEST_THREADS)
+    c = cfg("styled-source", steps=2, seed=3)
+    ref = run_baseline(world["src"], world["data"], tmp_path / "ref", c, progress=False, source_data=world["data"])
+    out = tmp_path / "k"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # killed while training, after the restyling stage finished
+        m.setattr(bl, "fine_tune_supervised", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_baseline(world["src"], world["data"], out, c, progress=False, source_data=world["data"])
+    assert sorted(p.name for p in out.iterdir()) == ["unfinished"]  # no model folder, no history
+    assert (out / "unfinished" / "styled_source.npz").is_file()
+    with pytest.raises(InputError, match="--resume"):
+        run_baseline(world["src"], world["data"], out, c, progress=False, source_data=world["data"])
+    with pytest.raises(RLAdaptError, match="steps: 2 then, 3 now"):
+        run_baseline(world["src"], world["data"], out, cfg("styled-source", steps=3, seed=3), progress=False,
+                     source_data=world["data"], resume=True)
+
+    calls = []
+    with monkeypatch.context() as m:  # the resume reads the restyled pairs back instead of restyling again
+        m.setattr(bl, "styled_source_pairs", lambda *a, **k: calls.append(1))
+        got = run_baseline(world["src"], world["data"], out, c, progress=False, source_data=world["data"],
+                           resume=True)
+    assert calls == []
+    a, b = load_model_folder(ref).network.state_dict(), load_model_folder(got).network.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    names = lambda root: sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))  # noqa: E731
+    assert names(out) == names(tmp_path / "ref")  # the unfinished folder is gone
+    assert (out / "baseline_history.json").read_text() == (tmp_path / "ref" / "baseline_history.json").read_text()
+    with pytest.raises(InputError, match="finished"):
+        run_baseline(world["src"], world["data"], out, c, progress=False, source_data=world["data"], resume=True)
+
+
+def test_a_baseline_that_fails_before_any_stage_finished_leaves_nothing(world, tmp_path, monkeypatch):
+    import rl_adapt.evaluation.baselines as bl
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(bl, "styled_source_pairs", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_baseline(world["src"], world["data"], tmp_path / "b", cfg("styled-source", steps=1), progress=False,
+                     source_data=world["data"])
+    assert not (tmp_path / "b").exists()
+
+
 def test_run_baseline_bad_inputs(world, tmp_path):
     c = cfg("tent", steps=1)
     empty = tmp_path / "empty"
@@ -202,4 +255,7 @@ def test_cli_baseline(world, tmp_path, capsys):
     assert rc == 0 and "pseudo-label" in capsys.readouterr().out
     rc = main(["baseline", "--method", "tent", "--model", str(world["src"]), "--target", str(world["data"]),
                "--out", str(tmp_path / "pl"), "--no-progress"])
-    assert rc == 2
+    assert rc == 2 and "--resume" in capsys.readouterr().err
+    rc = main(["baseline", "--method", "pseudo-label", "--model", str(world["src"]), "--target", str(world["data"]),
+               "--out", str(tmp_path / "pl"), "--set", "steps=1", "--set", "batch_size=2", "--no-progress", "--resume"])
+    assert rc == 2 and "has finished" in capsys.readouterr().err

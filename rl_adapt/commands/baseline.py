@@ -20,7 +20,8 @@ def register(sub) -> argparse.ArgumentParser:
             "(--source-data) restyled toward the target's look, estimated from the target images; harmonize: the source "
             "weights unchanged, with a map of the target images toward the source images' look (depth profile, "
             "spectrum, histogram; fitted on both sets' images, no label) stored with them and applied by predict and "
-            "evaluate. Budget knobs (steps, "
+            "evaluate. The model folder is written when the run has finished; until then OUT/unfinished/ keeps "
+            "the finished stages, and --resume continues a killed run from them. Budget knobs (steps, "
             "rounds, lr, batch_size, seed, confidence) are shared: see the table below."
         ),
     )
@@ -34,6 +35,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML with BaselineConfig fields")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set lr=0.001 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out without redoing its finished stages (the restyled "
+                        "source pairs with their scanner fit, the training); same inputs, --config and --set")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_help(p, _config_class, "Config keys (YAML file or --set KEY=VALUE), default and allowed values:")
     return p
@@ -52,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
     inputs = {"--model": args.model, "--target": args.target, "--source-data": args.source_data,
               "--config": args.config}
     check_existing(inputs)
-    check_output(args.out, inputs, command="rl-adapt baseline",
-                 exists_hint="choose a new output folder (models are never overwritten)")
+    if not args.resume:  # a resume is checked by run_baseline (which also refuses a finished folder)
+        check_output(args.out, inputs, command="rl-adapt baseline",
+                     exists_hint="choose a new output folder (models are never overwritten), or pass --resume to "
+                                 "continue an interrupted run in it")
 
     from rl_adapt.config import load_config
     from rl_adapt.evaluation.baselines import BaselineConfig, run_baseline
@@ -62,6 +68,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(BaselineConfig, args.config, [*args.overrides, f"method={args.method}"])
     check_device(cfg.device)
     folder = run_baseline(args.model, args.target, args.out, cfg, progress=not args.no_progress,
-                          source_data=args.source_data)
+                          source_data=args.source_data, resume=args.resume)
     print(f"adapted model ({cfg.method}): {folder}")
     return 0

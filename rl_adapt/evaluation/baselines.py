@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -39,8 +40,10 @@ from rl_adapt.config import bounded, bounds_problem, save_config, to_dict
 from rl_adapt.data.readers import read_dataset
 from rl_adapt.evaluation.inputs import load_model
 from rl_adapt.harmonize import FILE_NAME as HARMONIZATION_FILE
-from rl_adapt.harmonize import HarmonizeConfig, fit_harmonizer
-from rl_adapt.io_utils import atomic_dir, write_json_atomic
+from rl_adapt.harmonize import Harmonizer, HarmonizeConfig, fit_harmonizer
+from rl_adapt.engine.run_state import RunState, config_sha
+from rl_adapt.engine.stages import Stages
+from rl_adapt.io_utils import atomic_dir, save_torch, write_json_atomic
 from rl_adapt.policies.nnunet import export_model_folder
 from rl_adapt.preflight import check_device, check_output
 from rl_adapt.training.finetune import FineTuneConfig, fine_tune, index_batches
@@ -267,22 +270,54 @@ def target_patches(model, cases, max_images: int = 0, seed: int = 0) -> np.ndarr
     return np.stack([np.asarray(model.to_patch(c.image, c.spacing)[0], dtype=np.float32) for c in cases])
 
 
+UNFINISHED = "unfinished"
+"""The folder inside ``OUT`` where an unfinished baseline keeps its finished stages (``state.json``, the restyled
+pairs, the trained weights) until the model folder is written; ``--resume`` continues from it."""
+
+
+@dataclass
+class TrainedWeights:
+    """The training stage's result: the adapted network's weights and the loss history."""
+    state: dict[str, torch.Tensor]
+    """The network's state dict (CPU tensors)."""
+    history: list[dict]
+    """One dict per step: ``{"step", "loss"}`` (and ``round`` for pseudo-labels)."""
+
+    def save(self, path: Path) -> None:
+        """Write both to ``path`` atomically."""
+        save_torch(path, {"state": self.state, "history": self.history})
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainedWeights":
+        """Read what :meth:`save` wrote (on the CPU)."""
+        data = torch.load(path, map_location="cpu", weights_only=False)
+        return cls(state=data["state"], history=data["history"])
+
+
 def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path, cfg: BaselineConfig,
-                 progress: bool = True, source_data: str | Path | None = None) -> Path:
+                 progress: bool = True, source_data: str | Path | None = None, resume: bool = False) -> Path:
     """Adapt the source model in ``model_dir`` to the unlabelled images in ``target``; write a new model folder.
 
     ``out_dir`` holds ``baseline_config.yaml``, ``baseline_history.json`` and the nnU-Net results folder
-    written by ``export_model_folder`` (``out_dir/<Dataset>/nnUNetTrainer__<Plans>__2d``, returned). It is
-    built in a temporary sibling and renamed at the end; the source folder is only read.
+    written by ``export_model_folder`` (``out_dir/<Dataset>/nnUNetTrainer__<Plans>__2d``, returned), all written
+    together at the end (a temporary sibling renamed onto ``out_dir``). Until then ``out_dir/unfinished/`` keeps the
+    finished stages (the restyled source pairs with the scanner fit, the trained weights; :mod:`rl_adapt.engine.stages`),
+    so a killed run continues with ``resume`` and loses no finished stage. The source folder is only read.
 
-    :param source_data: the labelled source dataset (``styled-source`` only).
-    :raises InputError: unloadable model, empty/unreadable target, ``out_dir`` already exists (or is, is inside
-        or holds an input, or cannot be written), ``styled-source`` without source data, unavailable device.
+    :param source_data: the labelled source dataset (``styled-source`` and ``harmonize``).
+    :param resume: continue the unfinished run in ``out_dir`` (same inputs and config); a new run if there is none.
+    :raises InputError: unloadable model, empty/unreadable target, ``out_dir`` already exists without ``resume`` (or
+        is, is inside or holds an input, or cannot be written), a finished ``out_dir`` with ``resume``, a source
+        method without source data, unavailable device.
+    :raises RLAdaptError: ``resume`` with other inputs or config than the unfinished run's (the keys are named).
     """
-
-    out_dir = check_output(out_dir, {"--model": model_dir, "--target": target, "--source-data": source_data},
+    inputs = {"--model": model_dir, "--target": target, "--source-data": source_data}
+    if resume and (Path(out_dir) / "baseline_history.json").is_file():
+        raise InputError(out_dir, "this baseline has finished (its model folder is here): nothing to resume")
+    out_dir = check_output(out_dir, inputs, may_exist=resume, earlier_output=(UNFINISHED,),
                            command="rl-adapt baseline",
-                           exists_hint="choose a new output folder (models are never overwritten)")
+                           exists_hint="choose a new output folder (models are never overwritten), or pass --resume "
+                                       "to continue an interrupted run in it")
     if cfg.method in SOURCE_METHODS and source_data is None:
         raise InputError(None, f"the {cfg.method} baseline needs the labelled source data (--source-data DIR)")
     check_device(cfg.device)
@@ -295,30 +330,71 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
     cases = read_dataset(target, with_labels=False, progress=progress)
     if not cases:
         raise InputError(target, "no target images found")
+    settings = {"cfg": to_dict(cfg), "inputs": {k: None if v is None else str(Path(v).resolve()) for k, v in
+                                                (("model_dir", model_dir), ("target_dir", target),
+                                                 ("source_data", source_data))}}
+    work = out_dir / UNFINISHED
+    created = not out_dir.exists()
+    state = RunState(work, config_sha(settings), settings)  # a resume with other settings is refused here
+    if state.completed:
+        log.info("resuming the baseline in %s (finished: %s)", out_dir, ", ".join(state.completed))
+    try:
+        folder = _run_stages(model, cases, target, out_dir, cfg, Stages(state, work / "metrics.jsonl"), progress,
+                             model_dir, source_data)
+    except BaseException:
+        if created and not state.completed:  # nothing finished: leave nothing behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    log.info("baseline model written to %s", folder)
+    return folder
+
+
+def _run_stages(model, cases, target, out_dir: Path, cfg: BaselineConfig, stages: Stages, progress: bool,
+                model_dir, source_data) -> Path:
+    """The stages of :func:`run_baseline` (each skipped when an earlier process finished it), then the export."""
     network = copy.deepcopy(model.network)
-    extra, harmonizer = {}, None
+    extra, harmonizer, history = {}, None, []
     if cfg.method == "harmonize":
-        source = read_dataset(source_data, with_labels=False, progress=progress)
-        harmonizer = fit_harmonizer([c.image for c in source], [c.image for c in cases], cfg.harmonize)
-        n_images, history = len(cases), []
-    elif cfg.method == "styled-source":
-        source = read_dataset(source_data, with_labels=True, progress=progress)
-        pairs = styled_source_pairs(model, source, cases, cfg.styled, seed=cfg.seed, progress=progress)
-        record = restyling_record(source, cases, cfg.styled)  # cached: this only reads the fit and choice back
-        extra["restyling_mode"] = record["mode"]
-        if "scanner" in record:
-            extra["fitted_scanner"] = record["scanner"]
-        if "mode_choice" in record:
-            extra["restyling_mode_choice"] = record["mode_choice"]
-        n_images = len(pairs)
-        history = fine_tune_supervised(network, pairs, cfg, progress=progress)
+        def fit_map():
+            source = read_dataset(source_data, with_labels=False, progress=progress)
+            return fit_harmonizer([c.image for c in source], [c.image for c in cases], cfg.harmonize), {}
+
+        harmonizer = stages.run("harmonize", out_dir / UNFINISHED / HARMONIZATION_FILE, fit_map, Harmonizer.load)
+        n_images = len(cases)
     else:
-        patches = target_patches(model, cases, cfg.max_images, cfg.seed)
-        log.info("%s on %d target patches of %s", cfg.method, patches.shape[0], tuple(patches.shape[2:]))
-        n_images = int(patches.shape[0])
-        history = adapt_network(network, patches, cfg, progress=progress)
+        if cfg.method == "styled-source":
+            def restyle():
+                source = read_dataset(source_data, with_labels=True, progress=progress)
+                pairs = styled_source_pairs(model, source, cases, cfg.styled, seed=cfg.seed, progress=progress)
+                return pairs, {"n_pairs": len(pairs), "n_styled": int(pairs.styled.sum()),
+                               **restyling_record(source, cases, cfg.styled)}  # cached: reads the fit back
+
+            pairs = stages.run("styled_source", out_dir / UNFINISHED / "styled_source.npz", restyle, StyledPairs.load)
+            record = stages.info("styled_source")
+            extra["restyling_mode"] = record["mode"]
+            if "scanner" in record:
+                extra["fitted_scanner"] = record["scanner"]
+            if "mode_choice" in record:
+                extra["restyling_mode_choice"] = record["mode_choice"]
+            n_images = len(pairs)
+            train = lambda: fine_tune_supervised(network, pairs, cfg, progress=progress)  # noqa: E731
+        else:
+            patches = target_patches(model, cases, cfg.max_images, cfg.seed)
+            log.info("%s on %d target patches of %s", cfg.method, patches.shape[0], tuple(patches.shape[2:]))
+            n_images = int(patches.shape[0])
+            train = lambda: adapt_network(network, patches, cfg, progress=progress)  # noqa: E731
+
+        def trained():
+            steps = train()
+            weights = TrainedWeights({k: v.detach().cpu().clone() for k, v in network.state_dict().items()}, steps)
+            losses = [h["loss"] for h in steps if isinstance(h.get("loss"), float) and math.isfinite(h["loss"])]
+            return weights, {"steps": len(steps), "last_loss": losses[-1] if losses else None}
+
+        weights = stages.run("train", out_dir / UNFINISHED / "weights.pt", trained, TrainedWeights.load)
+        network.load_state_dict(weights.state)
+        history = weights.history
     network.cpu()
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=True) as tmp:  # the finished folder replaces the unfinished one at once
         files = {}
         if harmonizer is not None:
             files[HARMONIZATION_FILE] = harmonizer.save(Path(tmp) / HARMONIZATION_FILE)
@@ -331,5 +407,4 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
                            "n_images": n_images, "source_data": None if source_data is None else str(source_data),
                            "history": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                         for k, v in h.items()} for h in history]})
-    log.info("baseline model written to %s", out_dir / rel)
     return out_dir / rel
