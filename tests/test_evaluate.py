@@ -242,6 +242,45 @@ def test_evaluate_bad_inputs_leave_nothing(tiny_world, tmp_path):
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".eval")]
 
 
+def test_a_killed_evaluation_resumes_without_predicting_its_finished_models_again(tiny_world, tmp_path,
+                                                                                 monkeypatch):
+    from rl_adapt.errors import RLAdaptError
+    from rl_adapt.policies.nnunet import NnUNetModel
+
+    models = {"src": tiny_world["src"], "other": tiny_world["other"]}
+    cfg = EvaluateConfig(report=False, workers=0, n_bootstrap=100)
+    evaluate(models, tiny_world["data"], tmp_path / "ref", config=cfg, progress=False)
+    out = tmp_path / "eval"
+    real, calls = NnUNetModel.predict, []
+
+    def predict(self, *a, **k):  # the second model is killed at its first image
+        calls.append(1)
+        if len(calls) == 9:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(NnUNetModel, "predict", predict)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(models, tiny_world["data"], out, config=cfg, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["unfinished"]  # no table yet, the first model's masks kept
+    with pytest.raises(InputError, match="--resume"):
+        evaluate(models, tiny_world["data"], out, config=cfg, progress=False)
+    with pytest.raises(RLAdaptError, match="other settings"):
+        evaluate({"src": tiny_world["src"]}, tiny_world["data"], out, config=cfg, progress=False, resume=True)
+
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(NnUNetModel, "predict", predict)
+        evaluate(models, tiny_world["data"], out, config=cfg, progress=False, resume=True)
+    assert len(calls) == 8  # the second model's 8 images only
+    assert not (out / "unfinished").exists()
+    for name in ("per_image.csv", "per_patient.csv", "summary.json"):
+        assert (out / name).read_text() == (tmp_path / "ref" / name).read_text(), name
+    with pytest.raises(InputError, match="finished"):
+        evaluate(models, tiny_world["data"], out, config=cfg, progress=False, resume=True)
+
+
 def test_cli_evaluate_bad_model_exits_nonzero(tiny_world, tmp_path, capsys):
     from rl_adapt.cli import main
 

@@ -38,6 +38,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT that holds an earlier evaluation (summary.json and inputs.json); "
                         "no other folder is ever replaced")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted evaluation in --out: the models whose predictions it finished are "
+                        "not predicted again (same --model, --data and --mirror)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                          torch_threads=args.threads, postprocessing=args.postprocessing, report=not args.no_report,
                          reward_model=args.reward_model)
     summary = evaluate(specs, args.data, args.out, reward=args.reward, config=cfg,  # checks OUT and the device first
-                       overwrite=args.overwrite, progress=not args.no_progress)
+                       overwrite=args.overwrite, progress=not args.no_progress, resume=args.resume)
     print(format_table(summary))
     for warning in summary.get("warnings", {}).values():
         if isinstance(warning, dict) and warning.get("count") and warning.get("message"):

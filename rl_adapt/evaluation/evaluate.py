@@ -1,7 +1,9 @@
 """Score segmentation models on a labelled set: metrics, anatomical validity, clinical indices.
 
 :func:`evaluate` runs every model on every labelled case (sliding window, original geometry) and writes,
-into a new folder (built in a temporary sibling and renamed at the end, so a failure leaves nothing):
+into a new folder (built in a temporary sibling and renamed at the end). Until then ``out/unfinished/`` keeps each
+model's finished predictions (one stage per model, :mod:`rl_adapt.engine.stages`), so a killed evaluation continues
+with ``resume`` without predicting those models again; a failure before any model finished leaves nothing:
 
 * ``per_image.csv`` -- one row per (case, model): case, patient, view, phase, model, ``<S>_<metric>`` for
   S in LV/MYO/LA/epi and metric in dice/hd/hd95/assd (mm), ``mean_<metric>`` (mean over LV/MYO/LA),
@@ -31,6 +33,7 @@ import logging
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -51,13 +54,34 @@ from rl_adapt.evaluation.reliability import reward_reliability
 from rl_adapt.evaluation.report import write_report
 from rl_adapt.evaluation.scoring import (clinical_exclusions, clinical_row, complete_patients, image_metric_columns,
                                          patient_columns, patient_indices_or_empty, score_image, summarise)
-from rl_adapt.io_utils import atomic_dir, json_clean, write_csv, write_json_atomic
+from rl_adapt.engine.run_state import RunState, config_sha
+from rl_adapt.engine.stages import Stages
+from rl_adapt.io_utils import atomic_dir, json_clean, save_npz, write_csv, write_json_atomic
 from rl_adapt.preflight import check_device, check_output, warn_blank_images
 
 log = logging.getLogger(__name__)
 
 EARLIER_OUTPUT: tuple[str, ...] = ("summary.json", "inputs.json")
 """What makes a folder an earlier evaluation, the only kind ``--overwrite`` replaces."""
+UNFINISHED = "unfinished"
+"""The folder inside ``out`` of an unfinished evaluation: its finished predictions, until the tables are written."""
+
+
+@dataclass
+class Masks:
+    """The prediction stage's result: one model's masks of every case, in the cases' order."""
+    masks: list[np.ndarray]
+    """(H, W) uint8 label maps, one per case (shapes may differ between cases)."""
+
+    def save(self, path: Path) -> None:
+        """Write them to one compressed ``.npz`` atomically."""
+        save_npz(path, **{f"m{i}": m for i, m in enumerate(self.masks)})
+
+    @classmethod
+    def load(cls, path: Path) -> "Masks":
+        """Read what :meth:`save` wrote."""
+        with np.load(path) as d:
+            return cls([d[f"m{i}"] for i in range(len(d.files))])
 
 MAX_LISTED = 20
 """Case names listed per warning in ``summary.json``."""
@@ -131,7 +155,7 @@ class _Runner:
 
 def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path, out: str | Path,
              reward: str | Path | None = None, config: EvaluateConfig | None = None, overwrite: bool = False,
-             progress: bool = True) -> dict:
+             progress: bool = True, resume: bool = False) -> dict:
     """Evaluate models on a labelled dataset and write the evaluation folder ``out`` (see module doc).
 
     :param models: ``{name: results_folder}`` in order (the first is the reference of paired tests), or
@@ -141,10 +165,14 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
     :param reward: adaptation run folder (or reward_net.pt) whose reward network is scored as uncertainty.
     :param overwrite: replace an existing ``out`` that is an earlier evaluation (holds summary.json and
         inputs.json); any other existing folder is refused.
+    :param resume: continue the unfinished evaluation in ``out`` (same models, data and mirroring): the models whose
+        predictions it finished are not predicted again; a new evaluation if there is none. Under ``torchrun`` the
+        predictions are sharded and not kept (a resumed job predicts again).
     :returns: the summary dict as written to ``summary.json`` (strict-JSON values: None for undefined).
     :raises InputError: bad model folder, unlabelled/empty/mismatched dataset, missing reward network,
-        existing ``out`` without ``overwrite``, ``out`` that is, is inside or holds an input, unwritable ``out``,
-        unavailable device -- raised before anything is written.
+        existing ``out`` without ``overwrite`` (a finished one with ``resume`` alone), ``out`` that is, is inside or
+        holds an input, unwritable ``out``, unavailable device -- raised before anything is written.
+    :raises RLAdaptError: ``resume`` with other models, data or mirroring than the unfinished evaluation's.
     """
 
     cfg = config or EvaluateConfig()
@@ -158,9 +186,13 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
     world = dist.current()
 
     def preflight() -> None:
-        check_output(out, evaluation_inputs(specs, data, reward, cfg.postprocessing), may_exist=overwrite,
-                     earlier_output=EARLIER_OUTPUT, command="rl-adapt evaluate",
-                     exists_hint="choose a new output folder, or pass --overwrite to replace an earlier evaluation")
+        unfinished = resume and (out / UNFINISHED).is_dir()
+        if resume and not overwrite and not unfinished and (out / "summary.json").is_file():
+            raise InputError(out, "this evaluation has finished: nothing to resume (--overwrite redoes it)")
+        check_output(out, evaluation_inputs(specs, data, reward, cfg.postprocessing), may_exist=overwrite or resume,
+                     earlier_output=(UNFINISHED,) if unfinished else EARLIER_OUTPUT, command="rl-adapt evaluate",
+                     exists_hint="choose a new output folder, pass --overwrite to replace an earlier evaluation, or "
+                                 "--resume to continue an interrupted one")
         check_device(cfg.device)
 
     dist.on_main(preflight, world)
@@ -173,12 +205,34 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
                 raise RLAdaptError(result)
             return result
         try:
-            summary = _evaluate(specs, data, out, reward, cfg, overwrite, progress, given)
+            summary = _kept(specs, data, out, reward, cfg, progress, given, resume)
         except RLAdaptError as exc:
             dist.broadcast_object(str(exc), world)
             raise
         return dist.broadcast_object(summary, world)
-    return _evaluate(specs, data, out, reward, cfg, overwrite, progress, given)
+    return _kept(specs, data, out, reward, cfg, progress, given, resume)
+
+
+def _kept(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateConfig, progress: bool,
+          given: Mapping[str, list[np.ndarray]] | None, resume: bool) -> dict:
+    """:func:`_evaluate` with the finished predictions kept in ``out/unfinished/`` (removed with ``out`` when
+    nothing finished; without ``resume`` an unfinished folder left in an earlier evaluation by an interrupted
+    ``--overwrite`` is discarded)."""
+    if not resume and (out / UNFINISHED).is_dir():
+        shutil.rmtree(out / UNFINISHED)
+    settings = {"inputs": {"models": {n: str(p.resolve()) for n, p in specs.items()}, "data": str(Path(data).resolve())},
+                "cfg": {"mirror": cfg.mirror}}
+    created = not out.exists()
+    state = RunState(out / UNFINISHED, config_sha(settings), settings)  # other models or data: refused, named
+    if state.completed:
+        log.info("resuming the evaluation in %s (finished: %s)", out, ", ".join(state.completed))
+    try:
+        return _evaluate(specs, data, out, reward, cfg, Stages(state, out / UNFINISHED / "metrics.jsonl"), progress,
+                         given)
+    except BaseException:
+        if created and not state.completed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _predict_sharded(specs: Mapping[str, Path], data, cfg: EvaluateConfig, world: dist.World,
@@ -200,9 +254,10 @@ def _predict_sharded(specs: Mapping[str, Path], data, cfg: EvaluateConfig, world
     return out
 
 
-def _evaluate(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateConfig, overwrite: bool,
+def _evaluate(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateConfig, stages: Stages,
               progress: bool, given: Mapping[str, list[np.ndarray]] | None) -> dict:
-    """:func:`evaluate` in one process; ``given`` holds every model's masks when a data-parallel job predicted them."""
+    """:func:`evaluate` in one process; ``given`` holds every model's masks when a data-parallel job predicted them,
+    otherwise each model's prediction is a stage of ``stages``."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     cases = load_labelled(data, progress=progress)
@@ -241,16 +296,21 @@ def _evaluate(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateC
             sel = [cases[i] for i in idx]
             clin_futs[("", patient)] = runner.submit(patient_indices_or_empty, sel, [c.label for c in sel])
         with torch.inference_mode():
-            for name, model in loaded.items():
-                masks, futs = [], []
-                for i, c in enumerate(tqdm(cases, desc=f"predict {name}", unit="img",
-                                           disable=None if progress else True)):
-                    m = given[name][i] if given is not None else \
-                        np.asarray(model.predict(c.image, c.spacing, mirror=cfg.mirror), dtype=np.uint8)
+            for k, (name, model) in enumerate(loaded.items()):
+                def predict_all(model=model, name=name) -> tuple[Masks, dict]:
+                    found = [np.asarray(model.predict(c.image, c.spacing, mirror=cfg.mirror), dtype=np.uint8)
+                             for c in tqdm(cases, desc=f"predict {name}", unit="img",
+                                           disable=None if progress else True)]
+                    return Masks(found), {"images": len(found)}
+
+                masks = list(given[name]) if given is not None else \
+                    stages.run(f"predict/{name}", out / UNFINISHED / f"predict_{k:02d}.npz", predict_all,
+                               Masks.load).masks
+                futs = []
+                for m, c in zip(masks, cases):
                     if m.shape != c.label.shape:
                         raise InputError(c.source or data, f"{c.name}: model {name!r} returned shape {m.shape}, "
                                                            f"label is {c.label.shape}")
-                    masks.append(m)
                     futs.append(runner.submit(score_image, m, c.label, tuple(c.spacing)))
                 preds[name], img_futs[name] = masks, futs
                 for patient, idx in patients.items():
@@ -341,7 +401,7 @@ def _evaluate(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateC
         check_cols.extend(k for k in r if k.startswith("check_") and k not in check_cols)
     image_cols = ["case", "patient", "view", "phase", "model", *image_metric_columns(), "valid", "failed_checks",
                   *check_cols]
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=True) as tmp:  # replaces the unfinished folder (or an earlier evaluation) at once
         tmp = Path(tmp)
         write_csv(tmp / "per_image.csv", image_rows, image_cols)
         write_csv(tmp / "per_patient.csv", patient_rows, patient_columns())
