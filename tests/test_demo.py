@@ -31,13 +31,18 @@ def test_in_domain_reference_adds_a_labelled_target_set_and_a_model_trained_like
     assert "in_domain={in_domain}" in stages["evaluate"].args
 
 
-def test_every_stage_needs_only_stages_that_come_before_it_and_adapt_and_pretrain_resume(tmp_path):
+def test_every_stage_needs_only_stages_that_come_before_it_and_the_long_ones_resume(tmp_path):
     stages = demo_stages(DemoConfig(in_domain_reference=True), tmp_path)
     names = [s.name for s in stages]
     for i, s in enumerate(stages):
         assert set(s.needs) <= set(names[:i]), s.name
     adapt = next(s for s in stages if s.name == "adapt (RL)")
     assert adapt.resumable and adapt.done_file == tmp_path / "adapt" / "model"
+    for stage in (s for s in stages if s.name.startswith("baseline") or s.name == "evaluate"):
+        # an interrupted baseline or evaluation leaves its output folder with unfinished/ only: not done, resumed
+        assert stage.resumable
+        (stage.output / "unfinished").mkdir(parents=True)
+        assert not stage.done()
     for pre in (s for s in stages if s.name.startswith("pretrain")):
         # an interrupted pretraining leaves its output folder with unfinished_pretrain/ only: not done, resumed
         assert pre.resumable and not pre.done()

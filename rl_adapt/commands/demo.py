@@ -179,7 +179,8 @@ def demo_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
             "baseline", "--method", method, "--model", str(source_model), "--target", str(d / "target"),
             "--out", str(out / f"baseline_{method}"), "--config", str(config_path(cfg.baseline_config)),
             *_sets(cfg, "baseline"), *quiet], needs=("pretrain", "synth target"), threads_key="threads",
-            share=max(1, len(cfg.baselines))))
+            share=max(1, len(cfg.baselines)), done_file=out / f"baseline_{method}" / "baseline_history.json",
+            resumable=True))
     stages.append(Stage("adapt (RL)", adapt_dir, [
         "adapt", "--model", str(source_model), "--target", str(d / "target"), "--out", str(adapt_dir),
         "--source-data", str(d / "source"), "--config", str(config_path(cfg.adapt_config)),
@@ -194,7 +195,7 @@ def demo_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
                 str(d / "target_test"), "--out", str(out / "eval"), "--reward", str(adapt_dir), "--device",
                 cfg.evaluate_device, *quiet]
     stages.append(Stage("evaluate", out / "eval", evaluate, needs=tuple(s.name for s in stages),
-                        done_file=out / "eval" / "summary.json"))
+                        done_file=out / "eval" / "summary.json", resumable=True))
     return stages
 
 
