@@ -35,8 +35,9 @@ meta = json.load(open(f"{src}/dataset.json"))
 json.dump(dict(meta, name=os.path.basename(half)), open(f"{half}/dataset.json", "w"), indent=2)
 EOF
 fi
-[ -d "$OUT/$P/baseline" ] || "$RL" baseline --method styled-source --model "$M" --target "$TARGET" --source-data "$HALF" \
-    --out "$OUT/$P/baseline" --config configs/baseline_cpu_camus.yaml --set styled.styled_fraction=0 --no-progress
+[ -f "$OUT/$P/baseline/baseline_history.json" ] || "$RL" baseline --method styled-source --model "$M" \
+    --target "$TARGET" --source-data "$HALF" --out "$OUT/$P/baseline" --config configs/baseline_cpu_camus.yaml \
+    --set styled.styled_fraction=0 --no-progress --resume
 "$RL" adapt --model "$M" --target "$TARGET" --source-data "$HALF" ${PRIOR:+--shape-prior "$PRIOR"} \
     --config configs/adapt_cpu_camus.yaml --set source_teacher.pairs.styled_fraction=0 --set source_teacher.draws=1 \
     --out "$OUT/$P/rl" --no-progress $([ -d "$OUT/$P/rl" ] && echo --resume)
