@@ -6,45 +6,16 @@ any moment either has a stage's outputs and its mark, or redoes that stage from 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from rl_adapt.config import config_sha, differences  # noqa: F401  (config_sha is part of this module's API)
 from rl_adapt.errors import RLAdaptError
 from rl_adapt.io_utils import write_json_atomic
 
 log = logging.getLogger(__name__)
-
-
-def config_sha(config_dict: dict) -> str:
-    """Stable SHA-256 (hex, 16 chars) of a config dict; used to refuse resuming with another config."""
-    blob = json.dumps(config_dict, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def differences(then: dict, now: dict) -> list[str]:
-    """Human-readable differences of two nested settings dicts: ``"cfg.ppo.lr: 0.0001 then, 1e-05 now"``; the
-    ``inputs.`` prefix is shown as the command-line flag (``--target``)."""
-    a, b = _flat(then), _flat(now)
-    out = []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            name = key[len("cfg."):] if key.startswith("cfg.") else key
-            if name.startswith("inputs."):
-                name = "--" + name[len("inputs."):].replace("_dir", "").replace("_", "-")
-            out.append(f"{name}: {a.get(key, 'unset')} then, {b.get(key, 'unset')} now")
-    return out
 
 
 class RunState:

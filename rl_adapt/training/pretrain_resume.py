@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rl_adapt.engine.run_state import config_sha, differences
+from rl_adapt.config import config_sha, differences
 from rl_adapt.errors import InputError, RLAdaptError
 from rl_adapt.io_utils import read_json, save_torch, write_json_atomic
 
