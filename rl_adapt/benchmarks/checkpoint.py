@@ -57,8 +57,8 @@ def measure(features: list[int], patch: int, steps: int, batch: int) -> dict:
         path = Path(tmp) / "checkpoint.pt"
         for _ in range(5):
             t0 = time.perf_counter()
-            PretrainCheckpoint(epochs_done=1, network={k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
-                               optimizer=opt.state_dict(), generator=gen.get_state(),
+            weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            PretrainCheckpoint(epochs_done=1, network=weights, optimizer=opt.state_dict(), generator=gen.get_state(),
                                torch_rng=torch.get_rng_state()).save(path)
             saves.append(time.perf_counter() - t0)
         size = path.stat().st_size

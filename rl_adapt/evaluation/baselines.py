@@ -301,8 +301,9 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
     ``out_dir`` holds ``baseline_config.yaml``, ``baseline_history.json`` and the nnU-Net results folder
     written by ``export_model_folder`` (``out_dir/<Dataset>/nnUNetTrainer__<Plans>__2d``, returned), all written
     together at the end (a temporary sibling renamed onto ``out_dir``). Until then ``out_dir/unfinished/`` keeps the
-    finished stages (the restyled source pairs with the scanner fit, the trained weights; :mod:`rl_adapt.engine.stages`),
-    so a killed run continues with ``resume`` and loses no finished stage. The source folder is only read.
+    finished stages (the restyled source pairs with the scanner fit, the trained weights;
+    :mod:`rl_adapt.engine.stages`), so a killed run continues with ``resume`` and loses no finished stage. The source
+    folder is only read.
 
     :param source_data: the labelled source dataset (``styled-source`` and ``harmonize``).
     :param resume: continue the unfinished run in ``out_dir`` (same inputs and config); a new run if there is none.

@@ -205,22 +205,23 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
                 raise RLAdaptError(result)
             return result
         try:
-            summary = _kept(specs, data, out, reward, cfg, progress, given, resume)
+            summary = _evaluate_resumably(specs, data, out, reward, cfg, progress, given, resume)
         except RLAdaptError as exc:
             dist.broadcast_object(str(exc), world)
             raise
         return dist.broadcast_object(summary, world)
-    return _kept(specs, data, out, reward, cfg, progress, given, resume)
+    return _evaluate_resumably(specs, data, out, reward, cfg, progress, given, resume)
 
 
-def _kept(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateConfig, progress: bool,
-          given: Mapping[str, list[np.ndarray]] | None, resume: bool) -> dict:
+def _evaluate_resumably(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateConfig, progress: bool,
+                        given: Mapping[str, list[np.ndarray]] | None, resume: bool) -> dict:
     """:func:`_evaluate` with the finished predictions kept in ``out/unfinished/`` (removed with ``out`` when
     nothing finished; without ``resume`` an unfinished folder left in an earlier evaluation by an interrupted
     ``--overwrite`` is discarded)."""
     if not resume and (out / UNFINISHED).is_dir():
         shutil.rmtree(out / UNFINISHED)
-    settings = {"inputs": {"models": {n: str(p.resolve()) for n, p in specs.items()}, "data": str(Path(data).resolve())},
+    settings = {"inputs": {"models": {n: str(p.resolve()) for n, p in specs.items()},
+                           "data": str(Path(data).resolve())},
                 "cfg": {"mirror": cfg.mirror}}
     created = not out.exists()
     state = RunState(out / UNFINISHED, config_sha(settings), settings)  # other models or data: refused, named

@@ -44,7 +44,8 @@ resume on other hardware or another thread count is not bit-identical, but train
 
 
 def unfinished_folder(out_dir: str | Path, dataset: str, model_folder_name: str, fold: int) -> Path:
-    """``out_dir/unfinished_pretrain/<dataset>__<model folder>__fold_<fold>``: where an unfinished run keeps its work."""
+    """Where an unfinished run keeps its work:
+    ``out_dir/unfinished_pretrain/<dataset>__<model folder>__fold_<fold>``."""
     return Path(out_dir) / UNFINISHED_ROOT / f"{dataset}__{model_folder_name}__fold_{fold}"
 
 
