@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from rl_adapt.engine.run_state import RunState
-from rl_adapt.engine.stages import Stages
+from rl_adapt.engine.stages import Stages, kept_stages
+from rl_adapt.errors import RLAdaptError
 from rl_adapt.io_utils import atomic_path
 
 
@@ -89,3 +90,33 @@ def test_a_stage_marked_but_not_logged_before_a_kill_gets_its_metrics_line_back(
     records = [json.loads(line) for i, line in enumerate(lines) if i != 1]
     assert [r["stage"] for r in records] == ["a", "b"]
     assert records[1]["figure"] == 2.0 and records[1]["restored"] is True and "restored" not in records[0]
+
+
+def test_kept_stages_leaves_nothing_only_when_nothing_finished_in_a_folder_it_made(tmp_path):
+    settings = {"cfg": {"a": 1}}
+    out = tmp_path / "new"
+    with pytest.raises(KeyboardInterrupt):
+        with kept_stages(out, out / "unfinished", settings, "test"):
+            raise KeyboardInterrupt  # killed before any stage finished
+    assert not out.exists()
+
+    with pytest.raises(RuntimeError):
+        with kept_stages(out, out / "unfinished", settings, "test") as stages:
+            stages.run("s", out / "unfinished" / "s.txt", lambda: (Number(4), {}), Number.load)
+            raise RuntimeError("after the first stage")
+    assert (out / "unfinished" / "s.txt").read_text() == "4"  # the finished stage is kept for a resume
+    with kept_stages(out, out / "unfinished", settings, "test") as stages:  # the resume reads it back
+        assert stages.done("s")
+        assert stages.run("s", out / "unfinished" / "s.txt", lambda: (Number(0), {}), Number.load) == Number(4)
+
+    with pytest.raises(RLAdaptError, match=r"other settings \(a: 1 then, 2 now\)"):  # refused, naming the key
+        with kept_stages(out, out / "unfinished", {"cfg": {"a": 2}}, "test"):
+            pass
+    assert (out / "unfinished" / "s.txt").is_file()
+
+    mine = tmp_path / "the user's"
+    mine.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with kept_stages(mine, mine / "unfinished", settings, "test"):
+            raise KeyboardInterrupt
+    assert mine.is_dir()  # a folder that existed before is never removed

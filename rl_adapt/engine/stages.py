@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 
+from rl_adapt.config import config_sha
 from rl_adapt.distributed import SINGLE, World, barrier
 from rl_adapt.engine.run_state import RunState
 from rl_adapt.io_utils import append_jsonl
@@ -120,3 +123,29 @@ class Stages:
         self.mark(name, {**info, "seconds": time.time() - t0})
         barrier(self.world)  # the file is saved and marked before any rank goes on
         return result
+
+
+@contextmanager
+def kept_stages(out: Path, work: Path, settings: dict[str, Any], what: str) -> Iterator[Stages]:
+    """The :class:`Stages` of a single-process command whose finished stages are kept in ``work`` (inside ``out``)
+    until the command writes its results.
+
+    A resume with other ``settings`` than the unfinished run's is refused here, naming the keys
+    (:class:`~rl_adapt.engine.run_state.RunState`). If the body fails or is interrupted before any stage finished
+    and ``out`` did not exist before, ``out`` is removed: nothing is left behind.
+
+    :param out: the command's output folder.
+    :param work: the folder of ``state.json`` and ``metrics.jsonl`` (``out/unfinished``).
+    :param settings: the inputs and config that a resume must share (JSON-ready).
+    :param what: the command's work in the log line of a resume (``"baseline"``, ``"evaluation"``).
+    """
+    created = not out.exists()
+    state = RunState(work, config_sha(settings), settings)
+    if state.completed:
+        log.info("resuming the %s in %s (finished: %s)", what, out, ", ".join(state.completed))
+    try:
+        yield Stages(state, work / "metrics.jsonl")
+    except BaseException:
+        if created and not state.completed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise

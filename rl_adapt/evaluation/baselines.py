@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -41,8 +40,7 @@ from rl_adapt.data.readers import read_dataset
 from rl_adapt.evaluation.inputs import load_model
 from rl_adapt.harmonize import FILE_NAME as HARMONIZATION_FILE
 from rl_adapt.harmonize import Harmonizer, HarmonizeConfig, fit_harmonizer
-from rl_adapt.engine.run_state import RunState, config_sha
-from rl_adapt.engine.stages import Stages
+from rl_adapt.engine.stages import Stages, kept_stages
 from rl_adapt.io_utils import atomic_dir, save_torch, write_json_atomic
 from rl_adapt.policies.nnunet import export_model_folder
 from rl_adapt.preflight import check_device, check_output
@@ -334,18 +332,8 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
     settings = {"cfg": to_dict(cfg), "inputs": {k: None if v is None else str(Path(v).resolve()) for k, v in
                                                 (("model_dir", model_dir), ("target_dir", target),
                                                  ("source_data", source_data))}}
-    work = out_dir / UNFINISHED
-    created = not out_dir.exists()
-    state = RunState(work, config_sha(settings), settings)  # a resume with other settings is refused here
-    if state.completed:
-        log.info("resuming the baseline in %s (finished: %s)", out_dir, ", ".join(state.completed))
-    try:
-        folder = _run_stages(model, cases, target, out_dir, cfg, Stages(state, work / "metrics.jsonl"), progress,
-                             model_dir, source_data)
-    except BaseException:
-        if created and not state.completed:  # nothing finished: leave nothing behind
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+    with kept_stages(out_dir, out_dir / UNFINISHED, settings, "baseline") as stages:
+        folder = _run_stages(model, cases, target, out_dir, cfg, stages, progress, model_dir, source_data)
     log.info("baseline model written to %s", folder)
     return folder
 

@@ -54,8 +54,7 @@ from rl_adapt.evaluation.reliability import reward_reliability
 from rl_adapt.evaluation.report import write_report
 from rl_adapt.evaluation.scoring import (clinical_exclusions, clinical_row, complete_patients, image_metric_columns,
                                          patient_columns, patient_indices_or_empty, score_image, summarise)
-from rl_adapt.engine.run_state import RunState, config_sha
-from rl_adapt.engine.stages import Stages
+from rl_adapt.engine.stages import Stages, kept_stages
 from rl_adapt.io_utils import atomic_dir, json_clean, save_npz, write_csv, write_json_atomic
 from rl_adapt.preflight import check_device, check_output, warn_blank_images
 
@@ -223,17 +222,8 @@ def _evaluate_resumably(specs: Mapping[str, Path], data, out: Path, reward, cfg:
     settings = {"inputs": {"models": {n: str(p.resolve()) for n, p in specs.items()},
                            "data": str(Path(data).resolve())},
                 "cfg": {"mirror": cfg.mirror}}
-    created = not out.exists()
-    state = RunState(out / UNFINISHED, config_sha(settings), settings)  # other models or data: refused, named
-    if state.completed:
-        log.info("resuming the evaluation in %s (finished: %s)", out, ", ".join(state.completed))
-    try:
-        return _evaluate(specs, data, out, reward, cfg, Stages(state, out / UNFINISHED / "metrics.jsonl"), progress,
-                         given)
-    except BaseException:
-        if created and not state.completed:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    with kept_stages(out, out / UNFINISHED, settings, "evaluation") as stages:  # other models or data: refused
+        return _evaluate(specs, data, out, reward, cfg, stages, progress, given)
 
 
 def _predict_sharded(specs: Mapping[str, Path], data, cfg: EvaluateConfig, world: dist.World,
