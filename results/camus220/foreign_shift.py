@@ -5,7 +5,15 @@ scale, falling off over 35 % of the depth, amplitude drawn per image) with rever
 Labels are unchanged (no geometric change). Its strength was set so that the 128 px source model loses about as much
 as under blur on the dev patients (0.897 -> 0.838), before any adaptation was run on it.
 
-Usage: python results/camus220/foreign_shift.py IN_DATASET OUT_DATASET   (nnU-Net raw folders; OUT must not exist)
+A second scanner outside the model (`beam`, written after every run on the first one, to check that the committed
+configs were not fitted to one look): a beam that widens with depth (lateral Gaussian blur, sigma 0.5 px at the top to
+4.5 px at the bottom of the image), coarse speckle elongated across the beam (multiplicative, 0.8 x 2.5 px grain),
+no time-gain compensation (intensity falls as exp(-1.3 depth)), a grey map that lifts the dark (gamma 0.55) with
+clutter in the blood pools, and 7-bit grey levels. Its strength was set, before any adaptation ran on it, so that the
+64 px source model loses about as much on the dev patients as on the issue's hidden shift (about 0.09 Dice).
+
+Usage: python results/camus220/foreign_shift.py IN_DATASET OUT_DATASET [foreign|beam]
+       (nnU-Net raw folders; OUT must not exist; the look defaults to foreign)
 """
 import json
 import shutil
@@ -39,9 +47,39 @@ def foreign_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(fan, y * 255, 0).astype(np.uint8)
 
 
-def main(src: Path, out: Path) -> None:
+BEAM_SIGMA, SPECKLE, ATTENUATION, GAMMA, CLUTTER = (0.5, 4.5), 0.3, 1.3, 0.55, 0.15
+
+
+def beam_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(H, W) uint8 B-mode image -> (H, W) uint8 through the `beam` scanner; zero outside the fan."""
+    x = image.astype(np.float32) / 255.0
+    fan = ndi.binary_fill_holes(ndi.binary_closing(image > 2, iterations=3))
+    h, w = image.shape
+    depth = np.arange(h, dtype=np.float32)[:, None] / h
+    sigmas = np.linspace(*BEAM_SIGMA, 9)
+    blurred = np.stack([ndi.gaussian_filter1d(x, s, axis=1) for s in sigmas])  # (9, H, W)
+    pos = depth[:, 0] * (len(sigmas) - 1)  # each row's place between the two nearest blurs
+    lo = np.floor(pos).astype(int).clip(0, len(sigmas) - 2)
+    frac = (pos - lo)[:, None]
+    rows = np.arange(h)
+    y = blurred[lo, rows] * (1 - frac) + blurred[lo + 1, rows] * frac
+    grain = ndi.gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), (0.8, 2.5))
+    y = np.clip(y * (1 + SPECKLE * grain / grain.std()), 0, 1)
+    y = y * np.exp(-ATTENUATION * depth) / np.exp(-ATTENUATION * 0.25)  # untouched a quarter down, darker below
+    y = np.clip(y, 0, 1) ** GAMMA
+    y = y + CLUTTER * ndi.gaussian_filter(rng.random((h, w)).astype(np.float32), 3) * (1 - y)
+    y = np.round(np.clip(y, 0, 1) * 127) / 127
+    return np.where(fan, y * 255, 0).astype(np.uint8)
+
+
+LOOKS = {"foreign": foreign_look, "beam": beam_look}
+
+
+def main(src: Path, out: Path, look: str = "foreign") -> None:
     if out.exists():
         sys.exit(f"{out}: exists; choose a new folder")
+    if look not in LOOKS:
+        sys.exit(f"{look}: not a look here; choose one of {', '.join(LOOKS)}")
     with atomic_dir(out) as tmp:  # written next to OUT and renamed at the end: no partial dataset
         (tmp / "imagesTr").mkdir()
         if (src / "labelsTr").is_dir():
@@ -53,10 +91,12 @@ def main(src: Path, out: Path) -> None:
             shutil.copy(src / "rl_adapt_meta.json", tmp / "rl_adapt_meta.json")
         for i, path in enumerate(sorted((src / "imagesTr").glob("*.nii.gz"))):
             im = sitk.ReadImage(str(path))
-            new = sitk.GetImageFromArray(foreign_look(sitk.GetArrayFromImage(im), np.random.default_rng(i)))
+            new = sitk.GetImageFromArray(LOOKS[look](sitk.GetArrayFromImage(im), np.random.default_rng(i)))
             new.CopyInformation(im)
             sitk.WriteImage(new, str(tmp / "imagesTr" / path.name), useCompression=True)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if len(sys.argv) not in (3, 4):
+        sys.exit(__doc__.rsplit("Usage:", 1)[1])
+    main(Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:])

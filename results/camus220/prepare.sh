@@ -7,6 +7,8 @@
 #   OUT/Dataset530_Camus220Target            the 220 target patients, original images
 #   OUT/Dataset528_Camus220Dev_foreign, OUT/Dataset529_Camus220Target_foreign
 #                                            dev and target through a scanner outside the B-mode model (foreign_shift.py)
+#   OUT/Dataset531_Camus220Dev_beam, OUT/Dataset532_Camus220Target_beam
+#                                            the same through a second one (foreign_shift.py ... beam)
 # Usage: results/camus220/prepare.sh [OUT] (default results/runs/camus220/data); needs the venv (make venv).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,8 +31,10 @@ for preset in target-blur target-lowgain target-shadow; do
   n=$((n + 2))
 done
 mk Dataset530_Camus220Target none target 0
-for pair in 521:Dataset528_Camus220Dev_foreign 530:Dataset529_Camus220Target_foreign; do
+for pair in 521:Dataset528_Camus220Dev_foreign 530:Dataset529_Camus220Target_foreign \
+            521:Dataset531_Camus220Dev_beam 530:Dataset532_Camus220Target_beam; do
   from=$(ls -d "$OUT"/Dataset${pair%%:*}_*/ | head -n 1)
-  [ -f "$OUT/${pair#*:}/dataset.json" ] || .venv/bin/python results/camus220/foreign_shift.py "$from" "$OUT/${pair#*:}"
+  name=${pair#*:}
+  [ -f "$OUT/$name/dataset.json" ] || .venv/bin/python results/camus220/foreign_shift.py "$from" "$OUT/$name" "${name##*_}"
 done
 ls "$OUT"
