@@ -13,8 +13,8 @@ Rules (they keep runs reproducible and configs honest):
 from __future__ import annotations
 
 import ast
-import hashlib
 import dataclasses
+import hashlib
 import inspect
 import json
 import math

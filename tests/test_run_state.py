@@ -3,8 +3,9 @@ import json
 
 import pytest
 
+from rl_adapt.config import config_sha
+from rl_adapt.engine.run_state import RunState
 from rl_adapt.errors import RLAdaptError
-from rl_adapt.engine.run_state import RunState, config_sha
 
 
 def test_marks_persist_and_config_is_checked(tmp_path):

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from rl_adapt import distributed as dist
-from rl_adapt.config import save_config, to_dict
+from rl_adapt.config import config_sha, save_config, to_dict
 from rl_adapt.data.readers import read_dataset
 from rl_adapt.engine.corrector import Corrections, Corrector
 from rl_adapt.engine.guard import judge
@@ -48,7 +48,7 @@ from rl_adapt.engine.reward.dataset import build_reward_dataset
 from rl_adapt.engine.reward.network import RewardNet, train_reward_net
 from rl_adapt.engine.rollout import Rollout, policy_outputs
 from rl_adapt.engine.sharding import sharded_argmax, sharded_correction, sharded_rollout
-from rl_adapt.engine.run_state import RunState, config_sha
+from rl_adapt.engine.run_state import RunState
 from rl_adapt.engine.shape_prior import ShapePrior, train_shape_prior
 from rl_adapt.engine.settings import AdaptConfig, AdaptInputs, SourceTeacherConfig
 from rl_adapt.engine.stages import Stages

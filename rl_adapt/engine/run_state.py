@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from rl_adapt.config import config_sha, differences  # noqa: F401  (config_sha is part of this module's API)
+from rl_adapt.config import differences
 from rl_adapt.errors import RLAdaptError
 from rl_adapt.io_utils import write_json_atomic
 
