@@ -474,8 +474,10 @@ class Adapter:
             scores = [self._score_draw(d, prior)[tc.draw_score] for d in range(tc.draws)]
             chosen = int(np.argmax(scores))  # the first of equals
             self.stages.mark("draw_choice", {"chosen": chosen, "score": tc.draw_score, "scores": scores})
-            log.info("restyling draws: %s %s; keeping draw %d", tc.draw_score,
-                     ", ".join(f"{x:.4f}" for x in scores), chosen)
+            kept = ("its restyled pairs (the warm start: the average of every draw's)" if tc.draw_merge == "average"
+                    else "its restyled pairs and warm start")
+            log.info("restyling draws: %s %s; keeping draw %d: %s", tc.draw_score,
+                     ", ".join(f"{x:.4f}" for x in scores), chosen, kept)
         return int(self.stages.info("draw_choice")["chosen"])
 
     def _score_draw(self, d: int, prior: ShapePrior | None) -> dict:
