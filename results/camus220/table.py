@@ -19,7 +19,7 @@ def f(x, d=3):
 print("| preset | model | mean Dice | LV / MYO / LA | HD95 (px) | validity raw | validity delivered | EF MAE (points) "
       "| ΔDice vs source [95 % CI], Wilcoxon p |")
 print("|---|---|---|---|---|---|---|---|---|")
-for preset in ("blur", "lowgain", "shadow", "foreign"):
+for preset in ("blur", "lowgain", "shadow", "foreign", "beam"):
     path = out / preset / which / "summary.json"
     if not path.is_file():
         continue
