@@ -14,8 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from rl_adapt.config import load_config, save_config, to_dict
-from rl_adapt.config import config_sha
+from rl_adapt.config import config_sha, load_config, save_config, to_dict
 from rl_adapt.engine.settings import AdaptConfig
 
 STAGE_FILES = {"rollout": "rollout.npz", "correct": "corrected.npz", "reward": "reward_net.pt", "ppo": "policy.pt"}
