@@ -16,21 +16,23 @@ sliding window), so ``predict / bare`` is the overhead of nnU-Net-exact inferenc
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import logging
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from rl_adapt.evaluation.baselines import BaselineConfig, run_baseline
+
+import torch
+
 from rl_adapt.config import load_config
 from rl_adapt.data.writers import write_nnunet_raw
-from rl_adapt.training.pretrain import PretrainConfig, pretrain
-from rl_adapt.synth.domains import generate_domain
-import shutil
-import torch
+from rl_adapt.evaluation.baselines import BaselineConfig, run_baseline
 from rl_adapt.evaluation.evaluate import EvaluateConfig, evaluate
 from rl_adapt.evaluation.inputs import load_model
+from rl_adapt.synth.domains import generate_domain
+from rl_adapt.training.pretrain import PretrainConfig, pretrain
 
 
 def _setup(work: Path, args) -> tuple[Path, Path, Path]:
@@ -73,10 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", type=Path, help="keep (and reuse) the work folder here instead of a temporary one")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-
-
-
-
     torch.set_num_threads(args.threads)  # setup only; evaluate predicts with 1 thread
     work_ctx = tempfile.TemporaryDirectory(prefix="bench_eval_") if args.keep is None else None
     work = Path(work_ctx.name) if work_ctx else args.keep
