@@ -12,7 +12,7 @@ import pytest
 from rl_adapt.data.case import Case
 from rl_adapt.errors import InputError
 from rl_adapt.evaluation.evaluate import EvaluateConfig, evaluate
-from rl_adapt.evaluation.inputs import parse_model_specs
+from rl_adapt.evaluation.inputs import parse_comparisons, parse_model_specs
 from rl_adapt.evaluation.overlays import select_overlays
 from rl_adapt.evaluation.scoring import TEXT_COLUMNS, complete_patients, paired_stats, summarise
 from rl_adapt.io_utils import json_clean, write_csv
@@ -132,6 +132,25 @@ def test_summarise_nan_aware_counts_and_strict_json():
     assert s["counts"]["paired"]["b vs a"] == 4
 
 
+def test_summarise_extra_pairs_compare_two_non_reference_models():
+    rows = _rows()
+    rows += [{**r, "model": "c", "mean_dice": r["mean_dice"] + 0.05} for r in rows if r["model"] == "b"]
+    s = summarise(rows, [], ["a", "b", "c"], n_bootstrap=200, pairs=[("c", "b"), ("b", "a"), ("c", "c")])
+    assert list(s["paired"]) == ["b vs a", "c vs a", "c vs b"]  # the reference's first, duplicates and self dropped
+    assert s["paired"]["c vs b"]["dice_mean_diff"] == pytest.approx(0.05)
+    assert s["paired"]["c vs a"]["dice_mean_diff"] == pytest.approx(0.15)
+    lo, hi = s["paired"]["c vs b"]["ci95"]
+    assert lo == pytest.approx(0.05) and hi == pytest.approx(0.05) and s["counts"]["paired"]["c vs b"] == 4
+
+
+def test_parse_comparisons_names_the_bad_spec():
+    assert parse_comparisons(["rl:styled", " rl : src "], ["src", "styled", "rl"]) == [("rl", "styled"), ("rl", "src")]
+    for spec, says in (("rl-styled", "expected NAME:REFERENCE"), ("rl:tent", "'tent' is not one of the models"),
+                       ("rl:rl", "compared with itself"), (":src", "expected NAME:REFERENCE")):
+        with pytest.raises(InputError, match=says):
+            parse_comparisons([spec], ["src", "styled", "rl"])
+
+
 def test_csv_round_trip_keeps_ids_and_nan(tmp_path):
     rows = [{"case": "0001", "patient": "0001", "model": "m", "x": float("nan"), "valid": True, "y": 1.5}]
     write_csv(tmp_path / "t.csv", rows)
@@ -171,7 +190,7 @@ def test_parse_model_specs():
 
 
 # ----------------------------------------------------------------------------------------- real tiny run
-def _check_schema(s: dict, names: list[str]) -> None:
+def _check_schema(s: dict, names: list[str], pairs: tuple[str, ...] = ()) -> None:
     assert isinstance(s["n_images"], int) and isinstance(s["n_patients"], int)
     assert list(s["models"]) == names
     for n in names:
@@ -182,7 +201,7 @@ def _check_schema(s: dict, names: list[str]) -> None:
         assert isinstance(e["validity_rate"], float) and 0.0 <= e["validity_rate"] <= 1.0
         for k in ("ef_mae", "edv_mae_pct", "esv_mae_pct", "ece"):
             assert k in e and (e[k] is None or isinstance(e[k], float))
-    assert set(s["paired"]) == {f"{n} vs {names[0]}" for n in names[1:]}
+    assert set(s["paired"]) == {f"{n} vs {names[0]}" for n in names[1:]} | set(pairs)
     for st in s["paired"].values():
         assert set(st) == {"dice_mean_diff", "ci95", "wilcoxon_p"}
         assert isinstance(st["dice_mean_diff"], float) and len(st["ci95"]) == 2
@@ -190,14 +209,17 @@ def _check_schema(s: dict, names: list[str]) -> None:
 
 def test_evaluate_tiny_run_writes_schema_tables_and_report(tiny_world, tmp_path):
     out = tmp_path / "eval"
-    cfg = EvaluateConfig(overlays=1, n_bootstrap=200, workers=1)  # one forked worker, overlapping prediction
+    cfg = EvaluateConfig(overlays=1, n_bootstrap=200, workers=1,  # one forked worker, overlapping prediction
+                         compare=["src:other"])  # the reverse of the reference comparison
     s = evaluate({"src": tiny_world["src"], "other": tiny_world["other"]}, tiny_world["data"], out, config=cfg,
                  progress=False)
     text = (out / "summary.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     on_disk = json.loads(text)
     assert on_disk == json.loads(json.dumps(s))
-    _check_schema(on_disk, ["src", "other"])
+    _check_schema(on_disk, ["src", "other"], pairs=("src vs other",))
+    fwd, rev = on_disk["paired"]["other vs src"], on_disk["paired"]["src vs other"]
+    assert rev["dice_mean_diff"] == pytest.approx(-fwd["dice_mean_diff"]) and rev["wilcoxon_p"] == fwd["wilcoxon_p"]
     assert on_disk["n_images"] == 8 and on_disk["n_patients"] == 2
     rows = read_csv(out / "per_image.csv")
     assert len(rows) == 16 and {r["model"] for r in rows} == {"src", "other"}

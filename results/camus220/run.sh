@@ -40,4 +40,4 @@ models=(--model source="$M")
 for m in tent pseudo-label styled-source; do models+=(--model "$m=$(ls -d "$R/$m"/*/*/)"); done
 models+=(--model rl_adapted="$(ls -d "$R"/rl/model/*/*/)")
 [ -f "$R/eval_$EVAL_ON/summary.json" ] || "$RL" evaluate "${models[@]}" --data "$SCORED" --out "$R/eval_$EVAL_ON" \
-    --reward "$R/rl" --reward-model rl_adapted --no-progress --resume
+    --reward "$R/rl" --reward-model rl_adapted --compare rl_adapted:styled-source --no-progress --resume

@@ -34,6 +34,11 @@ for preset in ("blur", "lowgain", "shadow", "foreign", "beam"):
         print(f"| {preset} | {NAMES.get(name, name)} | {f(d['mean'])} | {f(d['LV'])} / {f(d['MYO'])} / {f(d['LA'])} "
               f"| {f(m['hd95']['mean'], 1)} | {100 * m['validity_rate']:.1f} % | "
               f"{'–' if dv is None else f'{100 * dv:.1f} %'} | {f(m['ef_mae'], 1)} | {delta} |")
+    for key, st in s["paired"].items():  # the --compare pairs run.sh asks for (RL against the styled-source baseline)
+        name, _, ref = key.partition(" vs ")
+        if ref != "source":
+            print(f"| {preset} | {NAMES.get(name, name)} − {NAMES.get(ref, ref)} | | | | | | | "
+                  f"{st['dice_mean_diff']:+.4f} [{st['ci95'][0]:+.4f}, {st['ci95'][1]:+.4f}], {st['wilcoxon_p']:.1g} |")
     r = s.get("reward")
     if r:
         print(f"| {preset} | reward network ({r['model']}'s masks) | AUROC {f(r['auroc'])}, ECE {f(r['ece'])} | "

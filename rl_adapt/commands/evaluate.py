@@ -24,6 +24,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--reward", type=Path, help="adaptation run folder (or reward_net.pt): reward-net reliability")
     p.add_argument("--reward-model", default="",
                    help="the model (NAME of --model) whose masks the reward network scores (default: the first)")
+    p.add_argument("--compare", action="append", default=[], metavar="NAME:REFERENCE",
+                   help="also compare NAME with REFERENCE, paired on the same images (repeatable; e.g. "
+                        "rl_adapted:styled-source); every model is compared with the first in any case")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring (slower)")
     p.add_argument("--overlays", type=int, default=4, metavar="N", help="cases per overlay group in the report (>= 0)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:N; checked before any work)")
@@ -49,10 +52,11 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluation and print a short table."""
     from rl_adapt.config import check_value
     from rl_adapt.evaluation.evaluate import EvaluateConfig, evaluate
-    from rl_adapt.evaluation.inputs import parse_model_specs
+    from rl_adapt.evaluation.inputs import parse_comparisons, parse_model_specs
     from rl_adapt.preflight import check_existing
 
     specs = parse_model_specs(args.models)
+    parse_comparisons(args.compare, list(specs))  # before any file is read
     post_file = None if args.postprocessing in ("auto", "none") else Path(args.postprocessing)
     check_existing({"--data": args.data, **{f"--model {n}": p for n, p in specs.items()}, "--reward": args.reward,
                     "--postprocessing": post_file})
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         check_value(EvaluateConfig, name, value, flag)
     cfg = EvaluateConfig(mirror=args.mirror, overlays=args.overlays, device=args.device, workers=args.workers,
                          torch_threads=args.threads, postprocessing=args.postprocessing, report=not args.no_report,
-                         reward_model=args.reward_model)
+                         reward_model=args.reward_model, compare=list(args.compare))
     summary = evaluate(specs, args.data, args.out, reward=args.reward, config=cfg,  # checks OUT and the device first
                        overwrite=args.overwrite, progress=not args.no_progress, resume=args.resume)
     print(format_table(summary))

@@ -36,7 +36,7 @@ import resource
 import shutil
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -48,7 +48,8 @@ from rl_adapt.config import bounded, bounds_problem
 from rl_adapt import distributed as dist
 from rl_adapt.engine.reward.network import RewardNet
 from rl_adapt.errors import InputError, RLAdaptError
-from rl_adapt.evaluation.inputs import find_reward_net, load_labelled, load_model, parse_model_specs, resolve_postprocessing
+from rl_adapt.evaluation.inputs import (find_reward_net, load_labelled, load_model, parse_comparisons, parse_model_specs,
+                                        resolve_postprocessing)
 from rl_adapt.evaluation.overlays import overlay_arrays, select_overlays
 from rl_adapt.evaluation.reliability import reward_reliability
 from rl_adapt.evaluation.report import write_report
@@ -115,6 +116,9 @@ class EvaluateConfig:
     reward_model: str = ""
     """Whose masks the reward network scores (``--reward``): a model name (e.g. the adapted one, whose uncertainty
     map users see); empty: the first model."""
+    compare: list[str] = field(default_factory=list)
+    """Paired comparisons besides every model against the first, as ``"NAME:REFERENCE"`` (e.g.
+    ``"rl_adapted:styled-source"``: what the adaptation adds over a baseline); both names among the models."""
     postprocessing: str = "auto"
     """Postprocessing rule applied, in addition to the raw outputs, to EVERY model compared (see
     :mod:`rl_adapt.postprocessing`): "auto" = the rule stored in the model folders (``postprocessing.json``; all
@@ -181,6 +185,7 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
         raise InputError(None, "give at least one model")
     if cfg.reward_model and cfg.reward_model not in specs:
         raise InputError(None, f"--reward-model {cfg.reward_model!r} is not one of the models given: {list(specs)}")
+    parse_comparisons(cfg.compare, list(specs))  # a bad --compare is refused before any work
     out = Path(out)
     world = dist.current()
 
@@ -359,7 +364,9 @@ def _evaluate(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateC
         ece = {scored: rel["ece"]}
         timings["reward"] = time.perf_counter() - t0
 
-    summary = summarise(image_rows, patient_rows, names, ece=ece, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+    pairs = parse_comparisons(cfg.compare, names)
+    summary = summarise(image_rows, patient_rows, names, ece=ece, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
+                        pairs=pairs)
     summary["harmonized_inputs"] = harmonized  # models whose folder maps each image toward the source look first
     summary["warnings"] = {
         "blank_images": {"count": len(blank), "cases": blank[:MAX_LISTED],
@@ -377,7 +384,7 @@ def _evaluate(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateC
                              "confidence_border_auroc": rel["policy_confidence"]["border"]["auroc"]}
     if post is not None:
         summary["postprocessed"] = summarise(pp_image_rows, pp_patient_rows, names, n_bootstrap=cfg.n_bootstrap,
-                                             seed=cfg.seed)
+                                             seed=cfg.seed, pairs=pairs)
         summary["postprocessing"] = {**post.to_json(), "rule": post.describe(), "source": post.source,
                                      "applied_to": names}
 

@@ -34,6 +34,26 @@ def parse_model_specs(specs: Sequence[str]) -> dict[str, Path]:
     return out
 
 
+def parse_comparisons(specs: Sequence[str], names: Sequence[str]) -> list[tuple[str, str]]:
+    """``["NAME:REFERENCE", ...]`` -> ``[(name, reference), ...]``, both among ``names`` (the evaluated models).
+
+    :raises InputError: a spec without ``:``, a name that is not one of the models, a model compared with itself.
+    """
+    pairs: list[tuple[str, str]] = []
+    for spec in specs:
+        name, sep, ref = str(spec).partition(":")
+        name, ref = name.strip(), ref.strip()
+        if not sep or not name or not ref:
+            raise InputError(None, f"--compare {spec!r}: expected NAME:REFERENCE, two of the --model names")
+        for n in (name, ref):
+            if n not in names:
+                raise InputError(None, f"--compare {spec!r}: {n!r} is not one of the models given: {list(names)}")
+        if name == ref:
+            raise InputError(None, f"--compare {spec!r}: a model compared with itself")
+        pairs.append((name, ref))
+    return pairs
+
+
 def load_model(model_dir: str | Path, device: str = "cpu"):
     """Load an nnU-Net v2 results folder; any failure becomes one :class:`InputError` naming the folder.
 

@@ -362,7 +362,7 @@ def _num(x: Any) -> float:
 
 
 def paired_table(summary: Mapping) -> str:
-    """HTML table of the paired comparisons against the first model."""
+    """HTML table of the paired comparisons (every model against the first, then the ``--compare`` pairs)."""
     n = summary.get("counts", {}).get("paired", {})
     rows = []
     for key, st in summary.get("paired", {}).items():
@@ -432,8 +432,10 @@ def build_report(folder: str | Path, title: str = "rl-adapt evaluation") -> str:
                  + summary_table(summary, image_rows) + "</section>")
     if summary.get("paired"):
         parts.append(f"<section><h2>Paired comparisons (reference: {html.escape(models[0])})</h2>"
-                     "<p class='note'>Per-image difference of mean Dice (LV, MYO, LA), bootstrap 95 % CI and "
-                     "two-sided Wilcoxon signed-rank test on the same images.</p>" + paired_table(summary) + "</section>")
+                     "<p class='note'>Per-image difference of mean Dice (LV, MYO, LA) of each model against the "
+                     "first (and of the pairs asked for with --compare: A vs B is A - B), bootstrap 95 % CI over "
+                     "images and two-sided Wilcoxon signed-rank test on the same images.</p>"
+                     + paired_table(summary) + "</section>")
     post = summary.get("postprocessed")
     pp_rows_path = folder / "postprocessed" / "per_image.csv"
     if post and pp_rows_path.is_file():

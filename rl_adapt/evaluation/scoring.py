@@ -70,14 +70,16 @@ def image_metric_columns() -> list[str]:
 
 def summarise(image_rows: Sequence[Mapping[str, Any]], patient_rows: Sequence[Mapping[str, Any]],
               model_names: Sequence[str], ece: Mapping[str, float] | None = None,
-              n_bootstrap: int = 2000, seed: int = 0) -> dict:
+              n_bootstrap: int = 2000, seed: int = 0, pairs: Sequence[tuple[str, str]] = ()) -> dict:
     """Build ``summary.json`` from the per-image and per-patient rows.
 
     Shape: ``{"n_images", "n_patients", "models": {NAME: {"dice"|"hd95"|"hd"|"assd": {LV, MYO, LA, epi,
     mean}, "validity_rate", "ef_mae", "edv_mae_pct", "esv_mae_pct", "ece"}}, "paired": {"NAME2 vs NAME":
     {"dice_mean_diff", "ci95": [lo, hi], "wilcoxon_p"}}, "counts": {"models": {NAME: {...}},
     "paired": {...: n}}}``. Image metrics are means over images (NaN-aware), clinical ones over patients;
-    the first model is the reference of the paired comparisons (mean Dice per image, matched by case).
+    the first model is the reference of the paired comparisons (mean Dice per image, matched by case), and
+    ``pairs`` adds ``(name, reference)`` comparisons between other models (e.g. the adapted model against a
+    baseline), keyed ``"name vs reference"`` after the first model's.
     Values are plain floats (NaN where undefined); pass the result through :func:`json_clean` to write it.
     """
     models: dict[str, dict] = {}
@@ -100,18 +102,17 @@ def summarise(image_rows: Sequence[Mapping[str, Any]], patient_rows: Sequence[Ma
         models[name], counts[name] = entry, cnt
     paired: dict[str, dict] = {}
     paired_n: dict[str, int] = {}
-    if model_names:
-        ref = model_names[0]
+    comparisons = [(name, model_names[0]) for name in model_names[1:]]
+    comparisons += [pair for pair in pairs if pair not in comparisons and pair[0] != pair[1]]
+    for name, ref in comparisons:
         by_case = {r["case"]: as_float(r.get("mean_dice")) for r in image_rows if r["model"] == ref}
-        cases = list(by_case)
-        for name in model_names[1:]:
-            other = {r["case"]: as_float(r.get("mean_dice")) for r in image_rows if r["model"] == name}
-            common = [c for c in cases if c in other]
-            st = paired_stats([by_case[c] for c in common], [other[c] for c in common],
-                              n_bootstrap=n_bootstrap, seed=seed)
-            key = f"{name} vs {ref}"
-            paired_n[key] = st.pop("n")
-            paired[key] = st
+        other = {r["case"]: as_float(r.get("mean_dice")) for r in image_rows if r["model"] == name}
+        common = [c for c in by_case if c in other]
+        st = paired_stats([by_case[c] for c in common], [other[c] for c in common],
+                          n_bootstrap=n_bootstrap, seed=seed)
+        key = f"{name} vs {ref}"
+        paired_n[key] = st.pop("n")
+        paired[key] = st
     patients = {r.get("patient") for r in image_rows if r.get("patient") not in (None, "")}
     return {
         "n_images": len({r["case"] for r in image_rows}),
