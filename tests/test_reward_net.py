@@ -8,9 +8,11 @@ from scipy import ndimage as ndi
 from sklearn.metrics import roc_auc_score
 
 from rl_adapt.measures.calibration import auroc, error_detection_report, expected_calibration_error, reliability_bins
+from rl_adapt.config import bounds_problem
 from rl_adapt.errors import InputError
 from rl_adapt.engine.reward.dataset import PERTURBATIONS, build_reward_dataset, perturb_mask
-from rl_adapt.engine.reward.network import RewardNet, RewardNetConfig, fit_temperature, train_reward_net
+from rl_adapt.engine.reward.network import (RewardNet, RewardNetConfig, border_band, fit_temperature,
+                                            train_reward_net)
 
 from phantoms import BG, LA, LV, MYO  # noqa: E402,F401
 from phantoms import heart as phantom_heart  # noqa: E402
@@ -168,3 +170,29 @@ def test_any_step_count_trains(trained, steps):
     _, _, ds = trained
     _, stats = train_reward_net(ds, RewardNetConfig(features=4, depth=2, steps=steps, batch_size=2), seed=0)
     assert stats["steps"] == steps and np.isfinite(stats["train_loss"])
+
+
+def test_border_band_marks_pixels_near_a_label_change():
+    seg = torch.zeros(1, 9, 9, dtype=torch.long)
+    seg[0, 3:6, 3:6] = 2
+    band = border_band(seg, 1, 4)[0]
+    ring = torch.zeros(9, 9, dtype=torch.bool)
+    ring[2:7, 2:7] = True
+    ring[4, 4] = False  # both sides of the edge within 1 px; not the square's centre, nothing farther out
+    assert torch.equal(band, ring)
+    assert not border_band(torch.zeros(2, 5, 5, dtype=torch.long), 2, 4).any()  # one label: no border
+
+
+def test_border_weight_changes_training_and_stays_seeded(trained):
+    """The band weighting reaches the loss (other weights than the unweighted run), deterministically per seed."""
+    _, _, ds = trained
+    cfg = dict(features=4, depth=2, steps=6, batch_size=2, calibrate=False)
+    plain, _ = train_reward_net(ds, RewardNetConfig(**cfg), seed=0)
+    weighted, s1 = train_reward_net(ds, RewardNetConfig(**cfg, border_weight=5.0, border_px=2), seed=0)
+    again, s2 = train_reward_net(ds, RewardNetConfig(**cfg, border_weight=5.0, border_px=2), seed=0)
+    w_plain = torch.cat([p.flatten() for p in plain.network.parameters()])
+    w_band = torch.cat([p.flatten() for p in weighted.network.parameters()])
+    w_again = torch.cat([p.flatten() for p in again.network.parameters()])
+    assert not torch.equal(w_plain, w_band) and torch.equal(w_band, w_again)
+    assert s1["train_loss"] == s2["train_loss"]
+    assert "border_weight" in bounds_problem(RewardNetConfig(border_weight=-1.0))

@@ -3,7 +3,7 @@ choice of teachers and sizes, then score it against the true labels of a labelle
 on a given model's outputs: AUROC and ECE everywhere and within 5 px of a border.
 
 Usage: python results/camus220/probe_reward.py RUN MODEL_DIR LABELLED_DIR [--features 8] [--depth 3] [--steps 400]
-       [--reward-images 256] [--seed 0] [--extra-model DIR ...]
+       [--reward-images 256] [--seed 0] [--extra-model DIR ...] [--border-weight 1.0] [--border-px 3]
 RUN is an adaptation run folder with the source teacher's styled_source.npz; MODEL_DIR the policy whose masks the
 reward learns and is scored on (e.g. the run's warm start exported with export_stage_weights.py).
 """
@@ -31,6 +31,9 @@ p.add_argument("--depth", type=int, default=3)
 p.add_argument("--steps", type=int, default=400)
 p.add_argument("--reward-images", type=int, default=256)
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--border-weight", type=float, default=1.0,
+               help="BCE weight of the pixels near the mask's own borders (RewardNetConfig.border_weight)")
+p.add_argument("--border-px", type=int, default=3)
 p.add_argument("--extra-model", type=Path, action="append", default=[],
                help="another model folder whose argmax masks of the same pairs join the reward data (repeatable)")
 a = p.parse_args()
@@ -49,10 +52,12 @@ if True:  # the source teacher: restyled source images, the policy's masks, true
         masks.append(policy_outputs(load_model_folder(extra).network, images, 0, 16,
                                     torch.Generator().manual_seed(a.seed))[0])
     ds = build_reward_dataset(images.numpy(), masks, pairs.labels[torch.as_tensor(train)].numpy(), seed=a.seed)
-cfg = RewardNetConfig(features=a.features, depth=a.depth, steps=a.steps, batch_size=8)
+cfg = RewardNetConfig(features=a.features, depth=a.depth, steps=a.steps, batch_size=8,
+                      border_weight=a.border_weight, border_px=a.border_px)
 net, stats = train_reward_net(ds, cfg, seed=a.seed)
 model = load_model(a.model)
 rel = reward_reliability(net, model, load_labelled(a.labelled), seed=0, progress=False)
-print(json.dumps({"extra_models": [str(e) for e in a.extra_model], "features": a.features, "depth": a.depth, "steps": a.steps,
+print(json.dumps({"extra_models": [str(e) for e in a.extra_model], "border_weight": a.border_weight,
+                  "border_px": a.border_px, "features": a.features, "depth": a.depth, "steps": a.steps,
                   "train_auroc_heldout": stats.get("auroc"), "auroc": rel["auroc"], "ece": rel["ece"],
                   "border_auroc": rel["border"]["auroc"], "border_ece": rel["border"]["ece"]}))

@@ -55,6 +55,11 @@ class RewardNetConfig:
     """fraction of the images held out (half to fit the temperature, half to report ECE/AUROC)"""
     class_balanced: bool = False
     """weight the BCE so right and wrong pixels count equally (biases raw probabilities; off by default)"""
+    border_weight: float = bounded(1.0, ge=0.0)
+    """BCE weight of the pixels within ``border_px`` of a label change in the scored segmentation (its own
+    borders, known without labels: where most wrong pixels are); 1.0: every pixel alike"""
+    border_px: int = bounded(3, ge=1)
+    """half-width (policy pixels) of the border band that ``border_weight`` weights"""
     flip_augment: bool = True
     """randomly mirror image and segmentation left-right during training"""
     calibrate: bool = True
@@ -244,6 +249,17 @@ def _split_images(n: int, val_fraction: float, rng: np.random.Generator) -> tupl
     return np.sort(perm[n_val:]), np.sort(perm[:half]), np.sort(perm[half:n_val])
 
 
+def border_band(segs: torch.Tensor, px: int, num_classes: int) -> torch.Tensor:
+    """Pixels within ``px`` pixels (Chebyshev distance) of a label change.
+
+    :param segs: label maps (B, H, W), int64 in ``[0, num_classes)``.
+    :returns: bool (B, H, W): True where another label occurs in the (2 px + 1)² window around the pixel.
+    """
+    onehot = F.one_hot(segs, num_classes).permute(0, 3, 1, 2).float()
+    present = F.max_pool2d(onehot, kernel_size=2 * px + 1, stride=1, padding=px)
+    return present.sum(1) > 1.5
+
+
 def _batch(ds: RewardDataset, idx: np.ndarray, device: torch.device, flip: np.ndarray | None = None):
     im = torch.from_numpy(ds.images[ds.image_index[idx]])
     sg = torch.from_numpy(ds.segs[idx].astype(np.int64))
@@ -382,7 +398,10 @@ def train_reward_net(
         if world.active:
             idx, flip = idx[mine], None if flip is None else flip[mine]
         im, sg, tg = _batch(dataset, idx, device, flip)
-        return F.binary_cross_entropy_with_logits(net.logits(im, sg), tg, pos_weight=pos_weight)
+        weight = None
+        if cfg.border_weight != 1.0:
+            weight = 1.0 + (cfg.border_weight - 1.0) * border_band(sg, cfg.border_px, cfg.num_classes).float()
+        return F.binary_cross_entropy_with_logits(net.logits(im, sg), tg, weight=weight, pos_weight=pos_weight)
 
     losses = fit(loss_at, opt, net.network.parameters(), cfg.steps, what="reward net", grad_clip=cfg.grad_clip,
                  scheduler=sched, progress=progress, world=world)
