@@ -52,11 +52,10 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluation and print a short table."""
     from rl_adapt.config import check_value
     from rl_adapt.evaluation.evaluate import EvaluateConfig, evaluate
-    from rl_adapt.evaluation.inputs import parse_comparisons, parse_model_specs
+    from rl_adapt.evaluation.inputs import parse_model_specs
     from rl_adapt.preflight import check_existing
 
     specs = parse_model_specs(args.models)
-    parse_comparisons(args.compare, list(specs))  # before any file is read
     post_file = None if args.postprocessing in ("auto", "none") else Path(args.postprocessing)
     check_existing({"--data": args.data, **{f"--model {n}": p for n, p in specs.items()}, "--reward": args.reward,
                     "--postprocessing": post_file})
