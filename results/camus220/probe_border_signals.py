@@ -20,7 +20,7 @@ rnet = RewardNet.load(run / "reward_net.pt")
 cases = load_labelled(data, progress=False)
 S = {"reward": [], "conf": [], "dist": [], "wrong": []}
 for c in cases:
-    r, pred, cov = reward_in_geometry(rnet, model, c)
+    r, pred, cov, _ = reward_in_geometry(rnet, model, c)
     logits = model.predict_logits(c.image, c.spacing)
     p = torch.softmax(torch.as_tensor(logits).float(), 0).numpy()
     conf = p.max(0)
