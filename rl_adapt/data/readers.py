@@ -35,6 +35,7 @@ import math
 import os
 import re
 import struct
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,7 +74,8 @@ _INFO_KEYS = {
 _SPLIT_NAMES = {"training": "training", "validation": "validation", "testing": "testing"}
 
 N_WORKERS = 4
-"""Threads used to read many files (SimpleITK releases the GIL while decoding)."""
+"""Threads used to read many files: the raw-file checks (decompression releases the GIL) and the numpy work run side
+by side, SimpleITK's own reading one at a time (:data:`_ITK_LOCK`)."""
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -304,36 +306,48 @@ def _precheck(path: Path, spacing_range: Sequence[float]) -> int:
     return 0
 
 
-def _read_sitk(path: str | Path, spacing_range: Sequence[float] = SPACING_RANGE) -> tuple[sitk.Image, int]:
-    """Check the raw file (:func:`_precheck`), then read it with SimpleITK.
+_ITK_LOCK = threading.Lock()
+"""Serialises SimpleITK's reading: concurrent ``ReadImage`` calls from several threads can corrupt the heap
+(seen here as a rare ``double free or corruption`` abort when :func:`_load_many` started; SimpleITK issues #74 and
+#805). The checks and the numpy work around a read still run side by side."""
 
-    :returns: ``(image, n_nonfinite)``: the ITK image and the number of NaN/Inf voxels its reader zeroed.
+
+def _read_array(path: str | Path, spacing_range: Sequence[float] = SPACING_RANGE
+                ) -> tuple[np.ndarray, tuple[float, ...], int]:
+    """Check the raw file (:func:`_precheck`), then read it with SimpleITK (one thread at a time).
+
+    :returns: ``(array, spacing, n_nonfinite)``: the voxels in numpy (z, y, x) order (colour images made grey), the
+        spacing in the same order (mm), and the number of NaN/Inf voxels ITK's reader zeroed.
     """
     path = check_exists(path)
     if path.is_dir():
         raise InputError(path, "expected an image file, found a folder")
     nonfinite = _precheck(path, spacing_range)
-    try:
-        return sitk.ReadImage(str(path)), nonfinite
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((ln.strip() for ln in first if "rror" in ln or "annot" in ln), first[-1] if first else "")
-        raise _corrupt(path, detail[:160]) from None
+    with _ITK_LOCK:
+        try:
+            img = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            detail = next((ln.strip() for ln in first if "rror" in ln or "annot" in ln), first[-1] if first else "")
+            raise _corrupt(path, detail[:160]) from None
+        arr = sitk.GetArrayFromImage(img)
+        spacing = tuple(float(s) for s in img.GetSpacing()[::-1])
+        components = img.GetNumberOfComponentsPerPixel()
+        del img  # freed under the lock too
+    return _grey(arr, components), spacing, nonfinite
 
 
-def _to_array(img: sitk.Image, path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Array in numpy (z, y, x) order and spacing in the same order; colour images become grey."""
-    arr = sitk.GetArrayFromImage(img)
-    spacing = tuple(float(s) for s in img.GetSpacing()[::-1])
-    if img.GetNumberOfComponentsPerPixel() > 1:
-        chans = arr[..., :3].astype(np.float32)
-        if chans.shape[-1] >= 3 and not (np.array_equal(arr[..., 0], arr[..., 1])
-                                         and np.array_equal(arr[..., 0], arr[..., 2])):
-            grey = chans @ np.array([0.299, 0.587, 0.114], np.float32)
-        else:
-            grey = chans[..., 0]
-        arr = np.clip(np.round(grey), 0, 255).astype(np.uint8) if arr.dtype == np.uint8 else grey
-    return arr, spacing
+def _grey(arr: np.ndarray, components: int) -> np.ndarray:
+    """A colour image (``components`` > 1, channels last) as grey; a grey one unchanged."""
+    if components <= 1:
+        return arr
+    chans = arr[..., :3].astype(np.float32)
+    if chans.shape[-1] >= 3 and not (np.array_equal(arr[..., 0], arr[..., 1])
+                                     and np.array_equal(arr[..., 0], arr[..., 2])):
+        grey = chans @ np.array([0.299, 0.587, 0.114], np.float32)
+    else:
+        grey = chans[..., 0]
+    return np.clip(np.round(grey), 0, 255).astype(np.uint8) if arr.dtype == np.uint8 else grey
 
 
 def _squeeze(arr: np.ndarray, spacing: Sequence[float], path: Path, ndim: int) -> tuple[np.ndarray, tuple]:
@@ -369,8 +383,7 @@ def read_image(path: str | Path, spacing_range: Sequence[float] = SPACING_RANGE
     :raises InputError: missing, unreadable, truncated, 3D, NaN/Inf, or spacing outside ``spacing_range``.
     """
     path = Path(path)
-    img, nonfinite = _read_sitk(path, spacing_range)
-    arr, spacing = _to_array(img, path)
+    arr, spacing, nonfinite = _read_array(path, spacing_range)
     arr, spacing = _squeeze(arr, spacing, path, 2)
     arr = _as_image_dtype(arr)
     check_image_array(arr, path)
@@ -411,8 +424,7 @@ def read_label(path: str | Path, spacing_range: Sequence[float] = SPACING_RANGE,
         already uses 0 background, 1 LV, 2 MYO, 3 LA.
     """
     path = Path(path)
-    img, nonfinite = _read_sitk(path, spacing_range)
-    arr, spacing = _to_array(img, path)
+    arr, spacing, nonfinite = _read_array(path, spacing_range)
     arr, spacing = _squeeze(arr, spacing, path, 2)
     if nonfinite:
         raise InputError(path, f"label map has {nonfinite} NaN/Inf pixel(s)")
@@ -429,8 +441,7 @@ def read_sequence(path: str | Path, spacing_range: Sequence[float] = SPACING_RAN
         (the frame spacing is dropped). A single 2D image comes back as T = 1.
     """
     path = Path(path)
-    img, nonfinite = _read_sitk(path, spacing_range)
-    arr, spacing = _to_array(img, path)
+    arr, spacing, nonfinite = _read_array(path, spacing_range)
     if arr.ndim == 2:
         arr, spacing = arr[None], (1.0,) + tuple(spacing)
     arr, spacing = _squeeze(arr, spacing, path, 3)
