@@ -739,7 +739,7 @@ class Adapter:
                 out = export_model_folder(net, self.model, self.run_dir / "model", overwrite=True,
                                           extra_meta=meta, extra_files=extra)
                 reward_net.save(self.run_dir / "reward_net.pt")
-                self.state.mark(stage, {"model_folder": str(out), "model_relpath": os.path.relpath(out, self.run_dir)})
+                self.stages.mark(stage, {"model_folder": str(out), "model_relpath": os.path.relpath(out, self.run_dir)})
 
             dist.on_main(write, self.world)
             self.state.reload()
