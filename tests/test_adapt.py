@@ -477,8 +477,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_world, tmp_path):
     for s in done_before:  # finished stages were not redone
         assert stages.count(s) == 1, s
     straight = tmp_path / "straight"
-    res2 = subprocess.run([*cli, "--out", str(straight), *sets], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    res2 = subprocess.run([*cli, "--out", str(straight), *sets, "--resume"], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)  # --resume is safe to pass always: here it starts a new run
     assert res2.returncode == 0, res2.stderr[-2000:]
     a = torch.load(killed / "iter1" / "policy.pt")
     b = torch.load(straight / "iter1" / "policy.pt")
@@ -486,6 +486,16 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_world, tmp_path):
         assert torch.equal(a[key], b[key]), key
     leftovers = [p for p in killed.rglob("*") if ".tmp-" in p.name]
     assert not leftovers
+    # --resume of the finished run (a requeued job): its model folder, exit 0, nothing redone or rewritten; with
+    # another setting: refused, the key named
+    stamp = {p: p.stat().st_mtime_ns for p in killed.rglob("*")}
+    res3 = subprocess.run([*cli, "--out", str(killed), "--resume"], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert res3.returncode == 0 and "adapted model:" in res3.stdout, res3.stderr[-2000:]
+    res4 = subprocess.run([*cli, "--out", str(killed), "--resume", "--set", "seed=7"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert res4.returncode == 2 and "other settings" in res4.stderr and "seed" in res4.stderr, res4.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in killed.rglob("*")} == stamp
 
 
 def test_blended_reward_uses_corrections_only_where_trusted():

@@ -216,8 +216,12 @@ def test_a_killed_styled_source_baseline_resumes_from_its_restyled_pairs(world, 
     names = lambda root: sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))  # noqa: E731
     assert names(out) == names(tmp_path / "ref")  # the unfinished folder is gone
     assert (out / "baseline_history.json").read_text() == (tmp_path / "ref" / "baseline_history.json").read_text()
-    with pytest.raises(InputError, match="finished"):
-        run_baseline(world["src"], world["data"], out, c, progress=False, source_data=world["data"], resume=True)
+    with monkeypatch.context() as m:  # resumed once more: the finished folder, nothing restyled or trained
+        m.setattr(bl, "styled_source_pairs", lambda *a, **k: calls.append(1))
+        m.setattr(bl, "fine_tune_supervised", killed)
+        assert run_baseline(world["src"], world["data"], out, c, progress=False, source_data=world["data"],
+                            resume=True) == got
+    assert calls == []
 
 
 def test_a_baseline_that_fails_before_any_stage_finished_leaves_nothing(world, tmp_path, monkeypatch):
@@ -256,6 +260,15 @@ def test_cli_baseline(world, tmp_path, capsys):
     rc = main(["baseline", "--method", "tent", "--model", str(world["src"]), "--target", str(world["data"]),
                "--out", str(tmp_path / "pl"), "--no-progress"])
     assert rc == 2 and "--resume" in capsys.readouterr().err
+    # --resume of the finished run (a requeued job): its model folder, nothing redone; other settings: refused
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "pl").rglob("*")}
     rc = main(["baseline", "--method", "pseudo-label", "--model", str(world["src"]), "--target", str(world["data"]),
-               "--out", str(tmp_path / "pl"), "--set", "steps=1", "--set", "batch_size=2", "--no-progress", "--resume"])
-    assert rc == 2 and "has finished" in capsys.readouterr().err
+               "--out", str(tmp_path / "pl"), "--set", "steps=1", "--set", "batch_size=2", "--set", "threads=2",
+               "--no-progress", "--resume"])  # where it runs may differ
+    out = capsys.readouterr().out
+    assert rc == 0 and str(next((tmp_path / "pl").glob("*/nnUNetTrainer__*__2d"))) in out
+    rc = main(["baseline", "--method", "pseudo-label", "--model", str(world["src"]), "--target", str(world["data"]),
+               "--out", str(tmp_path / "pl"), "--set", "steps=2", "--set", "batch_size=2", "--no-progress", "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "finished with other settings" in err and "steps: 1 then, 2 now" in err
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "pl").rglob("*")} == stamp

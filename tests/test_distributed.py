@@ -210,6 +210,13 @@ def test_adapt_on_two_ranks_resumes_after_one_rank_is_killed(tiny_world, tmp_pat
         assert stages.count(s) == 1, s
     a, b = torch.load(straight / "iter1" / "policy.pt"), torch.load(killed / "iter1" / "policy.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the job requeued once more after it finished (the SLURM scripts of docs/cluster.md pass --resume always)
+    stamp = {p: p.stat().st_mtime_ns for p in killed.rglob("*")}
+    again = _torchrun(_adapt_args(tiny_world, killed) + ["--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      text=True)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0 and out.count("adapted model:") == 1, err[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in killed.rglob("*")} == stamp
 
 
 def test_restyling_draws_on_two_ranks_are_scored_once_and_agree(tiny_world, tmp_path):

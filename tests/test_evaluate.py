@@ -1,6 +1,7 @@
 """rl-adapt evaluate: summary.json schema on a tiny real run, paired statistics, bad input, atomic output."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -299,8 +300,19 @@ def test_a_killed_evaluation_resumes_without_predicting_its_finished_models_agai
     assert not (out / "unfinished").exists()
     for name in ("per_image.csv", "per_patient.csv", "summary.json"):
         assert (out / name).read_text() == (tmp_path / "ref" / name).read_text(), name
-    with pytest.raises(InputError, match="finished"):
-        evaluate(models, tiny_world["data"], out, config=cfg, progress=False, resume=True)
+    # --resume of the finished evaluation: its summary, nothing predicted or written (where it runs may differ);
+    # other settings: refused, the key named
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(NnUNetModel, "predict", predict)
+        again = evaluate(models, tiny_world["data"], out, config=dataclasses.replace(cfg, torch_threads=2),
+                         progress=False, resume=True)
+    assert again == json.loads((out / "summary.json").read_text()) and not calls
+    with pytest.raises(RLAdaptError, match="finished with other settings.*n_bootstrap: 100 then, 50 now"):
+        evaluate(models, tiny_world["data"], out, config=dataclasses.replace(cfg, n_bootstrap=50), progress=False,
+                 resume=True)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamp
 
 
 def test_cli_evaluate_bad_model_exits_nonzero(tiny_world, tmp_path, capsys):

@@ -206,6 +206,20 @@ def test_a_killed_pretraining_resumes_to_the_weights_of_an_uninterrupted_run(raw
     events = list((tmp_path / "m" / folder / "fold_0" / "tensorboard").glob("events.out.tfevents*"))
     assert len(events) == 2  # the killed process's and the resumed one's, read together by TensorBoard
 
+    # --resume once more (a requeued job): the finished run's result, nothing trained or written; with another
+    # setting: refused, the key named
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "m").rglob("*")}
+    capsys.readouterr()
+    assert main(["pretrain", "--data", str(raw), "--out", str(tmp_path / "m"), *args, "--set", "train.num_threads=2",
+                 "--resume"]) == 0  # where it runs may differ
+    out = capsys.readouterr().out
+    assert str(tmp_path / "m" / folder) in out and f"mean {got['dice_heldout']['mean']:.3f}" in out
+    assert main(["pretrain", "--data", str(raw), "--out", str(tmp_path / "m"), *args, "--set", "train.lr=0.01",
+                 "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "finished with other settings" in err and "train.lr: 0.003 then, 0.01 now" in err
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "m").rglob("*")} == stamp
+
 
 def test_a_pretraining_that_fails_before_its_first_checkpoint_leaves_nothing(raw, tmp_path, capsys, monkeypatch):
     with monkeypatch.context() as m:

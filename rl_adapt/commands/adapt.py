@@ -32,7 +32,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML config (e.g. configs/adapt_cpu.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set ppo.lr=1e-5 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out (same inputs, --config and --set); on a finished one: "
+                        "prints its model folder and exits 0")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_help(p, _config_class, "Config keys (YAML file or --set KEY=VALUE), default and allowed values:")
     return p

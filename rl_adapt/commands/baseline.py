@@ -37,7 +37,8 @@ def register(sub) -> argparse.ArgumentParser:
                    help="override one config value, e.g. --set lr=0.001 (repeatable)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out without redoing its finished stages (the restyled "
-                        "source pairs with their scanner fit, the training); same inputs, --config and --set")
+                        "source pairs with their scanner fit, the training); same inputs, --config and --set. On a "
+                        "finished run: prints its model folder and exits 0 (a requeued job succeeds)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_help(p, _config_class, "Config keys (YAML file or --set KEY=VALUE), default and allowed values:")
     return p

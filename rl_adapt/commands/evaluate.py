@@ -43,7 +43,8 @@ def register(sub) -> argparse.ArgumentParser:
                         "no other folder is ever replaced")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted evaluation in --out: the models whose predictions it finished are "
-                        "not predicted again (same --model, --data and --mirror)")
+                        "not predicted again (same --model, --data and --mirror). On a finished one with the same "
+                        "settings: prints its table and exits 0, nothing redone")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

@@ -32,7 +32,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, help="fraction of patients held out (overrides train.val_fraction)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of this model under --out from its last epoch checkpoint "
-                        "(same --data, --config and --set; a new run if there is none)")
+                        "(same --data, --config and --set; a new run if there is none). On a finished one: prints its "
+                        "result and exits 0")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_help(p, _config_class, "Config keys (YAML file or --set KEY=VALUE), default and allowed values:")
     return p
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, overrides)
     check_device(cfg.train.device)
     target = fold_folder(args.data, args.out, cfg)
-    if target.exists():
+    if target.exists() and not args.resume:  # a resume of a finished run is checked (and answered) by pretrain
         raise InputError(target, "already exists; choose another --out")
     res = pretrain(args.data, args.out, cfg, progress=not args.no_progress, resume=args.resume)
     print(f"model: {res.model_dir}")

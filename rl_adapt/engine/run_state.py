@@ -65,3 +65,32 @@ class RunState:
         write_json_atomic(self.path, {"version": 1, "config_sha": self.sha, "settings": self.settings,
                                       "completed": self.completed})
         log.debug("stage %s complete", stage)
+
+
+def finished_record(path: str | Path, settings: dict, what: str) -> dict[str, Any]:
+    """The record a finished run wrote (``path``: JSON holding the ``"settings"`` it ran with), when those are
+    ``settings``: ``--resume`` of a finished run then hands back its result without redoing anything (a batch job
+    requeued after it finished succeeds, as ``rl-adapt adapt --resume`` does).
+
+    :param settings: the inputs and config of this call (JSON-ready), as the run records them.
+    :param what: the command's work, for the messages (``"baseline"``, ``"evaluation"``, ``"pretraining"``).
+    :raises RLAdaptError: the run finished with other settings (the keys are named), or its record is unreadable or
+        names no settings (written before runs recorded them).
+    """
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RLAdaptError(f"{path}: this {what} has finished, but its record is unreadable ({exc})") from exc
+    then = record.get("settings") if isinstance(record, dict) else None
+    if not isinstance(then, dict):
+        raise RLAdaptError(f"{path.parent}: this {what} has finished (recorded without its settings, by an earlier "
+                           "version): nothing to resume")
+    now = json.loads(json.dumps(settings, default=str))
+    if then != now:
+        diff = differences(then, now)
+        what_differs = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+        raise RLAdaptError(f"{path.parent}: this {what} has finished with other settings ({what_differs}); choose a "
+                           "new output folder")
+    log.info("%s: this %s has finished with these settings: nothing to redo", path.parent, what)
+    return record

@@ -40,6 +40,7 @@ from rl_adapt.data.readers import read_dataset
 from rl_adapt.evaluation.inputs import load_model
 from rl_adapt.harmonize import FILE_NAME as HARMONIZATION_FILE
 from rl_adapt.harmonize import Harmonizer, HarmonizeConfig, fit_harmonizer
+from rl_adapt.engine.run_state import finished_record
 from rl_adapt.engine.stages import Stages, kept_stages
 from rl_adapt.io_utils import atomic_dir, save_torch, write_json_atomic
 from rl_adapt.policies.nnunet import export_model_folder
@@ -269,6 +270,8 @@ def target_patches(model, cases, max_images: int = 0, seed: int = 0) -> np.ndarr
 
 
 UNFINISHED = "unfinished"
+HISTORY_FILE = "baseline_history.json"
+"""A finished baseline's record: its figures, its model folder, the settings it ran with."""
 """The folder inside ``OUT`` where an unfinished baseline keeps its finished stages (``state.json``, the restyled
 pairs, the trained weights) until the model folder is written; ``--resume`` continues from it."""
 
@@ -304,15 +307,21 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
     folder is only read.
 
     :param source_data: the labelled source dataset (``styled-source`` and ``harmonize``).
-    :param resume: continue the unfinished run in ``out_dir`` (same inputs and config); a new run if there is none.
+    :param resume: continue the unfinished run in ``out_dir`` (same inputs and config); a new run if there is none;
+        the model folder of a run that finished there with the same settings, nothing redone.
     :raises InputError: unloadable model, empty/unreadable target, ``out_dir`` already exists without ``resume`` (or
-        is, is inside or holds an input, or cannot be written), a finished ``out_dir`` with ``resume``, a source
-        method without source data, unavailable device.
-    :raises RLAdaptError: ``resume`` with other inputs or config than the unfinished run's (the keys are named).
+        is, is inside or holds an input, or cannot be written), a source method without source data, unavailable
+        device.
+    :raises RLAdaptError: ``resume`` with other inputs or config than the unfinished or finished run's (the keys are
+        named).
     """
     inputs = {"--model": model_dir, "--target": target, "--source-data": source_data}
-    if resume and (Path(out_dir) / "baseline_history.json").is_file():
-        raise InputError(out_dir, "this baseline has finished (its model folder is here): nothing to resume")
+    settings = {"cfg": to_dict(cfg), "inputs": {k: None if v is None else str(Path(v).resolve()) for k, v in
+                                                (("model_dir", model_dir), ("target_dir", target),
+                                                 ("source_data", source_data))}}
+    if resume and (Path(out_dir) / HISTORY_FILE).is_file():
+        record = finished_record(Path(out_dir) / HISTORY_FILE, what_it_trains(settings), "baseline")
+        return _finished_model_folder(Path(out_dir), record)
     out_dir = check_output(out_dir, inputs, may_exist=resume, earlier_output=(UNFINISHED,),
                            command="rl-adapt baseline",
                            exists_hint="choose a new output folder (models are never overwritten), or pass --resume "
@@ -329,17 +338,30 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
     cases = read_dataset(target, with_labels=False, progress=progress)
     if not cases:
         raise InputError(target, "no target images found")
-    settings = {"cfg": to_dict(cfg), "inputs": {k: None if v is None else str(Path(v).resolve()) for k, v in
-                                                (("model_dir", model_dir), ("target_dir", target),
-                                                 ("source_data", source_data))}}
     with kept_stages(out_dir, out_dir / UNFINISHED, settings, "baseline") as stages:
-        folder = _run_stages(model, cases, target, out_dir, cfg, stages, progress, model_dir, source_data)
+        folder = _run_stages(model, cases, target, out_dir, cfg, stages, progress, model_dir, source_data,
+                             settings)
     log.info("baseline model written to %s", folder)
     return folder
 
 
+
+
+def what_it_trains(settings: dict) -> dict:
+    """A baseline's ``settings`` without where and on how many threads it ran: what a finished run's record must
+    match for ``resume`` to hand back its model folder."""
+    return {**settings, "cfg": {k: v for k, v in settings["cfg"].items() if k not in ("device", "threads")}}
+
+def _finished_model_folder(out_dir: Path, record: dict) -> Path:
+    """The model folder of the finished baseline in ``out_dir`` (``record``: its :data:`HISTORY_FILE`)."""
+    folder = out_dir / str(record.get("model_folder", ""))
+    if not record.get("model_folder") or not (folder / "plans.json").is_file():
+        raise InputError(out_dir, "this baseline has finished, but its model folder is missing")
+    log.info("baseline model in %s", folder)
+    return folder
+
 def _run_stages(model, cases, target, out_dir: Path, cfg: BaselineConfig, stages: Stages, progress: bool,
-                model_dir, source_data) -> Path:
+                model_dir, source_data, settings: dict) -> Path:
     """The stages of :func:`run_baseline` (each skipped when an earlier process finished it), then the export."""
     network = copy.deepcopy(model.network)
     extra, harmonizer, history = {}, None, []
@@ -391,9 +413,10 @@ def _run_stages(model, cases, target, out_dir: Path, cfg: BaselineConfig, stages
                                             extra_files=files)
         rel = Path(model_dir_tmp).relative_to(tmp)
         save_config(cfg, Path(tmp) / "baseline_config.yaml")
-        write_json_atomic(Path(tmp) / "baseline_history.json",
+        write_json_atomic(Path(tmp) / HISTORY_FILE,
                           {"method": cfg.method, "source": str(model_dir), "target": str(target),
                            "n_images": n_images, "source_data": None if source_data is None else str(source_data),
+                           "model_folder": rel.as_posix(), "settings": what_it_trains(settings),
                            "history": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                         for k, v in h.items()} for h in history]})
     return out_dir / rel

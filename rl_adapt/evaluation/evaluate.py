@@ -29,6 +29,7 @@ mean is NaN-aware and its count is reported under ``summary["counts"]``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -55,6 +56,7 @@ from rl_adapt.evaluation.reliability import reward_reliability
 from rl_adapt.evaluation.report import write_report
 from rl_adapt.evaluation.scoring import (clinical_exclusions, clinical_row, complete_patients, image_metric_columns,
                                          patient_columns, patient_indices_or_empty, score_image, summarise)
+from rl_adapt.engine.run_state import finished_record
 from rl_adapt.engine.stages import Stages, kept_stages
 from rl_adapt.io_utils import atomic_dir, json_clean, save_npz, write_csv, write_json_atomic
 from rl_adapt.preflight import check_device, check_output, warn_blank_images
@@ -156,6 +158,17 @@ class _Runner:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+
+def finished_settings(specs: Mapping[str, Path], data: str | Path, reward: str | Path | None,
+                      cfg: EvaluateConfig) -> dict:
+    """What a finished evaluation's results depend on, as ``inputs.json`` records it: the models, data and reward
+    (resolved paths) and every config field but where and how fast it ran (device, workers, threads)."""
+    where = {"device", "workers", "torch_threads"}
+    return {"inputs": {"models": {n: str(Path(p).resolve()) for n, p in specs.items()},
+                       "data": str(Path(data).resolve()),
+                       "reward": None if reward is None else str(Path(reward).resolve())},
+            "cfg": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in where}}
+
 def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path, out: str | Path,
              reward: str | Path | None = None, config: EvaluateConfig | None = None, overwrite: bool = False,
              progress: bool = True, resume: bool = False) -> dict:
@@ -170,12 +183,14 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
         inputs.json); any other existing folder is refused.
     :param resume: continue the unfinished evaluation in ``out`` (same models, data and mirroring): the models whose
         predictions it finished are not predicted again; a new evaluation if there is none. Under ``torchrun`` the
-        predictions are sharded and not kept (a resumed job predicts again).
+        predictions are sharded and not kept (a resumed job predicts again). A finished evaluation in ``out`` with
+        the same :func:`finished_settings`: its summary, nothing redone.
     :returns: the summary dict as written to ``summary.json`` (strict-JSON values: None for undefined).
     :raises InputError: bad model folder, unlabelled/empty/mismatched dataset, missing reward network,
-        existing ``out`` without ``overwrite`` (a finished one with ``resume`` alone), ``out`` that is, is inside or
-        holds an input, unwritable ``out``, unavailable device -- raised before anything is written.
-    :raises RLAdaptError: ``resume`` with other models, data or mirroring than the unfinished evaluation's.
+        existing ``out`` without ``overwrite`` or ``resume``, ``out`` that is, is inside or holds an input, unwritable
+        ``out``, unavailable device -- raised before anything is written.
+    :raises RLAdaptError: ``resume`` with other models, data or mirroring than the unfinished evaluation's, or with
+        other settings than a finished one's (:func:`finished_settings`; the keys are named).
     """
 
     cfg = config or EvaluateConfig()
@@ -189,17 +204,22 @@ def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path,
     out = Path(out)
     world = dist.current()
 
-    def preflight() -> None:
+    def preflight() -> dict | None:
+        """The summary of a finished evaluation ``resume`` asks for again (same settings), else None."""
         unfinished = resume and (out / UNFINISHED).is_dir()
         if resume and not overwrite and not unfinished and (out / "summary.json").is_file():
-            raise InputError(out, "this evaluation has finished: nothing to resume (--overwrite redoes it)")
+            finished_record(out / "inputs.json", finished_settings(specs, data, reward, cfg), "evaluation")
+            return json.loads((out / "summary.json").read_text(encoding="utf-8"))
         check_output(out, evaluation_inputs(specs, data, reward, cfg.postprocessing), may_exist=overwrite or resume,
                      earlier_output=(UNFINISHED,) if unfinished else EARLIER_OUTPUT, command="rl-adapt evaluate",
                      exists_hint="choose a new output folder, pass --overwrite to replace an earlier evaluation, or "
                                  "--resume to continue an interrupted one")
         check_device(cfg.device)
+        return None
 
-    dist.on_main(preflight, world)
+    finished = dist.on_main(preflight, world)
+    if finished is not None:
+        return finished
     given: dict[str, list[np.ndarray]] | None = None
     if world.active:  # every rank predicts its shard of the cases; rank 0 scores and writes, as one process would
         given = _predict_sharded(specs, data, cfg, world, progress)
@@ -414,7 +434,8 @@ def _evaluate(specs: Mapping[str, Path], data, out: Path, reward, cfg: EvaluateC
             np.savez_compressed(tmp / "overlays.npz", **overlays)
         write_json_atomic(tmp / "inputs.json", {"models": {n: str(p) for n, p in specs.items()}, "data": str(data),
                                                  "reward": None if reward is None else str(reward),
-                                                 "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}})
+                                                 "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+                                                 "settings": finished_settings(specs, data, reward, cfg)})
         if cfg.report:
             t0 = time.perf_counter()
             write_json_atomic(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from rl_adapt import distributed as dist
 from rl_adapt.config import bounded, to_dict
 from rl_adapt.devices import pick_device
+from rl_adapt.engine.run_state import finished_record
 from rl_adapt.errors import InputError
 from rl_adapt.labels import STRUCTURE_NAMES
 from rl_adapt.measures.metrics import dice_per_label
@@ -39,7 +40,7 @@ from rl_adapt.policies.nnunet import (_DATASET_RE, DEFAULT_TRAINER, NnUNetModel,
                                       export_model_folder)
 from rl_adapt.preflight import check_output
 from rl_adapt.training.pretrain_resume import (CHECKPOINT, PretrainCheckpoint, discard_if_empty, open_unfinished,
-                                               remove_unfinished, save_checkpoint, unfinished_folder)
+                                               remove_unfinished, save_checkpoint, unfinished_folder, what_it_trains)
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 SMALL_PLANS_NAME = "nnUNetPlansSmall"
 """Plans name of a ``small`` plan (:func:`rl_adapt.policies.nnunet.shrink_plan`'s default)."""
+SUMMARY_FILE = "pretrain_summary.json"
+"""A finished run's record in its fold folder: held-out Dice, history, the settings it ran with."""
 DEFAULT_PLANS_NAME = "nnUNetPlans"
 """Plans name of nnU-Net's own planner (``default`` plan)."""
 
@@ -377,10 +380,11 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
     :param out_dir: results root (new, or an existing nnUNet_results-style root); the model folder is
         ``out_dir/<Dataset>/nnUNetTrainer__<Plans>__2d``.
     :param resume: continue the unfinished run of this model under ``out_dir`` from its last epoch checkpoint
-        (:mod:`rl_adapt.training.pretrain_resume`); without one, start a new run.
+        (:mod:`rl_adapt.training.pretrain_resume`); without one, start a new run; a model folder this run finished
+        with the same settings: its result, nothing redone.
     :raises InputError: bad dataset, an output that touches the dataset or cannot be written, the target fold
         already exists (all checked before planning), or an unfinished run of this model exists without ``resume``.
-    :raises RLAdaptError: ``resume`` of a run started with other settings.
+    :raises RLAdaptError: ``resume`` of a run started (or finished) with other settings.
 
     Under ``torchrun`` (see :mod:`rl_adapt.distributed`) every rank draws the same global batch of
     ``world.size x batch_size`` crops (the same permutation, crops and augmentation) and trains on its slice, the
@@ -394,6 +398,9 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
     dist.on_main(lambda: check_output(out_dir, {"--data": data_dir}, may_exist=True, command="rl-adapt pretrain"),
                  world)
     target = fold_folder(data_dir, out_dir, cfg)
+    settings = {"config": to_dict(cfg), "data": str(Path(data_dir).resolve()), "processes": world.size}
+    if target.exists() and resume and (target / SUMMARY_FILE).is_file():
+        return _finished(target, finished_record(target / SUMMARY_FILE, what_it_trains(settings), "pretraining"))
     if target.exists():
         raise InputError(target, "already exists; choose another --out")
     if not resume:  # refuse a run over an unfinished one before planning (minutes on a large dataset)
@@ -415,7 +422,6 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, pro
     log.info("pretrain: %d training / %d held-out cases; plan %s, patch %s, spacing %s", len(train_cases),
              len(val_cases), model.plans_name, model.patch_size, model.spacing)
     work = unfinished_folder(out_dir, model.dataset_name, planned.parent.name, tc.fold)
-    settings = {"config": to_dict(cfg), "data": str(Path(data_dir).resolve()), "processes": world.size}
     resuming = dist.on_main(lambda: open_unfinished(work, settings, resume) is not None, world)
     ckpt = PretrainCheckpoint.load(work / CHECKPOINT) if resuming else None  # every rank reads it
     try:
@@ -530,10 +536,10 @@ def _train(model: NnUNetModel, dataset_json: dict, fingerprint: dict, train_case
         summary = {"dice_heldout": dice, "seconds": seconds, "n_train": len(train_cases), "n_val": len(val_cases),
                    "val_cases": [c.name for c in val_cases], "history": history, "config": to_dict(cfg),
                    "processes": world.size,
-                   "device": str(device), "data": str(data_dir)}
+                   "device": str(device), "data": str(data_dir), "settings": what_it_trains(settings)}
         fold = f"fold_{tc.fold}"
 
-        extra = {"dataset_fingerprint.json": fingerprint, f"{fold}/pretrain_summary.json": summary,
+        extra = {"dataset_fingerprint.json": fingerprint, f"{fold}/{SUMMARY_FILE}": summary,
                  f"{fold}/pretrain_config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False),
                  f"{fold}/tensorboard": Path(tb_dir)}
         net_cpu = net.to("cpu")
@@ -545,6 +551,13 @@ def _train(model: NnUNetModel, dataset_json: dict, fingerprint: dict, train_case
     return PretrainResult(model_dir=model_dir, dice=dice, seconds=seconds, n_train=len(train_cases),
                           n_val=len(val_cases), history=history)
 
+
+
+def _finished(fold_dir: Path, record: dict) -> PretrainResult:
+    """The result of the pretraining that finished in ``fold_dir`` (``record``: its :data:`SUMMARY_FILE`)."""
+    return PretrainResult(model_dir=fold_dir.parent, dice=dict(record.get("dice_heldout") or {}),
+                          seconds=float(record.get("seconds", 0.0)), n_train=int(record.get("n_train", 0)),
+                          n_val=int(record.get("n_val", 0)), history=list(record.get("history", [])))
 
 __all__ = ["PretrainConfig", "PlanConfig", "TrainConfig", "AugmentConfig", "PretrainResult", "pretrain",
            "augment", "training_loss", "dice_per_structure", "evaluate_dice", "split_cases", "make_plans",

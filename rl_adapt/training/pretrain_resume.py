@@ -43,6 +43,11 @@ IGNORED_KEYS = ("train.device", "train.num_threads", "train.checkpoint_every")
 resume on other hardware or another thread count is not bit-identical, but trains the same run)."""
 
 
+
+def what_it_trains(settings: dict) -> dict:
+    """``settings`` without :data:`IGNORED_KEYS`: what a resume, or a finished run's record, must match."""
+    return _without(settings, IGNORED_KEYS)
+
 def unfinished_folder(out_dir: str | Path, dataset: str, model_folder_name: str, fold: int) -> Path:
     """Where an unfinished run keeps its work:
     ``out_dir/unfinished_pretrain/<dataset>__<model folder>__fold_<fold>``."""
@@ -128,7 +133,7 @@ def open_unfinished(folder: Path, settings: dict, resume: bool) -> PretrainCheck
         then = read_json(folder / SETTINGS)
     except (OSError, ValueError) as exc:
         raise InputError(folder / SETTINGS, f"unreadable ({exc}); delete the folder to start again") from exc
-    a, b = _without(then, IGNORED_KEYS), _without(settings, IGNORED_KEYS)
+    a, b = what_it_trains(then), what_it_trains(settings)
     if config_sha(a) != config_sha(b):
         diff = [d.removeprefix("config.") for d in differences(a, b)]
         raise RLAdaptError(f"{folder}: this pretraining was started with other settings ("
