@@ -6,6 +6,8 @@
 # Everything else is the committed recipe; the difference to the label-free runs is what a perfect restyling
 # would add. Usage (the venv, the data of prepare.sh, the source model of run.sh):
 #   results/camus220/probe_oracle_restyling.sh PRESET SOURCE_MODEL DATA OUT [SHAPE_PRIOR]
+#   PRESET: blur, lowgain, shadow (rl-adapt shift, seed 3), or foreign, beam (foreign_shift.py on the source set);
+#   STAGES=baseline runs the baseline alone (default: the baseline and the RL loop)
 # then score OUT/PRESET/{baseline,rl} beside the label-free models with rl-adapt evaluate (dev patients or target).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -13,13 +15,20 @@ P=${1:?preset: blur, lowgain or shadow}; M=${2:?source model folder}; DATA=${3:?
 OUT=${4:?output folder}; PRIOR=${5:-}
 RL=${RL:-.venv/bin/rl-adapt}
 C=${CAMUS:-../shared/data/Dataset501_CAMUS224}
-n=$(case $P in blur) echo 3;; lowgain) echo 5;; shadow) echo 7;; *) echo "unknown preset $P" >&2; exit 2;; esac)
-TARGET=$DATA/Dataset52${n}_Camus220Target_$P
-TRUE=$OUT/Dataset53${n}_Camus220Source_$P
-HALF=$OUT/Dataset54${n}_Camus220SourceHalf_$P
+n=$(case $P in blur) echo 23;; lowgain) echo 25;; shadow) echo 27;; foreign) echo 29;; beam) echo 32;;
+      *) echo "unknown preset $P" >&2; exit 2;; esac)
+TARGET=$(ls -d "$DATA"/Dataset5${n}_Camus220Target_$P)
+TRUE=$OUT/Dataset6${n}_Camus220Source_$P
+HALF=$OUT/Dataset7${n}_Camus220SourceHalf_$P
 mkdir -p "$OUT/$P"
-[ -f "$TRUE/dataset.json" ] || "$RL" shift --data "$C" --preset "target-$P" --repair-labels \
-    --split-file "$C/splits_camus220.json" --split source --seed 3 --out "$TRUE" --no-progress
+if [ ! -f "$TRUE/dataset.json" ]; then
+  case $P in
+    foreign|beam) "${PYTHON:-.venv/bin/python}" results/camus220/foreign_shift.py "$DATA/Dataset520_Camus220Source" \
+                    "$TRUE" "$P" ;;
+    *) "$RL" shift --data "$C" --preset "target-$P" --repair-labels --split-file "$C/splits_camus220.json" \
+         --split source --seed 3 --out "$TRUE" --no-progress ;;
+  esac
+fi
 if [ ! -f "$HALF/dataset.json" ]; then  # each source case from the true-vendor set with probability 1/2 (seeded)
   "${PYTHON:-.venv/bin/python}" - "$DATA/Dataset520_Camus220Source" "$TRUE" "$HALF" <<'EOF'
 import json, os, random, sys
@@ -38,6 +47,7 @@ fi
 [ -f "$OUT/$P/baseline/baseline_history.json" ] || "$RL" baseline --method styled-source --model "$M" \
     --target "$TARGET" --source-data "$HALF" --out "$OUT/$P/baseline" --config configs/baseline_cpu_camus.yaml \
     --set styled.styled_fraction=0 --no-progress --resume
+[ "${STAGES:-all}" = baseline ] && exit 0
 "$RL" adapt --model "$M" --target "$TARGET" --source-data "$HALF" ${PRIOR:+--shape-prior "$PRIOR"} \
     --config configs/adapt_cpu_camus.yaml --set source_teacher.pairs.styled_fraction=0 --set source_teacher.draws=1 \
     --out "$OUT/$P/rl" --no-progress $([ -d "$OUT/$P/rl" ] && echo --resume)
