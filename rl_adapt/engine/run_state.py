@@ -6,6 +6,7 @@ any moment either has a stage's outputs and its mark, or redoes that stage from 
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -66,6 +67,19 @@ class RunState:
                                       "completed": self.completed})
         log.debug("stage %s complete", stage)
 
+
+def without_keys(settings: dict, keys: tuple[str, ...]) -> dict:
+    """A copy of the nested ``settings`` without ``keys`` (dotted paths from the top, e.g. ``"cfg.device"``): what a
+    resume must match once where and how fast a run ran is left out."""
+    out = copy.deepcopy(settings)
+    for key in keys:
+        node: Any = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
 
 def finished_record(path: str | Path, settings: dict, what: str) -> dict[str, Any]:
     """The record a finished run wrote (``path``: JSON holding the ``"settings"`` it ran with), when those are

@@ -40,7 +40,7 @@ from rl_adapt.data.readers import read_dataset
 from rl_adapt.evaluation.inputs import load_model
 from rl_adapt.harmonize import FILE_NAME as HARMONIZATION_FILE
 from rl_adapt.harmonize import Harmonizer, HarmonizeConfig, fit_harmonizer
-from rl_adapt.engine.run_state import finished_record
+from rl_adapt.engine.run_state import finished_record, without_keys
 from rl_adapt.engine.stages import Stages, kept_stages
 from rl_adapt.io_utils import atomic_dir, save_torch, write_json_atomic
 from rl_adapt.policies.nnunet import export_model_folder
@@ -270,10 +270,12 @@ def target_patches(model, cases, max_images: int = 0, seed: int = 0) -> np.ndarr
 
 
 UNFINISHED = "unfinished"
-HISTORY_FILE = "baseline_history.json"
-"""A finished baseline's record: its figures, its model folder, the settings it ran with."""
 """The folder inside ``OUT`` where an unfinished baseline keeps its finished stages (``state.json``, the restyled
 pairs, the trained weights) until the model folder is written; ``--resume`` continues from it."""
+HISTORY_FILE = "baseline_history.json"
+"""A finished baseline's record: its figures, its model folder, the settings it ran with."""
+WHERE_IT_RUNS = ("cfg.device", "cfg.threads")
+"""Settings a finished baseline's record leaves out: a requeued ``--resume`` may run elsewhere."""
 
 
 @dataclass
@@ -320,7 +322,7 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
                                                 (("model_dir", model_dir), ("target_dir", target),
                                                  ("source_data", source_data))}}
     if resume and (Path(out_dir) / HISTORY_FILE).is_file():
-        record = finished_record(Path(out_dir) / HISTORY_FILE, what_it_trains(settings), "baseline")
+        record = finished_record(Path(out_dir) / HISTORY_FILE, without_keys(settings, WHERE_IT_RUNS), "baseline")
         return _finished_model_folder(Path(out_dir), record)
     out_dir = check_output(out_dir, inputs, may_exist=resume, earlier_output=(UNFINISHED,),
                            command="rl-adapt baseline",
@@ -345,13 +347,6 @@ def run_baseline(model_dir: str | Path, target: str | Path, out_dir: str | Path,
     return folder
 
 
-
-
-def what_it_trains(settings: dict) -> dict:
-    """A baseline's ``settings`` without where and on how many threads it ran: what a finished run's record must
-    match for ``resume`` to hand back its model folder."""
-    return {**settings, "cfg": {k: v for k, v in settings["cfg"].items() if k not in ("device", "threads")}}
-
 def _finished_model_folder(out_dir: Path, record: dict) -> Path:
     """The model folder of the finished baseline in ``out_dir`` (``record``: its :data:`HISTORY_FILE`)."""
     folder = out_dir / str(record.get("model_folder", ""))
@@ -359,6 +354,7 @@ def _finished_model_folder(out_dir: Path, record: dict) -> Path:
         raise InputError(out_dir, "this baseline has finished, but its model folder is missing")
     log.info("baseline model in %s", folder)
     return folder
+
 
 def _run_stages(model, cases, target, out_dir: Path, cfg: BaselineConfig, stages: Stages, progress: bool,
                 model_dir, source_data, settings: dict) -> Path:
@@ -416,7 +412,7 @@ def _run_stages(model, cases, target, out_dir: Path, cfg: BaselineConfig, stages
         write_json_atomic(Path(tmp) / HISTORY_FILE,
                           {"method": cfg.method, "source": str(model_dir), "target": str(target),
                            "n_images": n_images, "source_data": None if source_data is None else str(source_data),
-                           "model_folder": rel.as_posix(), "settings": what_it_trains(settings),
+                           "model_folder": rel.as_posix(), "settings": without_keys(settings, WHERE_IT_RUNS),
                            "history": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                         for k, v in h.items()} for h in history]})
     return out_dir / rel

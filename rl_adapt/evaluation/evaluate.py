@@ -56,7 +56,7 @@ from rl_adapt.evaluation.reliability import reward_reliability
 from rl_adapt.evaluation.report import write_report
 from rl_adapt.evaluation.scoring import (clinical_exclusions, clinical_row, complete_patients, image_metric_columns,
                                          patient_columns, patient_indices_or_empty, score_image, summarise)
-from rl_adapt.engine.run_state import finished_record
+from rl_adapt.engine.run_state import finished_record, without_keys
 from rl_adapt.engine.stages import Stages, kept_stages
 from rl_adapt.io_utils import atomic_dir, json_clean, save_npz, write_csv, write_json_atomic
 from rl_adapt.preflight import check_device, check_output, warn_blank_images
@@ -158,16 +158,16 @@ class _Runner:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-
 def finished_settings(specs: Mapping[str, Path], data: str | Path, reward: str | Path | None,
                       cfg: EvaluateConfig) -> dict:
     """What a finished evaluation's results depend on, as ``inputs.json`` records it: the models, data and reward
     (resolved paths) and every config field but where and how fast it ran (device, workers, threads)."""
-    where = {"device", "workers", "torch_threads"}
-    return {"inputs": {"models": {n: str(Path(p).resolve()) for n, p in specs.items()},
-                       "data": str(Path(data).resolve()),
-                       "reward": None if reward is None else str(Path(reward).resolve())},
-            "cfg": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in where}}
+    return without_keys({"inputs": {"models": {n: str(Path(p).resolve()) for n, p in specs.items()},
+                                    "data": str(Path(data).resolve()),
+                                    "reward": None if reward is None else str(Path(reward).resolve())},
+                         "cfg": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}},
+                        ("cfg.device", "cfg.workers", "cfg.torch_threads"))
+
 
 def evaluate(models: Mapping[str, str | Path] | Sequence[str], data: str | Path, out: str | Path,
              reward: str | Path | None = None, config: EvaluateConfig | None = None, overwrite: bool = False,

@@ -17,7 +17,6 @@ saved generator state).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from rl_adapt.config import config_sha, differences
+from rl_adapt.engine.run_state import without_keys
 from rl_adapt.errors import InputError, RLAdaptError
 from rl_adapt.io_utils import read_json, save_torch, write_json_atomic
 
@@ -46,7 +46,7 @@ resume on other hardware or another thread count is not bit-identical, but train
 
 def what_it_trains(settings: dict) -> dict:
     """``settings`` without :data:`IGNORED_KEYS`: what a resume, or a finished run's record, must match."""
-    return _without(settings, IGNORED_KEYS)
+    return without_keys(settings, tuple(f"config.{k}" for k in IGNORED_KEYS))
 
 def unfinished_folder(out_dir: str | Path, dataset: str, model_folder_name: str, fold: int) -> Path:
     """Where an unfinished run keeps its work:
@@ -91,19 +91,6 @@ class PretrainCheckpoint:
         except Exception as exc:  # noqa: BLE001  (any unreadable file: one clear message)
             raise InputError(path, f"unreadable pretraining checkpoint ({type(exc).__name__}: {exc}); delete its "
                                    "folder to start the run again") from exc
-
-
-def _without(settings: dict, keys: tuple[str, ...]) -> dict:
-    """A copy of ``settings`` without the config ``keys`` (dotted, under ``"config"``)."""
-    out = copy.deepcopy(settings)
-    for key in keys:
-        node = out.get("config", {})
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.get(p, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(last, None)
-    return out
 
 
 def open_unfinished(folder: Path, settings: dict, resume: bool) -> PretrainCheckpoint | None:
