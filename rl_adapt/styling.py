@@ -359,6 +359,10 @@ class TargetStyle:
         resampled on their :class:`BeamGrid` (rows depth, columns beam angle; fftshifted, bins in cycles per fan depth
         and per fan width): a scanner's resolution and speckle are the same everywhere in this grid. None when unknown.
     :ivar source_beam_amplitude: the same for the source images.
+    :ivar target_band_quantiles: ``(n_target, bands, n_quantiles)`` float32, each target image's in-sector quantile
+        function per depth band (:func:`depth_bins` with ``bands`` bins; fractions of full scale, non-decreasing), for
+        ``restyle(..., histogram_bands=bands)``: a grey map that changes with depth (near-field haze, a depth-dependent
+        gain) is matched where it acts. None when not estimated.
     """
 
     target_amplitude: np.ndarray
@@ -370,6 +374,7 @@ class TargetStyle:
     target_angular: np.ndarray | None = None
     target_beam_amplitude: np.ndarray | None = None
     source_beam_amplitude: np.ndarray | None = None
+    target_band_quantiles: np.ndarray | None = None
 
     def __post_init__(self):
         self.target_amplitude = np.asarray(self.target_amplitude, dtype=np.float32)
@@ -392,6 +397,12 @@ class TargetStyle:
                     raise InputError(None, f"style beam spectra must be finite {self.target_amplitude.shape} arrays, "
                                            f"got {arr.shape}")
         ta, sa, q = self.target_amplitude, self.source_amplitude, self.target_quantiles
+        if self.target_band_quantiles is not None:
+            bq = self.target_band_quantiles = np.asarray(self.target_band_quantiles, dtype=np.float32)
+            if bq.ndim != 3 or bq.shape[0] < 1 or bq.shape[1] < 2 or bq.shape[2] < 2 or not np.all(np.isfinite(bq)) \
+                    or np.any(np.diff(bq, axis=2) < -1e-6):
+                raise InputError(None, "style target_band_quantiles must be finite (n_target, bands >= 2, "
+                                       f"n_quantiles >= 2), non-decreasing along the last axis, got {bq.shape}")
         if ta.ndim != 2 or ta.shape[0] != ta.shape[1] or ta.shape != sa.shape or ta.shape[0] < 2:
             raise InputError(None, f"style spectra must be two equal square arrays, got {ta.shape} and {sa.shape}")
         if q.ndim != 2 or q.shape[0] < 1 or q.shape[1] < 2:
@@ -419,6 +430,11 @@ class TargetStyle:
     def has_beam(self) -> bool:
         """Whether the beam-space spectra are known (styles saved before format 3 lack them)."""
         return self.target_beam_amplitude is not None
+
+    @property
+    def histogram_bands(self) -> int:
+        """Depth bands of :attr:`target_band_quantiles` (1 when only whole-sector quantiles are known)."""
+        return 1 if self.target_band_quantiles is None else int(self.target_band_quantiles.shape[1])
 
     def spectra(self, beam: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``(target, source)`` mean amplitude spectra, ``(size, size)`` float64, on the image grid or (``beam``) on
@@ -501,7 +517,9 @@ class TargetStyle:
                                 target_depth=self.target_depth, source_depth=self.source_depth,
                                 **({} if self.target_angular is None else {"target_angular": self.target_angular}),
                                 **({} if not self.has_beam else {"target_beam_amplitude": self.target_beam_amplitude,
-                                                                 "source_beam_amplitude": self.source_beam_amplitude}))
+                                                                 "source_beam_amplitude": self.source_beam_amplitude}),
+                                **({} if self.target_band_quantiles is None
+                                   else {"target_band_quantiles": self.target_band_quantiles}))
         log.info("saved target style (size %d, %d target images, %d quantiles) to %s",
                  self.size, self.n_target, self.n_quantiles, path)
         return path
@@ -522,13 +540,15 @@ class TargetStyle:
                        target_depth=data.get("target_depth"), source_depth=data.get("source_depth"),
                        target_angular=data.get("target_angular"),
                        target_beam_amplitude=data.get("target_beam_amplitude"),
-                       source_beam_amplitude=data.get("source_beam_amplitude"))
+                       source_beam_amplitude=data.get("source_beam_amplitude"),
+                       target_band_quantiles=data.get("target_band_quantiles"))
         except InputError as exc:
             raise InputError(path, exc.problem) from exc
 
 
 def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[np.ndarray],
-                   size: int = DEFAULT_SIZE, n_quantiles: int = DEFAULT_QUANTILES, beam: bool = False) -> TargetStyle:
+                   size: int = DEFAULT_SIZE, n_quantiles: int = DEFAULT_QUANTILES, beam: bool = False,
+                   histogram_bands: int = 1) -> TargetStyle:
     """Estimate a :class:`TargetStyle` from unlabelled source and target images (no labels needed).
 
     Per image: the sector (:func:`sector_mask`), normalisation to zero mean / unit std inside it (0 outside),
@@ -543,13 +563,17 @@ def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[
     :param size: working size of the spectra (>= 8).
     :param n_quantiles: quantiles per target image (>= 2).
     :param beam: also estimate the beam-space spectra (needed by ``restyle(..., beam=True)``).
+    :param histogram_bands: with 2 or more, also each target image's quantile function per depth band
+        (:attr:`TargetStyle.target_band_quantiles`, needed by ``restyle(..., histogram_bands=...)``).
     :raises InputError: empty input or a non-2D / empty / non-finite image.
     """
     if int(size) < 8:
         raise ValueError(f"size must be >= 8, got {size}")
     if int(n_quantiles) < 2:
         raise ValueError(f"n_quantiles must be >= 2, got {n_quantiles}")
-    size, n_quantiles = int(size), int(n_quantiles)
+    if not 1 <= int(histogram_bands) <= DEPTH_BINS:
+        raise ValueError(f"histogram_bands must be in [1, {DEPTH_BINS}], got {histogram_bands}")
+    size, n_quantiles, histogram_bands = int(size), int(n_quantiles), int(histogram_bands)
     src = _check_images(source_images, "source_images")
     tgt = _check_images(target_images, "target_images")
     probs = np.linspace(0.0, 1.0, n_quantiles)
@@ -580,7 +604,9 @@ def estimate_style(source_images: Sequence[np.ndarray], target_images: Sequence[
                         target_quantiles=np.stack(qbank), n_source=len(src),
                         target_depth=mean_depth(tgt), source_depth=mean_depth(src), target_angular=np.stack(angular),
                         target_beam_amplitude=target_beam if beam else None,
-                        source_beam_amplitude=source_beam if beam else None)
+                        source_beam_amplitude=source_beam if beam else None,
+                        target_band_quantiles=None if histogram_bands < 2 else
+                        np.stack([band_quantiles(im, sector_mask(im), histogram_bands, probs) for im in tgt]))
     ratio = np.exp(style.log_ratio())
     log.info("estimated target style from %d source / %d target images at %dx%d: amplitude ratio %.2f..%.2f "
              "(median %.2f), target in-sector median %.3f of full scale", len(src), len(tgt), size, size,
@@ -607,6 +633,49 @@ def _spectral_step(z: np.ndarray, mask: np.ndarray, style: TargetStyle, rng: np.
     return np.fft.ifft2(np.fft.fft2(z) * gain).real + np.where(mask, noise, 0.0)
 
 
+def band_quantiles(image: np.ndarray, mask: np.ndarray, bands: int, probs: np.ndarray) -> np.ndarray:
+    """``(bands, len(probs))`` float64: the in-sector quantile function of ``image`` ((H, W)) in each depth band
+    (:func:`depth_bins`), as fractions of its full scale; an empty band takes its nearest non-empty neighbour's."""
+    b = depth_bins(mask, bands)[mask]
+    vals = image[mask].astype(np.float64) / intensity_scale(image)
+    filled = [np.quantile(vals[b == k], probs) if np.any(b == k) else None for k in range(bands)]
+    have = [k for k in range(bands) if filled[k] is not None]
+    return np.stack([filled[k] if filled[k] is not None else filled[min(have, key=lambda h: abs(h - k))]
+                     for k in range(bands)])
+
+
+def match_quantiles_by_depth(values: np.ndarray, mask: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
+    """Histogram matching per depth band, blended between bands: ``(H, W)`` values -> ``(H, W)`` float64, the
+    in-sector pixels mapped (outside: 0).
+
+    Band ``b`` (:func:`depth_bins` with ``bands = len(quantiles)``) defines a monotone map ``f_b``: a value's mid-rank
+    among the in-sector values of band ``b`` read off the quantile function ``quantiles[b]`` (``(Q,)``, probabilities
+    evenly spaced in ``[0, 1]``). Each row takes ``f_b`` of its two nearest band centres, weighted linearly by its
+    depth (the top and bottom half-bands take one), so the grey map changes smoothly with depth and a band's own
+    pixels at its centre are matched by rank exactly.
+    """
+    qf = np.asarray(quantiles, dtype=np.float64)
+    bands = qf.shape[0]
+    band_of = depth_bins(mask, bands)
+    rows = np.flatnonzero(mask.any(axis=1))
+    top, bottom = (rows[0], rows[-1]) if rows.size else (0, mask.shape[0] - 1)
+    depth = (np.arange(mask.shape[0]) - top) / max(bottom - top, 1)
+    centres = (np.arange(bands) + 0.5) / bands
+    probs = np.linspace(0.0, 1.0, qf.shape[1])
+    out = np.zeros(values.shape, dtype=np.float64)
+    for k in range(bands):
+        weight = np.interp(depth, centres, np.eye(bands)[k])  # (H,) hat function of band k
+        in_band = np.sort(values[mask & (band_of == k)])
+        use = mask & (weight[:, None] > 0)
+        if in_band.size == 0 or not use.any():
+            continue
+        v = values[use]
+        mid = (np.searchsorted(in_band, v, "left") + np.searchsorted(in_band, v, "right") - 1) / 2.0
+        out[use] += np.broadcast_to(weight[:, None], values.shape)[use] * \
+            np.interp(np.clip(mid / max(in_band.size - 1, 1), 0.0, 1.0), probs, qf[k])
+    return out
+
+
 def match_quantiles(values: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
     """Histogram matching by rank: ``(N,)`` values -> ``(N,)`` float64 values of the quantile function ``quantiles``
     (``(Q,)``, probabilities evenly spaced in ``[0, 1]``), keeping the values' order (ties broken by position)."""
@@ -621,7 +690,8 @@ def match_quantiles(values: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
 def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | int,
             spectrum_strength: float = 1.0, histogram: bool = True,
             ratio_range: tuple[float, float] = RATIO_RANGE, smooth_bins: float = SMOOTH_BINS,
-            mode: str = "ratio", depth: bool = False, angular: bool = False, beam: bool = False) -> np.ndarray:
+            mode: str = "ratio", depth: bool = False, angular: bool = False, beam: bool = False,
+            histogram_bands: int = 1) -> np.ndarray:
     """Restyle one source image toward the target scanner; its label stays valid unchanged.
 
     Steps: sector mask; normalise to zero mean / unit std inside the sector (0 outside); multiply the FFT by
@@ -647,6 +717,9 @@ def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | in
     :param beam: do the spectral step on the image's :class:`BeamGrid` with the beam-space spectra (a scanner's blur
         and speckle run along and across its beams, so their grain turns and widens with the fan as the target's
         does) and add the change it makes back onto the image grid.
+    :param histogram_bands: with ``histogram``, match grey levels per depth band (:func:`match_quantiles_by_depth`,
+        the drawn target image's :attr:`TargetStyle.target_band_quantiles`; the style must have been estimated with
+        this many bands); 1 matches the whole sector at once.
     :returns: ``(H, W)`` float32 in the input's intensity units (0..255 for uint8 input, see
         :func:`intensity_scale`).
     :raises InputError: ``image`` is not a non-empty finite 2D array or ``style`` is not a TargetStyle.
@@ -660,6 +733,10 @@ def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | in
         raise ValueError(f"ratio_range must satisfy 0 < low <= 1 <= high, got {ratio_range}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if histogram and int(histogram_bands) > 1 and style.histogram_bands != int(histogram_bands):
+        raise InputError(None, f"restyling with {int(histogram_bands)} histogram bands needs a style estimated with "
+                               f"them (estimate_style(..., histogram_bands={int(histogram_bands)})); this one has "
+                               f"{style.histogram_bands}")
     rng = np.random.default_rng(rng)
     scale = intensity_scale(arr_in)
     arr = arr_in.astype(np.float64)
@@ -690,7 +767,10 @@ def restyle(image: np.ndarray, style: TargetStyle, rng: np.random.Generator | in
     out = arr.copy()
     if histogram:
         k = int(rng.integers(style.n_target))
-        out[mask] = match_quantiles(vals, style.target_quantiles[k]) * scale
+        if int(histogram_bands) > 1:
+            out[mask] = match_quantiles_by_depth(zf, mask, style.target_band_quantiles[k])[mask] * scale
+        else:
+            out[mask] = match_quantiles(vals, style.target_quantiles[k]) * scale
     else:
         vsd = float(vals.std())
         vals = (vals - vals.mean()) / (vsd if vsd > _EPS else 1.0)

@@ -95,6 +95,33 @@ def test_scanner_pairs_warp_label_with_image_and_are_seeded(tmp_path_factory):
     assert torch.equal(again.images, pairs.images) and torch.equal(again.labels, pairs.labels)
 
 
+def test_pairs_with_nothing_restyled_fit_no_scanner_and_depth_bands_reach_the_restyling(tmp_path_factory):
+    """``styled_fraction: 0`` keeps every pair's source look, so ``auto`` fits no scanner and chooses no mode (minutes on
+    CAMUS-sized sets) and the record says ``none``; ``histogram_bands`` reaches the restyling of ``degrade`` pairs."""
+    from test_evaluate import build_tiny_world
+
+    from rl_adapt.data.case import Case
+    from rl_adapt.data.readers import read_dataset
+    from rl_adapt.policies.nnunet import load_model_folder
+    from rl_adapt.training import styled_source as ss
+
+    world = build_tiny_world(tmp_path_factory.getbasetemp() / "tiny_nnunet_world")
+    model = load_model_folder(world["src"])
+    source = read_dataset(world["data"], with_labels=True, progress=False)
+    hazy = [Case(c.name, np.clip(c.image + 90.0 * np.exp(-np.arange(c.image.shape[0]) / 8.0)[:, None], 0, 255)
+                 .astype(np.uint8) * (c.image > 0), None, c.spacing) for c in source]
+    fits, choices = len(ss._FITS), len(ss._CHOICES)
+    cfg = ss.StyledSourceConfig(mode="auto", styled_fraction=0.0, fit=ScannerFitConfig(source_images=2,
+                                                                                        target_images=4, sweeps=1))
+    pairs = ss.styled_source_pairs(model, source, hazy, cfg, seed=0)
+    assert not pairs.styled.any() and ss.restyling_record(source, hazy, cfg) == {"mode": "none"}
+    assert (len(ss._FITS), len(ss._CHOICES)) == (fits, choices)
+    one = ss.StyledSourceConfig(mode="degrade", styled_fraction=1.0, style_images=4)
+    flat = ss.styled_source_pairs(model, source, hazy, one, seed=0)
+    banded = ss.styled_source_pairs(model, source, hazy, replace(one, histogram_bands=3), seed=0)
+    assert torch.equal(flat.labels, banded.labels) and not torch.equal(flat.images, banded.images)
+
+
 def test_auto_mode_restyles_the_way_nearer_the_target_and_gives_that_modes_own_pairs(tmp_path_factory):
     """``mode: auto`` scores the fitted scanner and ``degrade`` by the fit's label-free mismatch: a target seen through
     a B-mode scanner gets the scanner, a target whose grey levels alone were remapped (a look the scanner model cannot

@@ -306,3 +306,39 @@ def test_beam_restyling_is_seeded_needs_beam_spectra_and_round_trips_through_a_f
                       target_quantiles=back.target_quantiles, n_source=back.n_source)  # a style saved before format 3
     with pytest.raises(InputError, match="beam-space spectra"):
         restyle(img, old, 3, mode="degrade", beam=True)
+
+
+def test_histogram_bands_imitate_a_near_field_haze_that_one_whole_sector_match_cannot(tmp_path):
+    """A target whose dark cavity is lifted near the apex only (additive haze): a per-band match gives the restyled
+    near field the target's near-field grey levels and keeps its far field dark; one match for the whole sector
+    cannot, and one band reproduces the whole-sector match."""
+    from rl_adapt.styling import depth_bins
+
+    shape = (64, 64)
+    mask = fan_mask(shape)
+    haze = 120.0 * np.exp(-np.arange(64) / 10.0)[:, None]  # bright at the top, gone below a third of the depth
+    hazy = [np.where(mask, np.clip(im.astype(np.float64) + haze, 1, 255), 0).astype(np.uint8)
+            for im in sources(10, shape, first=70)]
+    src = sources(10, shape)
+    banded = estimate_style(src, hazy, size=64, n_quantiles=128, histogram_bands=4)
+    assert banded.target_band_quantiles.shape == (10, 4, 128) and banded.histogram_bands == 4
+    image = src[0]
+    m = sector_mask(image)
+    near, far = m & (depth_bins(m, 4) == 0), m & (depth_bins(m, 4) == 3)
+    target_near = np.mean([im[near].mean() for im in hazy])
+    target_far = np.mean([im[far].mean() for im in hazy])
+    per_band = restyle(image, banded, 0, spectrum_strength=0, histogram_bands=4)
+    whole = restyle(image, banded, 0, spectrum_strength=0)
+    assert abs(per_band[near].mean() - target_near) < 0.5 * abs(whole[near].mean() - target_near)
+    assert abs(per_band[far].mean() - target_far) < 0.5 * abs(whole[far].mean() - target_far)
+    assert np.array_equal(per_band[~m], image[~m].astype(np.float32))  # outside the fan: unchanged
+    assert np.all(np.diff(per_band[40, m[40]][np.argsort(image[40, m[40]], kind="stable")]) >= -1e-4)  # row order kept
+    assert np.array_equal(per_band, restyle(image, banded, 0, spectrum_strength=0, histogram_bands=4))  # seeded
+    one = estimate_style(src, hazy, size=64, n_quantiles=128)
+    assert one.target_band_quantiles is None and one.histogram_bands == 1
+    with pytest.raises(InputError, match="histogram bands"):
+        restyle(image, one, 0, histogram_bands=4)
+    back = TargetStyle.load(banded.save(tmp_path / "style.npz"))
+    assert np.array_equal(back.target_band_quantiles, banded.target_band_quantiles)
+    with pytest.raises(ValueError, match="histogram_bands"):
+        estimate_style(src, hazy, histogram_bands=0)

@@ -55,6 +55,11 @@ class StyledSourceConfig:
     """How far the amplitude spectrum moves toward the target's (0: histogram only)."""
     histogram: bool = True
     """Match each restyled image's in-sector histogram to a random target image's."""
+    histogram_bands: int = bounded(1, ge=1, le=32)
+    """Depth bands of that match (``ratio`` and ``degrade``): with 2 or more each band of the restyled image takes
+    the drawn target image's grey levels in the same band, blended between band centres
+    (:func:`rl_adapt.styling.match_quantiles_by_depth`), so a grey map that changes with depth (near-field haze, a
+    depth-dependent gain) is imitated where it acts; 1 matches the whole sector at once."""
     mode: str = bounded("ratio", choices=PAIR_MODES)
     """How the look moves toward the target's (:data:`PAIR_MODES`): ``ratio`` (the source's own spectrum
     re-weighted), ``degrade`` (low-pass plus independent noise estimated from the spectra), ``scanner`` (a fitted
@@ -220,12 +225,13 @@ def restyled_for_scoring(images: Sequence[np.ndarray], source: Sequence[Case], t
     of ``source`` and of ``target``; everything is drawn from one generator seeded by ``cfg.fit.seed``."""
     rng = np.random.default_rng(cfg.fit.seed)
     style = estimate_style([source[i].image for i in _subset(len(source), cfg.style_images, rng)],
-                           [target[i].image for i in _subset(len(target), cfg.style_images, rng)], beam=cfg.beam)
+                           [target[i].image for i in _subset(len(target), cfg.style_images, rng)], beam=cfg.beam,
+                           histogram_bands=cfg.histogram_bands)
     styled, masks = [], []
     for image in images:
         for _ in range(AUTO_REPEATS):
             out = restyle(image, style, rng, cfg.spectrum_strength, cfg.histogram, mode=mode,
-                          depth=cfg.depth, angular=cfg.angular, beam=cfg.beam)
+                          depth=cfg.depth, angular=cfg.angular, beam=cfg.beam, histogram_bands=cfg.histogram_bands)
             styled.append(np.clip(np.rint(out), 0, 255).astype(np.uint8))
             masks.append(sector_mask(image))
     return styled, masks
@@ -237,6 +243,8 @@ def restyling_record(source: Sequence[Case], target: Sequence[Case], cfg: Styled
     chose) and ``"mode_choice"`` (:func:`chosen_mode`) for ``auto``. Both are cached, so this only reads them back
     after :func:`styled_source_pairs`; :func:`remember_restyling` puts them back in a later process."""
     source = [c for c in source if c.label is not None]  # as styled_source_pairs keeps them: the same cache keys
+    if not restyles(cfg):
+        return {"mode": NO_RESTYLING}
     record: dict = {"mode": cfg.mode}
     if cfg.mode == "auto":
         record["mode_choice"] = chosen_mode(source, target, cfg)
@@ -266,6 +274,16 @@ def remember_restyling(source: Sequence[Case], target: Sequence[Case], cfg: Styl
     return found
 
 
+NO_RESTYLING = "none"
+"""The restyling mode recorded when ``styled_fraction`` is 0 (every pair keeps the source look)."""
+
+
+def restyles(cfg: StyledSourceConfig) -> bool:
+    """Whether ``cfg`` restyles any image (``styled_fraction`` > 0): with none, no scanner is fitted and no style
+    estimated (minutes saved on CAMUS-sized sets)."""
+    return cfg.styled_fraction > 0
+
+
 def _subset(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.arange(n) if k <= 0 or k >= n else np.sort(rng.choice(n, k, replace=False))
 
@@ -290,14 +308,14 @@ def styled_source_pairs(model, source: Sequence[Case], target: Sequence[Case], c
     chosen = [source[i] for i in _subset(len(source), cfg.images, rng)]
     # drawn in every mode (scanner mode does not use them) so the same seed restyles the same source images in all
     style_sub = _subset(len(source), cfg.style_images, rng), _subset(len(target), cfg.style_images, rng)
-    mode = cfg.mode
+    mode = cfg.mode if restyles(cfg) else NO_RESTYLING  # nothing is restyled: no scanner fit, no style
     if mode in ("scanner", "auto"):
         scanner = fitted_scanner(source, target, cfg.fit, progress=progress).preset
     if mode == "auto":  # its own seeded draws: the pairs are those of the chosen mode with the same seed
         mode = chosen_mode(source, target, cfg)["mode"]
-    if mode != "scanner":
+    if mode in MODES:
         style = estimate_style([source[i].image for i in style_sub[0]], [target[i].image for i in style_sub[1]],
-                               beam=cfg.beam)
+                               beam=cfg.beam, histogram_bands=cfg.histogram_bands)
     styled = rng.random(len(chosen)) < cfg.styled_fraction
     images, labels = [], []
     for case, on in zip(chosen, styled):
@@ -307,7 +325,8 @@ def styled_source_pairs(model, source: Sequence[Case], target: Sequence[Case], c
             spacing = shifted_spacing(spacing, scanner)
         elif on:
             image = restyle(case.image, style, rng, cfg.spectrum_strength, cfg.histogram, mode=mode,
-                            depth=cfg.depth, angular=cfg.angular, beam=cfg.beam)
+                            depth=cfg.depth, angular=cfg.angular, beam=cfg.beam,
+                            histogram_bands=cfg.histogram_bands)
         data, seg, _ = model.preprocess_pair(image, label, spacing)
         patch, _ = centre_pad_crop(data, model.patch_size, 0.0)
         label, _ = centre_pad_crop(np.maximum(seg, 0)[None], model.patch_size, 0)
